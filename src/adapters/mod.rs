@@ -1,0 +1,3 @@
+//! Trait implementations that let ordinary Rust code use a `Matrix`.
+
+mod api2;

@@ -1,0 +1,225 @@
+//! The lock-free allocator over offsets.
+//!
+//! Everything the engine knows lives in the segment: a [`Control`] block
+//! (free-list heads, bitmaps, counters), a node table, and the heap, whose
+//! blocks carry their own headers. Positions are granule indices counted from
+//! the start of the segment, so they mean the same in every process.
+//!
+//! # How ownership works
+//!
+//! A block is owned by exactly one party at a time:
+//! - a **user**, while it is `Used`;
+//! - the **thread that is freeing it**, while it is `Freeing`;
+//! - a **free list**, while it is `Free` and its node is `Live`;
+//! - the **thread that claimed its node** (`Live -> Claimed` by CAS), while it
+//!   merges, splits or allocates it.
+//!
+//! Only the owner writes a block's header, footer or size. The free lists do
+//! not link blocks but *nodes* in a separate table, so a list never points into
+//! memory that a user may be writing: a block absorbed by its neighbour leaves
+//! a `Dead` node behind in its list, which the next popper recycles. See
+//! [`nodes`] for the claim protocol and its invariants, and [`ops`] for
+//! allocation, freeing and coalescing.
+
+mod check;
+mod mapping;
+mod nodes;
+mod ops;
+pub(crate) mod words;
+
+pub use check::HeapReport;
+
+use crate::stats::Counters;
+use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
+use mapping::{FL_COUNT, SL_COUNT};
+use words::{ListHead, GRANULE, GRANULE_LOG};
+
+/// The shared control block of the engine, at a fixed offset in the segment.
+///
+/// Invariants (quiescent heap):
+/// - bit `sl` of `sl_bitmap[fl]` is set if list `heads[fl][sl]` holds a `Live`
+///   node, and bit `fl` of `fl_bitmap` is set if `sl_bitmap[fl] != 0`
+///   (bits may be set for lists that hold only `Dead` nodes: they are hints);
+/// - every node index below `node_hwm` is in exactly one of {the pool, one
+///   free list, held by a thread};
+/// - `busy` counts engine operations in progress in all processes.
+#[repr(C)]
+pub(crate) struct Control {
+    pub(crate) fl_bitmap: AtomicU64,
+    pub(crate) sl_bitmap: [AtomicU64; FL_COUNT],
+    pub(crate) heads: [[AtomicU64; SL_COUNT]; FL_COUNT],
+    pub(crate) pool: AtomicU64,
+    pub(crate) node_hwm: AtomicU32,
+    _pad: u32,
+    pub(crate) busy: AtomicU64,
+    pub(crate) counters: Counters,
+}
+
+/// One entry of the node table.
+#[repr(C)]
+pub(crate) struct Node {
+    /// [`words::ClaimWord`]: state, listed, recheck, generation.
+    pub(crate) claim: AtomicU64,
+    /// Next node in whichever list (free list or pool) this node is in.
+    pub(crate) next: AtomicU32,
+    /// Position of the block this node stands for (valid while not `Pool`).
+    pub(crate) block: AtomicU32,
+}
+
+/// Where the engine's parts sit in a segment of a given size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub control_offset: u64,
+    pub nodes_offset: u64,
+    pub node_capacity: u64,
+    pub heap_offset: u64,
+    pub heap_size: u64,
+}
+
+/// One node per this many heap bytes: more than the number of free blocks a
+/// coalesced heap can hold (free blocks are at least 32 bytes and are never
+/// adjacent, so at most one per 64 bytes).
+const HEAP_BYTES_PER_NODE: u64 = 64;
+const PAGE: u64 = 4096;
+
+impl Layout {
+    /// Splits a segment of `segment_size` bytes, whose first `first_free`
+    /// bytes are taken by the segment header, into control, nodes and heap.
+    /// `None` if the segment is too small to hold a useful heap.
+    pub(crate) fn for_segment(segment_size: u64, first_free: u64) -> Option<Layout> {
+        let control_offset = align_up(first_free, 64);
+        let nodes_offset = align_up(control_offset + size_of::<Control>() as u64, 64);
+        let rest = segment_size.checked_sub(nodes_offset)?;
+        // heap + heap / HEAP_BYTES_PER_NODE * size_of::<Node>() + page slack <= rest
+        let node_size = size_of::<Node>() as u64;
+        let heap_guess = rest.checked_sub(PAGE)? * HEAP_BYTES_PER_NODE / (HEAP_BYTES_PER_NODE + node_size);
+        let node_capacity = (heap_guess / HEAP_BYTES_PER_NODE).min(u32::MAX as u64 - 1);
+        let heap_offset = align_up(nodes_offset + node_capacity * node_size, PAGE);
+        let heap_size = (segment_size.checked_sub(heap_offset)?) & !(GRANULE as u64 - 1);
+        if heap_size < PAGE || node_capacity < 4 {
+            return None;
+        }
+        Some(Layout { control_offset, nodes_offset, node_capacity, heap_offset, heap_size })
+    }
+}
+
+pub(crate) const fn align_up(x: u64, a: u64) -> u64 {
+    (x + a - 1) & !(a - 1)
+}
+
+/// A process-local view of the engine inside one mapped segment.
+///
+/// It holds raw pointers into the mapping and is only handed out by
+/// [`crate::Matrix`], which keeps the mapping alive for as long as the engine.
+pub(crate) struct Engine {
+    base: *mut u8,
+    ctrl: *const Control,
+    nodes: *const Node,
+    node_capacity: u32,
+    heap_start: u32,
+    heap_end: u32,
+}
+
+// SAFETY: `Engine` only holds pointers into a shared mapping that outlives it
+// (guaranteed by `Matrix`), and every access through them is an atomic
+// operation or a write to memory the calling thread owns by the protocol
+// described in the module docs. Nothing in it is tied to one thread.
+unsafe impl Send for Engine {}
+// SAFETY: as above; all shared state is accessed through atomics.
+unsafe impl Sync for Engine {}
+
+impl Engine {
+    /// # Safety
+    /// - `base` must point to a mapping of at least `layout.heap_offset +
+    ///   layout.heap_size` bytes, aligned to 4096, that stays mapped for the
+    ///   lifetime of the returned engine;
+    /// - `layout` must have been validated against the mapping (in bounds,
+    ///   aligned as `Layout::for_segment` produces).
+    pub(crate) unsafe fn attach(base: *mut u8, layout: &Layout) -> Engine {
+        Engine {
+            base,
+            // SAFETY: offsets are in bounds of the mapping (caller's contract).
+            ctrl: unsafe { base.add(layout.control_offset as usize) } as *const Control,
+            // SAFETY: as above.
+            nodes: unsafe { base.add(layout.nodes_offset as usize) } as *const Node,
+            node_capacity: layout.node_capacity as u32,
+            heap_start: (layout.heap_offset >> GRANULE_LOG) as u32,
+            heap_end: ((layout.heap_offset + layout.heap_size) >> GRANULE_LOG) as u32,
+        }
+    }
+
+    /// Formats a fresh (zero-filled) segment: empty lists, and the whole heap
+    /// as one free block. Only the creator calls this, before anyone else can
+    /// see the segment.
+    pub(crate) fn format(&self) {
+        let ctrl = self.control();
+        for fl in ctrl.heads.iter() {
+            for head in fl.iter() {
+                head.store(ListHead::EMPTY, Relaxed);
+            }
+        }
+        ctrl.pool.store(ListHead::EMPTY, Relaxed);
+        let size = self.heap_end - self.heap_start;
+        // The initial block has no neighbours to merge with: no settle needed.
+        self.publish(self.heap_start, size);
+    }
+
+    pub(crate) fn control(&self) -> &Control {
+        // SAFETY: `ctrl` points into the live mapping (contract of `attach`)
+        // and `Control` consists of atomics only.
+        unsafe { &*self.ctrl }
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.control().counters
+    }
+
+    /// Heap capacity in bytes.
+    pub(crate) fn capacity(&self) -> u64 {
+        ((self.heap_end - self.heap_start) as u64) << GRANULE_LOG
+    }
+
+    /// The two header words of the block at `pos`.
+    ///
+    /// Callers guarantee `heap_start <= pos < heap_end`; the words are read
+    /// and written atomically, so a stale or racing position only yields a
+    /// stale value, which the protocol validates.
+    fn header(&self, pos: u32) -> &[AtomicU64; 2] {
+        debug_assert!(pos >= self.heap_start && pos < self.heap_end);
+        // SAFETY: `pos` is inside the heap, which lies in the mapping; it is
+        // 16-byte aligned because the heap starts page-aligned.
+        unsafe { &*(self.base.add((pos as usize) << GRANULE_LOG) as *const [AtomicU64; 2]) }
+    }
+
+    /// The 8-byte word just below position `end` (the footer of a free block
+    /// that ends at `end`). Callers guarantee `heap_start < end <= heap_end`.
+    fn word_below(&self, end: u32) -> &AtomicU64 {
+        debug_assert!(end > self.heap_start && end <= self.heap_end);
+        // SAFETY: the word lies in the heap (`end > heap_start`) and is 8-byte aligned.
+        unsafe { &*(self.base.add(((end as usize) << GRANULE_LOG) - 8) as *const AtomicU64) }
+    }
+
+    /// The node at index `n`. Callers guarantee `n < node_capacity`.
+    fn node(&self, n: u32) -> &Node {
+        debug_assert!(n < self.node_capacity);
+        // SAFETY: the node table holds `node_capacity` nodes inside the mapping.
+        unsafe { &*self.nodes.add(n as usize) }
+    }
+
+    /// Granule position of the block whose payload starts at byte `ptr`,
+    /// if `ptr` is a possible payload address of this heap.
+    pub(crate) fn block_of(&self, ptr: *const u8) -> Option<u32> {
+        let off = (ptr as usize).checked_sub(self.base as usize)?;
+        if off % GRANULE != 0 {
+            return None;
+        }
+        let pos = (off >> GRANULE_LOG).checked_sub(1)?;
+        (pos >= self.heap_start as usize && pos + 1 < self.heap_end as usize).then_some(pos as u32)
+    }
+
+    /// Payload address of the block at `pos`.
+    pub(crate) fn payload(&self, pos: u32) -> *mut u8 {
+        // SAFETY: `pos + 1 <= heap_end`, inside the mapping.
+        unsafe { self.base.add(((pos as usize) + 1) << GRANULE_LOG) }
+    }
+}

@@ -1,0 +1,357 @@
+//! Nodes, free lists, bitmaps, and the claim protocol.
+//!
+//! # Lists
+//! Free lists and the node pool are Treiber stacks of node indices whose head
+//! word carries an ABA tag ([`ListHead`]). A pop reads `next` of a node that
+//! another thread may have popped and reused meanwhile; that read is harmless
+//! (node memory is never handed to users) and the tagged CAS then fails.
+//! Orderings: a push publishes `next` and the node's fields with `Release` on
+//! the head CAS; a pop's `Acquire` load of the head pairs with it.
+//!
+//! # Claims
+//! A free block is owned through its node's claim word ([`ClaimWord`]). The
+//! transitions, each a CAS on that one word, are:
+//!
+//! ```text
+//! Pool --publish--> Live(listed) --claim--> Claimed --retire--> Dead (if listed) / Pool
+//!                                    \                 \-release--> Live (if listed) / republish
+//!  popper: Live -> Claimed(unlisted) | Claimed -> Claimed(unlisted) | Dead -> Pool
+//! ```
+//!
+//! Invariants:
+//! - a node is `Live` only while its block is free, published, and unchanged
+//!   since it was published; whoever moves it out of `Live` owns the block;
+//! - `listed` is set from publication until the node is popped; the popper
+//!   clears it. A node that is not listed and not `Pool` is recycled by its
+//!   holder, a listed one by its popper: exactly one party recycles a node;
+//! - a failed claim on a `Claimed` node sets `recheck`, and the holder settles
+//!   the block again when it lets go of it. So no thread ever waits for a
+//!   holder, and no merge is lost: the holder inherits it.
+//!
+//! All claim-word operations are `SeqCst`. Publication and the neighbour check
+//! that follows it form a store-buffer pattern with the same pair on the
+//! neighbour's side (see `ops::settle`): with sequential consistency at least
+//! one of the two sees the other, so two free neighbours are always merged by
+//! someone.
+
+use super::mapping::{map_floor, SL_COUNT};
+use super::words::{BlockState, ClaimWord, HeaderWord, Hint, ListHead, NodeState, NIL};
+use super::Engine;
+use crate::sync::{AtomicU64, Ordering::*};
+
+/// Outcome of claiming a block through a hint.
+pub(crate) enum Claim {
+    /// The caller now owns the free block at this position.
+    Got(u32),
+    /// Someone else holds it; they were asked (`recheck`) to settle it again.
+    Busy,
+    /// The hint is stale: the block was allocated, merged or republished.
+    Gone,
+}
+
+impl Engine {
+    // ---- lists -------------------------------------------------------------
+
+    fn push(&self, head: &AtomicU64, n: u32) {
+        let node = self.node(n);
+        let mut cur = head.load(Relaxed);
+        loop {
+            let h = ListHead::from(cur);
+            node.next.store(h.top, Relaxed);
+            // Release: makes `next` and the node's fields visible to the popper.
+            match head.compare_exchange_weak(cur, h.replaced(n).value(), Release, Relaxed) {
+                Ok(_) => return,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    pub(super) fn pop(&self, head: &AtomicU64) -> Option<u32> {
+        let mut cur = head.load(Acquire);
+        loop {
+            let h = ListHead::from(cur);
+            if h.top == NIL || h.top >= self.node_capacity {
+                return None;
+            }
+            // Racy read validated by the tagged CAS below.
+            let next = self.node(h.top).next.load(Relaxed);
+            match head.compare_exchange_weak(cur, h.replaced(next).value(), Acquire, Acquire) {
+                Ok(_) => return Some(h.top),
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    // ---- node pool -----------------------------------------------------------
+
+    /// Takes a node out of the pool (or the never-used tail of the table) and
+    /// returns it with its next generation. The node stays `Pool` until
+    /// [`Engine::publish`] makes it `Live`, so stale hints cannot claim it.
+    fn node_alloc(&self) -> Option<(u32, u32)> {
+        let ctrl = self.control();
+        let n = match self.pop(&ctrl.pool) {
+            Some(n) => n,
+            None => {
+                let mut hwm = ctrl.node_hwm.load(Relaxed);
+                loop {
+                    if hwm >= self.node_capacity {
+                        return None;
+                    }
+                    match ctrl.node_hwm.compare_exchange_weak(hwm, hwm + 1, Relaxed, Relaxed) {
+                        Ok(_) => break hwm,
+                        Err(v) => hwm = v,
+                    }
+                }
+            }
+        };
+        let gen = ClaimWord::from(self.node(n).claim.load(SeqCst)).gen.wrapping_add(1);
+        Some((n, gen))
+    }
+
+    /// Returns a node that nobody else references (unlisted, held by the
+    /// caller) to the pool.
+    fn recycle(&self, n: u32) {
+        let node = self.node(n);
+        let w = ClaimWord::from(node.claim.load(SeqCst));
+        node.claim.store(ClaimWord { state: NodeState::Pool, listed: false, recheck: false, gen: w.gen }.value(), SeqCst);
+        self.push(&self.control().pool, n);
+    }
+
+    // ---- bitmaps -------------------------------------------------------------
+
+    fn set_bits(&self, fl: usize, sl: usize) {
+        let ctrl = self.control();
+        ctrl.sl_bitmap[fl].fetch_or(1 << sl, SeqCst);
+        ctrl.fl_bitmap.fetch_or(1 << fl, SeqCst);
+    }
+
+    /// Clears the bits of a list found empty, then re-checks the list: a push
+    /// that raced with the clear is either seen here (bits set again) or set
+    /// its bits after the clear. `SeqCst` orders the clear before the re-check
+    /// against the pusher's push-then-set.
+    pub(super) fn clear_bits_if_empty(&self, fl: usize, sl: usize) {
+        let ctrl = self.control();
+        let left = ctrl.sl_bitmap[fl].fetch_and(!(1 << sl), SeqCst) & !(1 << sl);
+        if left == 0 {
+            ctrl.fl_bitmap.fetch_and(!(1 << fl), SeqCst);
+        }
+        if ListHead::from(ctrl.heads[fl][sl].load(SeqCst)).top != NIL {
+            self.set_bits(fl, sl);
+        }
+    }
+
+    /// The first non-empty list at or above `(fl, sl)` by the bitmaps.
+    pub(super) fn find_list(&self, fl: usize, sl: usize) -> Option<(usize, usize)> {
+        let ctrl = self.control();
+        let sl_map = ctrl.sl_bitmap[fl].load(SeqCst) & (!0u64 << sl);
+        if sl_map != 0 {
+            return Some((fl, sl_map.trailing_zeros() as usize));
+        }
+        let mut fl_map = ctrl.fl_bitmap.load(SeqCst) & (!0u64).checked_shl(fl as u32 + 1).unwrap_or(0);
+        while fl_map != 0 {
+            let f = fl_map.trailing_zeros() as usize;
+            let sl_map = ctrl.sl_bitmap[f].load(SeqCst) & ((1u64 << SL_COUNT) - 1);
+            if sl_map != 0 {
+                return Some((f, sl_map.trailing_zeros() as usize));
+            }
+            fl_map &= fl_map - 1;
+        }
+        None
+    }
+
+    // ---- publication and claims -------------------------------------------------
+
+    /// Publishes the block `[pos, pos + size)`, which the caller owns, as free:
+    /// binds a node to it, writes the hint into header and footer, makes the
+    /// node `Live` and pushes it on its size class's list.
+    ///
+    /// The header's word 0 is stored last: seeing `Free` there (`SeqCst`)
+    /// means the hint and the `Live` node are visible too.
+    ///
+    /// If the node table is exhausted the block stays owned by nobody and is
+    /// reported by `check()` as unlisted; this cannot happen while free
+    /// blocks are coalesced (see `HEAP_BYTES_PER_NODE`).
+    pub(super) fn publish(&self, pos: u32, size: u32) {
+        let header = self.header(pos);
+        let Some((n, gen)) = self.node_alloc() else {
+            header[1].store(Hint { node: NIL, gen: 0 }.value(), SeqCst);
+            header[0].store(HeaderWord::new(pos, size, BlockState::Free).value(), SeqCst);
+            return;
+        };
+        let node = self.node(n);
+        node.block.store(pos, Relaxed);
+        let hint = Hint { node: n, gen }.value();
+        header[1].store(hint, SeqCst);
+        self.word_below(pos + size).store(hint, SeqCst);
+        node.claim.store(ClaimWord { state: NodeState::Live, listed: true, recheck: false, gen }.value(), SeqCst);
+        header[0].store(HeaderWord::new(pos, size, BlockState::Free).value(), SeqCst);
+        let (fl, sl) = map_floor(size);
+        self.push(&self.control().heads[fl][sl], n);
+        self.set_bits(fl, sl);
+    }
+
+    /// Tries to take ownership of the free block a hint points to.
+    pub(super) fn claim(&self, hint: Hint) -> Claim {
+        if hint.node >= self.node_capacity {
+            return Claim::Gone;
+        }
+        let node = self.node(hint.node);
+        let mut cur = node.claim.load(SeqCst);
+        loop {
+            let w = ClaimWord::from(cur);
+            if w.gen != hint.gen {
+                return Claim::Gone;
+            }
+            let new = match w.state {
+                NodeState::Live => ClaimWord { state: NodeState::Claimed, recheck: false, ..w },
+                NodeState::Claimed if w.recheck => return Claim::Busy,
+                NodeState::Claimed => ClaimWord { recheck: true, ..w },
+                NodeState::Pool | NodeState::Dead => return Claim::Gone,
+            };
+            match node.claim.compare_exchange(cur, new.value(), SeqCst, SeqCst) {
+                Ok(_) if w.state == NodeState::Live => {
+                    // The CAS read the publisher's `Live` store, so `block` is visible.
+                    return Claim::Got(node.block.load(Relaxed));
+                }
+                Ok(_) => return Claim::Busy,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// After popping node `n` off a free list: takes its block if it is
+    /// `Live`, hands responsibility to the holder if it is `Claimed`, and
+    /// recycles it if it is `Dead`. Returns the block position if taken; the
+    /// node is then recycled already and the caller owns the block.
+    pub(super) fn take_popped(&self, n: u32) -> Option<u32> {
+        let node = self.node(n);
+        let mut cur = node.claim.load(SeqCst);
+        loop {
+            let w = ClaimWord::from(cur);
+            let new = match w.state {
+                NodeState::Live => ClaimWord { state: NodeState::Claimed, listed: false, recheck: false, ..w },
+                NodeState::Claimed => ClaimWord { listed: false, ..w },
+                NodeState::Dead => {
+                    self.recycle(n);
+                    return None;
+                }
+                // Not reachable for a listed node; leave it alone rather than
+                // corrupt the pool.
+                NodeState::Pool => return None,
+            };
+            match node.claim.compare_exchange(cur, new.value(), SeqCst, SeqCst) {
+                Ok(_) if w.state == NodeState::Live => {
+                    let pos = node.block.load(Relaxed);
+                    self.recycle(n);
+                    return Some(pos);
+                }
+                Ok(_) => return None,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// The holder of `hint` is done with the block: it was merged or used.
+    /// Returns whether someone asked for a re-check meanwhile.
+    pub(super) fn retire(&self, hint: Hint) -> bool {
+        let node = self.node(hint.node);
+        let mut cur = node.claim.load(SeqCst);
+        loop {
+            let w = ClaimWord::from(cur);
+            debug_assert!(w.state == NodeState::Claimed && w.gen == hint.gen);
+            if !w.listed {
+                self.recycle(hint.node);
+                return w.recheck;
+            }
+            match node.claim.compare_exchange(cur, w.with_state(NodeState::Dead).value(), SeqCst, SeqCst) {
+                Ok(_) => return w.recheck,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// The holder of `hint` gives the block at `pos` (of `size`) back
+    /// unchanged. Returns whether the block must be settled again (a claim
+    /// failed on it meanwhile, or it had to be republished).
+    pub(super) fn release(&self, hint: Hint, pos: u32, size: u32) -> bool {
+        let node = self.node(hint.node);
+        let mut cur = node.claim.load(SeqCst);
+        loop {
+            let w = ClaimWord::from(cur);
+            if !w.listed {
+                // Popped while we held it: the popper left it to us.
+                self.recycle(hint.node);
+                self.publish(pos, size);
+                return true;
+            }
+            let live = ClaimWord { state: NodeState::Live, recheck: false, ..w };
+            match node.claim.compare_exchange(cur, live.value(), SeqCst, SeqCst) {
+                Ok(_) => return w.recheck,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// The hint stored in the header of the block at `pos`.
+    pub(super) fn hint_at(&self, pos: u32) -> Hint {
+        Hint::from(self.header(pos)[1].load(SeqCst))
+    }
+
+    /// The hint in the footer of the block that ends at `end`, if any.
+    pub(super) fn hint_below(&self, end: u32) -> Hint {
+        Hint::from(self.word_below(end).load(SeqCst))
+    }
+
+    /// After a claim of `hint` succeeded at `pos`: the block's header, which
+    /// nobody may change while the node was `Live`. `None` if it does not
+    /// match (which would mean corruption), in which case the claim is
+    /// released.
+    pub(super) fn claimed_size(&self, hint: Hint, pos: u32) -> Option<u32> {
+        if pos < self.heap_start || pos >= self.heap_end {
+            return None;
+        }
+        let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
+        let ok = h.is(pos, BlockState::Free)
+            && self.hint_at(pos) == hint
+            && h.size >= super::words::MIN_BLOCK
+            && pos as u64 + h.size as u64 <= self.heap_end as u64;
+        ok.then_some(h.size)
+    }
+}
+
+impl Engine {
+    /// The largest free block in the highest non-empty size class, in bytes
+    /// (looking at up to 64 of its entries: an estimate under concurrency).
+    pub(crate) fn largest_free(&self) -> u64 {
+        let ctrl = self.control();
+        let fl_map = ctrl.fl_bitmap.load(SeqCst);
+        if fl_map == 0 {
+            return 0;
+        }
+        let fl = 63 - fl_map.leading_zeros() as usize;
+        let sl_map = ctrl.sl_bitmap[fl].load(SeqCst);
+        if sl_map == 0 {
+            return 0;
+        }
+        let sl = 63 - sl_map.leading_zeros() as usize;
+        let mut n = ListHead::from(ctrl.heads[fl][sl].load(Acquire)).top;
+        let mut best = 0u64;
+        for _ in 0..64 {
+            if n >= self.node_capacity {
+                break;
+            }
+            let node = self.node(n);
+            if ClaimWord::from(node.claim.load(SeqCst)).state == NodeState::Live {
+                let pos = node.block.load(Relaxed);
+                if pos >= self.heap_start && pos < self.heap_end {
+                    let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
+                    if h.is(pos, BlockState::Free) {
+                        best = best.max((h.size as u64) << super::words::GRANULE_LOG);
+                    }
+                }
+            }
+            n = node.next.load(Relaxed);
+        }
+        best
+    }
+}

@@ -1,0 +1,121 @@
+//! The one error type of the crate.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `matrix-alloc`, as a typed value.
+///
+/// Library code never panics on bad input; it returns one of these.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system call failed.
+    Io(io::Error),
+    /// A named segment or file that was to be opened does not exist.
+    NotFound(PathBuf),
+    /// A segment with this name or path already exists (exclusive create).
+    AlreadyExists(PathBuf),
+    /// The requested segment size is below the minimum or above the maximum.
+    InvalidSize {
+        /// What was asked for.
+        requested: u64,
+        /// The smallest size accepted.
+        min: u64,
+        /// The largest size accepted.
+        max: u64,
+    },
+    /// The file is smaller than a segment header, or shorter than its header says.
+    Truncated {
+        /// The file's length.
+        file_len: u64,
+        /// The length the header or format requires.
+        expected: u64,
+    },
+    /// The file does not start with the matrix magic number: not a segment.
+    BadMagic,
+    /// The segment was written by an incompatible layout version.
+    VersionMismatch {
+        /// The version in the file.
+        found: u32,
+        /// The version this build reads.
+        expected: u32,
+    },
+    /// A header field is out of bounds or inconsistent; the segment is corrupt.
+    Corrupt(&'static str),
+    /// The path is not a regular file (a symlink, directory, device, FIFO …).
+    NotARegularFile(PathBuf),
+    /// The creator of the segment died while formatting it.
+    CreatorDied {
+        /// The creator's process id.
+        pid: u32,
+    },
+    /// The segment did not become ready in time (creator slow or gone).
+    InitTimeout,
+    /// The request cannot be satisfied: not enough free memory right now.
+    OutOfMemory {
+        /// The size asked for.
+        requested: usize,
+    },
+    /// A size/alignment combination that overflows or cannot be represented.
+    InvalidLayout,
+    /// The pointer does not lie in this segment's heap, or is not a block start.
+    InvalidPointer,
+    /// The block was already freed (double free).
+    DoubleFree,
+    /// `check()` found a broken heap invariant.
+    HeapCorrupt(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "I/O error: {e}"),
+            Error::NotFound(p) => write!(f, "segment not found: {}", p.display()),
+            Error::AlreadyExists(p) => write!(f, "segment already exists: {}", p.display()),
+            Error::InvalidSize { requested, min, max } => write!(
+                f,
+                "invalid segment size {requested} (must be between {min} and {max} bytes)"
+            ),
+            Error::Truncated { file_len, expected } => write!(
+                f,
+                "segment file is truncated: {file_len} bytes, at least {expected} expected"
+            ),
+            Error::BadMagic => write!(f, "not a matrix-alloc segment (bad magic)"),
+            Error::VersionMismatch { found, expected } => write!(
+                f,
+                "segment layout version {found} is not supported (expected {expected})"
+            ),
+            Error::Corrupt(what) => write!(f, "corrupt segment header: {what}"),
+            Error::NotARegularFile(p) => write!(f, "not a regular file: {}", p.display()),
+            Error::CreatorDied { pid } => {
+                write!(f, "segment creator (pid {pid}) died while formatting it")
+            }
+            Error::InitTimeout => write!(f, "timed out waiting for the segment to be formatted"),
+            Error::OutOfMemory { requested } => {
+                write!(f, "out of memory: no free block for {requested} bytes")
+            }
+            Error::InvalidLayout => write!(f, "size or alignment overflows or is unsupported"),
+            Error::InvalidPointer => {
+                write!(f, "pointer is not the start of a block of this segment")
+            }
+            Error::DoubleFree => write!(f, "double free: block is not allocated"),
+            Error::HeapCorrupt(what) => write!(f, "heap invariant broken: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}

@@ -1,0 +1,205 @@
+//! Segment lifetime: creating, opening and mapping the memory the engine
+//! lives in, and the init guard.
+//!
+//! Backends: a named segment (a file under `/dev/shm` named from a uuid, the
+//! Linux form of POSIX shared memory), a file at any path, and anonymous
+//! memory. All are mapped with `memmap2`. Named and file segments are created
+//! with `O_CREAT | O_EXCL` (which refuses symlinks and existing files),
+//! `O_NOFOLLOW`, `O_CLOEXEC`, mode `0600`; they are sized with `ftruncate`,
+//! which leaves them sparse: memory is committed only as pages are touched.
+
+pub(crate) mod header;
+
+use crate::engine::{Engine, Layout};
+use crate::Error;
+use header::{SegmentHeader, HEADER_SPACE, PHASE_FORMATTING, PHASE_READY};
+use memmap2::{MmapOptions, MmapRaw};
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Smallest segment accepted.
+pub const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
+/// Largest segment accepted: block positions are 32-bit granule indices.
+pub const MAX_SEGMENT_SIZE: u64 = (1u64 << 36) - 4096;
+
+/// How long an opener waits for a creator to finish formatting.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A mapped segment with a validated header.
+pub(crate) struct Segment {
+    map: MmapRaw,
+    pub(crate) layout: Layout,
+}
+
+pub(crate) fn check_size(size: u64) -> Result<(), Error> {
+    if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&size) {
+        return Err(Error::InvalidSize { requested: size, min: MIN_SEGMENT_SIZE, max: MAX_SEGMENT_SIZE });
+    }
+    Ok(())
+}
+
+impl Segment {
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The id stored in the header.
+    pub(crate) fn id(&self) -> uuid::Uuid {
+        uuid::Uuid::from_bytes(self.header().id)
+    }
+
+    fn header(&self) -> &SegmentHeader {
+        // SAFETY: the mapping is at least MIN_SEGMENT_SIZE bytes (checked by
+        // every constructor before this is called), page-aligned, and the
+        // header's fields are plain integers or atomics.
+        unsafe { &*(self.base() as *const SegmentHeader) }
+    }
+
+    /// The engine view of this segment.
+    pub(crate) fn engine(&self) -> Engine {
+        // SAFETY: `layout` was computed for, or validated against, this
+        // mapping, which lives as long as `Segment`; `Matrix` drops the engine
+        // with (never after) the segment.
+        unsafe { Engine::attach(self.base(), &self.layout) }
+    }
+
+    /// Formats a new, zero-filled mapping: header, engine, ready mark.
+    fn format(map: MmapRaw, id: uuid::Uuid) -> Result<Segment, Error> {
+        let size = map.len() as u64;
+        let layout = Layout::for_segment(size, HEADER_SPACE)
+            .ok_or(Error::InvalidSize { requested: size, min: MIN_SEGMENT_SIZE, max: MAX_SEGMENT_SIZE })?;
+        let seg = Segment { map, layout };
+        seg.header().mark_formatting();
+        // SAFETY: nobody else reads the fields written here before the
+        // `Release` store of the ready mark below; the mapping is writable.
+        unsafe { (*(seg.base() as *mut SegmentHeader)).write(size, &layout, id) };
+        seg.engine().format();
+        seg.header().mark_ready();
+        Ok(seg)
+    }
+
+    /// Creates an anonymous, process-private segment.
+    pub(crate) fn anonymous(size: u64, id: uuid::Uuid) -> Result<Segment, Error> {
+        check_size(size)?;
+        let map = MmapOptions::new().len(size as usize).no_reserve_swap().map_anon()?;
+        Segment::format(MmapRaw::from(map), id)
+    }
+
+    /// Creates a new segment in a file that must not exist yet.
+    pub(crate) fn create_file(path: &Path, size: u64, id: uuid::Uuid) -> Result<Segment, Error> {
+        check_size(size)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => Error::AlreadyExists(path.to_path_buf()),
+                _ => Error::Io(e),
+            })?;
+        let formatted = (|| {
+            file.set_len(size)?;
+            let map = MmapOptions::new().len(size as usize).map_raw(&file)?;
+            Segment::format(map, id)
+        })();
+        if formatted.is_err() {
+            // Don't leave a half-made file behind.
+            let _ = std::fs::remove_file(path);
+        }
+        formatted
+    }
+
+    /// Opens an existing segment file, waiting (boundedly) for its creator to
+    /// finish formatting it. Never truncates or resizes the file.
+    pub(crate) fn open_file(path: &Path) -> Result<Segment, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| match (e.kind(), e.raw_os_error()) {
+                (io::ErrorKind::NotFound, _) => Error::NotFound(path.to_path_buf()),
+                (_, Some(libc::ELOOP)) => Error::NotARegularFile(path.to_path_buf()),
+                _ => Error::Io(e),
+            })?;
+        let deadline = Instant::now() + INIT_TIMEOUT;
+        // A racing creator may not have sized the file yet.
+        let len = loop {
+            let meta = file.metadata()?;
+            let ft = meta.file_type();
+            if !ft.is_file() || ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device() {
+                return Err(Error::NotARegularFile(path.to_path_buf()));
+            }
+            if meta.len() > 0 || Instant::now() >= deadline {
+                break meta.len();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        if len < MIN_SEGMENT_SIZE {
+            return Err(Error::Truncated { file_len: len, expected: MIN_SEGMENT_SIZE });
+        }
+        if len > MAX_SEGMENT_SIZE {
+            return Err(Error::InvalidSize { requested: len, min: MIN_SEGMENT_SIZE, max: MAX_SEGMENT_SIZE });
+        }
+        let map = MmapOptions::new().len(len as usize).map_raw(&file)?;
+        let mut seg = Segment { map, layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))? };
+        seg.wait_ready(deadline)?;
+        seg.layout = seg.header().validate(len)?;
+        Ok(seg)
+    }
+
+    /// Waits until the header's state word says ready, failing fast on a
+    /// foreign file and on a creator that died while formatting.
+    fn wait_ready(&self, deadline: Instant) -> Result<(), Error> {
+        let h = self.header();
+        loop {
+            let magic = h.magic.load(std::sync::atomic::Ordering::Relaxed);
+            if magic != 0 && magic != header::MAGIC {
+                return Err(Error::BadMagic);
+            }
+            let state = h.state.load(std::sync::atomic::Ordering::Acquire);
+            let (phase, pid) = (state >> 32, state as u32);
+            match phase {
+                PHASE_READY => return Ok(()),
+                PHASE_FORMATTING if !process_alive(pid) => return Err(Error::CreatorDied { pid }),
+                PHASE_FORMATTING | 0 => {}
+                _ => return Err(Error::Corrupt("state word")),
+            }
+            if Instant::now() >= deadline {
+                return Err(if magic == 0 { Error::BadMagic } else { Error::InitTimeout });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Whether a process with this pid exists (it may be a reused pid).
+pub(crate) fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Where named segments live.
+pub(crate) const SHM_DIR: &str = "/dev/shm";
+/// Prefix of the file name of a named segment.
+pub(crate) const NAME_PREFIX: &str = "matrix-alloc-";
+
+/// The path of the named segment with this id.
+pub(crate) fn named_path(id: &uuid::Uuid) -> PathBuf {
+    Path::new(SHM_DIR).join(format!("{NAME_PREFIX}{}", id.as_hyphenated()))
+}
+

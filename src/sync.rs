@@ -1,0 +1,6 @@
+//! The only module that names the atomic types the engine uses.
+//!
+//! Keeping them behind one path is the seam a loom model can replace later
+//! (see STYLE.md §5): the engine never imports `std::sync::atomic` directly.
+
+pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
