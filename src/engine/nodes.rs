@@ -92,10 +92,18 @@ impl Engine {
         let n = match self.pop(&ctrl.pool) {
             Some(n) => n,
             None => {
+                let mut swept = false;
                 let mut hwm = ctrl.node_hwm.load(Relaxed);
                 loop {
                     if hwm >= self.node_capacity {
-                        return None;
+                        if std::mem::replace(&mut swept, true) {
+                            return None;
+                        }
+                        self.sweep_dead();
+                        match self.pop(&ctrl.pool) {
+                            Some(n) => break n,
+                            None => continue,
+                        }
                     }
                     match ctrl.node_hwm.compare_exchange_weak(hwm, hwm + 1, Relaxed, Relaxed) {
                         Ok(_) => break hwm,
@@ -186,8 +194,68 @@ impl Engine {
         node.claim.store(ClaimWord { state: NodeState::Live, listed: true, recheck: false, gen }.value(), SeqCst);
         header[0].store(HeaderWord::new(pos, size, BlockState::Free).value(), SeqCst);
         let (fl, sl) = map_floor(size);
-        self.push(&self.control().heads[fl][sl], n);
+        let head = &self.control().heads[fl][sl];
+        self.drop_dead_tops(head);
+        self.push(head, n);
         self.set_bits(fl, sl);
+    }
+
+    /// Pops `Dead` nodes off the top of a list and recycles them, so that
+    /// lists that are pushed to but rarely popped do not collect garbage.
+    ///
+    /// Safe without claiming: a listed `Dead` node stays `Dead` until popped,
+    /// and the tagged CAS succeeds only if the node we looked at is still the
+    /// top, so the node we pop is the one we saw `Dead`.
+    fn drop_dead_tops(&self, head: &AtomicU64) {
+        loop {
+            let cur = head.load(Acquire);
+            let h = ListHead::from(cur);
+            if h.top == NIL || h.top >= self.node_capacity {
+                return;
+            }
+            let node = self.node(h.top);
+            if ClaimWord::from(node.claim.load(SeqCst)).state != NodeState::Dead {
+                return;
+            }
+            let next = node.next.load(Relaxed);
+            if head.compare_exchange(cur, h.replaced(next).value(), Acquire, Relaxed).is_ok() {
+                self.recycle(h.top);
+            }
+        }
+    }
+
+    /// Empties a list and returns its former top. The tag keeps counting, so
+    /// a pop that loaded the head before this cannot succeed after it.
+    fn take_all(&self, head: &AtomicU64) -> u32 {
+        let mut cur = head.load(Acquire);
+        loop {
+            let h = ListHead::from(cur);
+            match head.compare_exchange_weak(cur, h.replaced(NIL).value(), Acquire, Acquire) {
+                Ok(_) => return h.top,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// Last resort when the node table is exhausted: takes every free list
+    /// private for a moment, recycles its `Dead` nodes and pushes the others
+    /// back. Blocks are invisible to allocators only during the sweep of
+    /// their own list.
+    fn sweep_dead(&self) {
+        for fl in self.control().heads.iter() {
+            for head in fl.iter() {
+                let mut n = self.take_all(head);
+                while n != NIL && n < self.node_capacity {
+                    let next = self.node(n).next.load(Relaxed);
+                    if ClaimWord::from(self.node(n).claim.load(SeqCst)).state == NodeState::Dead {
+                        self.recycle(n);
+                    } else {
+                        self.push(head, n);
+                    }
+                    n = next;
+                }
+            }
+        }
     }
 
     /// Tries to take ownership of the free block a hint points to.
@@ -320,6 +388,32 @@ impl Engine {
 }
 
 impl Engine {
+    /// The top node of list `(fl, sl)`.
+    pub(super) fn list_top(&self, fl: usize, sl: usize) -> u32 {
+        ListHead::from(self.control().heads[fl][sl].load(Acquire)).top
+    }
+
+    /// Reads node `n` without claiming it: its current hint, the block it
+    /// stands for and the next node. `None` past the end of a list.
+    pub(super) fn peek_node(&self, n: u32) -> Option<(Hint, u32, u32)> {
+        if n >= self.node_capacity {
+            return None;
+        }
+        let node = self.node(n);
+        let w = ClaimWord::from(node.claim.load(SeqCst));
+        Some((Hint { node: n, gen: w.gen }, node.block.load(Relaxed), node.next.load(Relaxed)))
+    }
+
+    /// The size of the block at `pos` if it looks like a published free block
+    /// right now (a racy look, to be confirmed by a claim).
+    pub(super) fn live_block_size(&self, pos: u32) -> Option<u32> {
+        if pos < self.heap_start || pos >= self.heap_end {
+            return None;
+        }
+        let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
+        h.is(pos, BlockState::Free).then_some(h.size)
+    }
+
     /// The largest free block in the highest non-empty size class, in bytes
     /// (looking at up to 64 of its entries: an estimate under concurrency).
     pub(crate) fn largest_free(&self) -> u64 {
@@ -334,23 +428,15 @@ impl Engine {
             return 0;
         }
         let sl = 63 - sl_map.leading_zeros() as usize;
-        let mut n = ListHead::from(ctrl.heads[fl][sl].load(Acquire)).top;
+        let mut n = self.list_top(fl, sl);
         let mut best = 0u64;
         for _ in 0..64 {
-            if n >= self.node_capacity {
-                break;
+            let Some((hint, pos, next)) = self.peek_node(n) else { break };
+            let live = ClaimWord::from(self.node(hint.node).claim.load(SeqCst)).state == NodeState::Live;
+            if let Some(size) = self.live_block_size(pos).filter(|_| live) {
+                best = best.max((size as u64) << super::words::GRANULE_LOG);
             }
-            let node = self.node(n);
-            if ClaimWord::from(node.claim.load(SeqCst)).state == NodeState::Live {
-                let pos = node.block.load(Relaxed);
-                if pos >= self.heap_start && pos < self.heap_end {
-                    let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
-                    if h.is(pos, BlockState::Free) {
-                        best = best.max((h.size as u64) << super::words::GRANULE_LOG);
-                    }
-                }
-            }
-            n = node.next.load(Relaxed);
+            n = next;
         }
         best
     }

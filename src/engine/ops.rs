@@ -18,7 +18,7 @@
 //! `Claimed` node, whose holder then re-settles, or on a node that changed,
 //! which means the block was republished and settled again later.
 
-use super::mapping::map_ceil;
+use super::mapping::{map_ceil, map_floor};
 use super::nodes::Claim;
 use super::words::{BlockState, HeaderWord, Hint, GRANULE, GRANULE_LOG, HEADER, MIN_BLOCK};
 use super::Engine;
@@ -70,7 +70,8 @@ impl Engine {
     pub(crate) fn alloc(&self, size: usize, align: usize) -> Result<Allocated, Error> {
         debug_assert!(align.is_power_of_two());
         let need = granules_for(size).ok_or(Error::OutOfMemory { requested: size })?;
-        let align_g = (align.max(GRANULE) >> GRANULE_LOG) as u32;
+        let oom = Error::OutOfMemory { requested: size };
+        let align_g = u32::try_from(align.max(GRANULE) >> GRANULE_LOG).map_err(|_| oom)?;
         // An over-aligned payload may need a front pad of up to two alignments
         // (the pad must itself be empty or a whole block).
         let extra = if align_g > 1 { align_g.checked_mul(2) } else { Some(0) };
@@ -85,10 +86,15 @@ impl Engine {
 
     /// Finds, claims and unlists a free block of at least `search` granules.
     fn take_block(&self, search: u32) -> Option<(u32, u32)> {
-        let (fl0, sl0) = map_ceil(search)?;
+        let ceil = map_ceil(search);
         let mut rescans = 0;
         loop {
-            let Some((fl, sl)) = self.find_list(fl0, sl0) else {
+            let Some((fl, sl)) = ceil.and_then(|(fl, sl)| self.find_list(fl, sl)) else {
+                // Good fit found nothing; the class below the rounded-up one
+                // may still hold a block that is large enough.
+                if let Some(found) = self.take_from_floor_list(search) {
+                    return Some(found);
+                }
                 // Nothing visible. Other operations may hold memory for a
                 // moment (a block being split or merged): look again, boundedly.
                 if rescans < OOM_RESCANS && self.control().busy.load(SeqCst) > 1 {
@@ -117,6 +123,37 @@ impl Engine {
             }
             return Some((pos, h.size));
         }
+    }
+
+    /// Looks through (up to 64 entries of) the list that blocks of exactly
+    /// `search` granules are filed under, for one that is large enough, and
+    /// claims it in place. Its node stays listed and is retired `Dead`.
+    fn take_from_floor_list(&self, search: u32) -> Option<(u32, u32)> {
+        let (fl, sl) = map_floor(search);
+        let mut n = self.list_top(fl, sl);
+        for _ in 0..64 {
+            let (hint, pos, next) = self.peek_node(n)?;
+            if self.live_block_size(pos).is_some_and(|s| s >= search) {
+                if let Claim::Got(got) = self.claim(hint) {
+                    match self.claimed_size(hint, got) {
+                        Some(size) if size >= search => {
+                            self.retire(hint);
+                            return Some((got, size));
+                        }
+                        Some(size) => {
+                            if self.release(hint, got, size) {
+                                self.settle(got);
+                            }
+                        }
+                        None => {
+                            self.retire(hint);
+                        }
+                    }
+                }
+            }
+            n = next;
+        }
+        None
     }
 
     /// Cuts the owned free block `[pos, pos + bsize)` into an optional front
