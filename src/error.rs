@@ -73,7 +73,11 @@ impl fmt::Display for Error {
             Error::Io(e) => write!(f, "I/O error: {e}"),
             Error::NotFound(p) => write!(f, "segment not found: {}", p.display()),
             Error::AlreadyExists(p) => write!(f, "segment already exists: {}", p.display()),
-            Error::InvalidSize { requested, min, max } => write!(
+            Error::InvalidSize {
+                requested,
+                min,
+                max,
+            } => write!(
                 f,
                 "invalid segment size {requested} (must be between {min} and {max} bytes)"
             ),

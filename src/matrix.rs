@@ -47,13 +47,22 @@ pub struct Matrix {
 
 impl std::fmt::Debug for Matrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Matrix").field("id", &self.id()).field("backing", &self.backing).field("size", &self.segment.len()).finish()
+        f.debug_struct("Matrix")
+            .field("id", &self.id())
+            .field("backing", &self.backing)
+            .field("size", &self.segment.len())
+            .finish()
     }
 }
 
 impl Matrix {
     fn from_segment(segment: Segment, backing: Backing) -> Matrix {
-        Matrix { engine: segment.engine(), segment, backing, keep: AtomicBool::new(false) }
+        Matrix {
+            engine: segment.engine(),
+            segment,
+            backing,
+            keep: AtomicBool::new(false),
+        }
     }
 
     /// Creates a new named shared-memory segment of `size` bytes under
@@ -67,14 +76,20 @@ impl Matrix {
     pub fn create_with_id(id: Uuid, size: usize) -> Result<Matrix, Error> {
         let path = segment::named_path(&id);
         let seg = Segment::create_file(&path, size as u64, id)?;
-        Ok(Matrix::from_segment(seg, Backing::Named { path, owner: true }))
+        Ok(Matrix::from_segment(
+            seg,
+            Backing::Named { path, owner: true },
+        ))
     }
 
     /// Opens the named segment `id` created by any process.
     pub fn open(id: Uuid) -> Result<Matrix, Error> {
         let path = segment::named_path(&id);
         let seg = Segment::open_file(&path)?;
-        Ok(Matrix::from_segment(seg, Backing::Named { path, owner: false }))
+        Ok(Matrix::from_segment(
+            seg,
+            Backing::Named { path, owner: false },
+        ))
     }
 
     /// Creates the named segment `id` if it does not exist, else opens it.
@@ -88,12 +103,22 @@ impl Matrix {
         let mut last = None;
         for _ in 0..8 {
             match Segment::create_file(&path, size as u64, id) {
-                Ok(seg) => return Ok(Matrix::from_segment(seg, Backing::Named { path, owner: false })),
+                Ok(seg) => {
+                    return Ok(Matrix::from_segment(
+                        seg,
+                        Backing::Named { path, owner: false },
+                    ))
+                }
                 Err(Error::AlreadyExists(_)) => {}
                 Err(e) => return Err(e),
             }
             match Segment::open_file(&path) {
-                Ok(seg) => return Ok(Matrix::from_segment(seg, Backing::Named { path, owner: false })),
+                Ok(seg) => {
+                    return Ok(Matrix::from_segment(
+                        seg,
+                        Backing::Named { path, owner: false },
+                    ))
+                }
                 Err(e @ Error::NotFound(_)) => last = Some(e),
                 Err(e) => return Err(e),
             }
@@ -162,7 +187,9 @@ impl Matrix {
 
     /// The segment's counters, over all processes using it.
     pub fn stats(&self) -> Stats {
-        self.engine.counters().snapshot(self.engine.capacity(), self.engine.largest_free())
+        self.engine
+            .counters()
+            .snapshot(self.engine.capacity(), self.engine.largest_free())
     }
 
     /// Walks the heap and verifies every invariant: the blocks cover the heap
@@ -175,7 +202,9 @@ impl Matrix {
         let report = self.engine.check()?;
         let s = self.stats();
         if report.orphaned_blocks == 0
-            && (report.used_blocks != s.curr_blocks || report.requested_bytes != s.curr_bytes || report.used_bytes != s.block_bytes)
+            && (report.used_blocks != s.curr_blocks
+                || report.requested_bytes != s.curr_bytes
+                || report.used_bytes != s.block_bytes)
         {
             return Err(Error::HeapCorrupt(format!(
                 "counters disagree with the heap: {} blocks / {} requested / {} block bytes counted, {} / {} / {} found",
@@ -209,7 +238,9 @@ impl Matrix {
     /// its own. Every power-of-two alignment is honoured.
     pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
         let a = self.engine.alloc(layout.size(), layout.align())?;
-        self.engine.counters().on_alloc(layout.size() as u64, a.block_bytes);
+        self.engine
+            .counters()
+            .on_alloc(layout.size() as u64, a.block_bytes);
         // SAFETY: payload addresses are inside the mapping, never null.
         Ok(unsafe { NonNull::new_unchecked(self.engine.payload(a.pos)) })
     }
@@ -227,7 +258,10 @@ impl Matrix {
     ///   (see the errors), but a pointer into the middle of a live block, or a
     ///   stale pointer to a block that was since reallocated, cannot always be.
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), Error> {
-        let pos = self.engine.block_of(ptr.as_ptr()).ok_or(Error::InvalidPointer)?;
+        let pos = self
+            .engine
+            .block_of(ptr.as_ptr())
+            .ok_or(Error::InvalidPointer)?;
         let (requested, block_bytes) = self.engine.free(pos)?;
         self.engine.counters().on_free(requested, block_bytes);
         Ok(())
@@ -241,7 +275,10 @@ impl Matrix {
     /// As for [`Matrix::free`]; on success the old pointer must no longer be
     /// used unless it equals the returned one.
     pub unsafe fn realloc(&self, ptr: NonNull<u8>, new: Layout) -> Result<NonNull<u8>, Error> {
-        let pos = self.engine.block_of(ptr.as_ptr()).ok_or(Error::InvalidPointer)?;
+        let pos = self
+            .engine
+            .block_of(ptr.as_ptr())
+            .ok_or(Error::InvalidPointer)?;
         let header = self.engine.used_block(pos)?;
         let old_req = self.engine.requested(pos);
         let old_block = (header.size as u64) * GRANULE as u64;

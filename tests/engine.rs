@@ -74,7 +74,10 @@ fn every_power_of_two_alignment_up_to_4096_and_beyond() {
         }
     }
     m.check().unwrap();
-    let mut ranges: Vec<_> = live.iter().map(|(p, s, _)| (p.as_ptr() as usize, *s)).collect();
+    let mut ranges: Vec<_> = live
+        .iter()
+        .map(|(p, s, _)| (p.as_ptr() as usize, *s))
+        .collect();
     assert_disjoint(&mut ranges);
     for (p, s, st) in live {
         assert!(has_stamp(p, s, st));
@@ -94,7 +97,11 @@ fn zero_size_requests_follow_the_allocator_trait() {
         assert_eq!(p.cast::<u8>().as_ptr() as usize % align, 0);
         unsafe { a.deallocate(p.cast(), l) };
     }
-    assert_eq!(m.stats().total_blocks, 0, "zero-size requests take no block");
+    assert_eq!(
+        m.stats().total_blocks,
+        0,
+        "zero-size requests take no block"
+    );
     // The checked API gives a zero-size request a block of its own.
     let p = m.alloc(layout(0, 1)).unwrap();
     unsafe { m.free(p).unwrap() };
@@ -104,10 +111,21 @@ fn zero_size_requests_follow_the_allocator_trait() {
 #[test]
 fn oversized_and_overflowing_requests_are_errors() {
     let m = Matrix::anonymous(1 << 20).unwrap();
-    for size in [m.capacity(), m.capacity() * 2, isize::MAX as usize - 4096, isize::MAX as usize / 2 + 1] {
-        assert!(matches!(m.alloc(layout(size, 1)), Err(Error::OutOfMemory { .. })), "size {size}");
+    for size in [
+        m.capacity(),
+        m.capacity() * 2,
+        isize::MAX as usize - 4096,
+        isize::MAX as usize / 2 + 1,
+    ] {
+        assert!(
+            matches!(m.alloc(layout(size, 1)), Err(Error::OutOfMemory { .. })),
+            "size {size}"
+        );
     }
-    assert!(matches!(m.alloc(layout(1, 1 << 40)), Err(Error::OutOfMemory { .. })));
+    assert!(matches!(
+        m.alloc(layout(1, 1 << 40)),
+        Err(Error::OutOfMemory { .. })
+    ));
     assert!((&m).allocate(layout(m.capacity(), 8)).is_err());
     assert_pristine(&m);
 }
@@ -196,8 +214,16 @@ fn offsets_are_checked_for_bounds_and_alignment() {
     assert_eq!(m.resolve::<u64>(off), Some(p.cast()));
     assert_eq!(m.resolve::<u64>(Offset(off.get() + 1)), None, "misaligned");
     assert_eq!(m.resolve::<u8>(Offset::NULL), None, "null");
-    assert_eq!(m.resolve::<u8>(Offset(m.segment_size() as u64)), None, "out of bounds");
-    assert_eq!(m.resolve::<[u8; 16]>(Offset(m.segment_size() as u64 - 8)), None, "straddles the end");
+    assert_eq!(
+        m.resolve::<u8>(Offset(m.segment_size() as u64)),
+        None,
+        "out of bounds"
+    );
+    assert_eq!(
+        m.resolve::<[u8; 16]>(Offset(m.segment_size() as u64 - 8)),
+        None,
+        "straddles the end"
+    );
     let outside = 0u64;
     assert_eq!(m.offset_of(&outside as *const u64), None);
     unsafe { m.free(p).unwrap() };
@@ -213,18 +239,29 @@ fn double_free_and_foreign_pointers_are_detected() {
         m.free(p).unwrap();
         assert!(matches!(m.free(p), Err(Error::DoubleFree)));
         let mut x = 0u64;
-        assert!(matches!(m.free(NonNull::from(&mut x).cast()), Err(Error::InvalidPointer)));
+        assert!(matches!(
+            m.free(NonNull::from(&mut x).cast()),
+            Err(Error::InvalidPointer)
+        ));
         assert!(matches!(other.free(q), Err(Error::InvalidPointer)));
-        assert!(matches!(m.free(NonNull::new_unchecked(q.as_ptr().add(16))), Err(Error::InvalidPointer)));
-        assert!(matches!(m.free(NonNull::new_unchecked(q.as_ptr().add(1))), Err(Error::InvalidPointer)));
+        assert!(matches!(
+            m.free(NonNull::new_unchecked(q.as_ptr().add(16))),
+            Err(Error::InvalidPointer)
+        ));
+        assert!(matches!(
+            m.free(NonNull::new_unchecked(q.as_ptr().add(1))),
+            Err(Error::InvalidPointer)
+        ));
         m.free(q).unwrap();
     }
     assert_pristine(&m);
     // The Allocator path panics with a clear message.
     let p = m.alloc(layout(32, 8)).unwrap();
     unsafe { m.free(p).unwrap() };
-    let msg = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (&m).deallocate(p, layout(32, 8)) }))
-        .expect_err("double free through the Allocator must panic");
+    let msg = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+        (&m).deallocate(p, layout(32, 8))
+    }))
+    .expect_err("double free through the Allocator must panic");
     let msg = msg.downcast_ref::<String>().unwrap();
     assert!(msg.contains("double free"), "{msg}");
     assert_pristine(&m);

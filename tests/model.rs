@@ -38,14 +38,26 @@ fn run(ops: Vec<Op>) {
                 let align = 1 << align_log;
                 match m.alloc(layout(size, align)) {
                     Ok(ptr) => {
-                        assert_eq!(ptr.as_ptr() as usize % align, 0, "alignment {align} not honoured");
+                        assert_eq!(
+                            ptr.as_ptr() as usize % align,
+                            0,
+                            "alignment {align} not honoured"
+                        );
                         stamp(ptr, size, step as u64);
-                        live.push(Live { ptr, size, align, stamp: step as u64 });
+                        live.push(Live {
+                            ptr,
+                            size,
+                            align,
+                            stamp: step as u64,
+                        });
                     }
                     Err(matrix_alloc::Error::OutOfMemory { .. }) => {
                         // Only when the heap really cannot hold it.
                         let s = m.stats();
-                        assert!(s.largest_free < (size + align * 2 + 32) as u64, "spurious OOM: {s:?}");
+                        assert!(
+                            s.largest_free < (size + align * 2 + 32) as u64,
+                            "spurious OOM: {s:?}"
+                        );
                     }
                     Err(e) => panic!("unexpected error {e}"),
                 }
@@ -71,8 +83,14 @@ fn run(ops: Vec<Op>) {
         }
         let report = m.check().unwrap_or_else(|e| panic!("step {step}: {e}"));
         assert_eq!(report.used_blocks, live.len() as u64);
-        assert_eq!(report.requested_bytes, live.iter().map(|b| b.size as u64).sum::<u64>());
-        let mut ranges: Vec<_> = live.iter().map(|b| (b.ptr.as_ptr() as usize, b.size.max(1))).collect();
+        assert_eq!(
+            report.requested_bytes,
+            live.iter().map(|b| b.size as u64).sum::<u64>()
+        );
+        let mut ranges: Vec<_> = live
+            .iter()
+            .map(|b| (b.ptr.as_ptr() as usize, b.size.max(1)))
+            .collect();
         assert_disjoint(&mut ranges);
     }
     for b in live.drain(..) {

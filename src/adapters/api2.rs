@@ -31,11 +31,19 @@ unsafe impl Allocator for &Matrix {
         // SAFETY: the trait's contract: `ptr` was allocated by this allocator
         // with `layout` and is not used afterwards.
         if let Err(e) = unsafe { self.free(ptr) } {
-            panic!("matrix-alloc: deallocate({ptr:p}, size {}): {e}", layout.size());
+            panic!(
+                "matrix-alloc: deallocate({ptr:p}, size {}): {e}",
+                layout.size()
+            );
         }
     }
 
-    unsafe fn grow(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
+    unsafe fn grow(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
         if old.size() == 0 {
             return self.allocate(new);
         }
@@ -44,16 +52,32 @@ unsafe impl Allocator for &Matrix {
         Ok(NonNull::slice_from_raw_parts(p, new.size()))
     }
 
-    unsafe fn grow_zeroed(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
+    unsafe fn grow_zeroed(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
         // SAFETY: forwarded contract.
         let block = unsafe { self.grow(ptr, old, new) }?;
         // SAFETY: the new block is `new.size()` bytes long; bytes past the old
         // size are ours to initialise.
-        unsafe { block.cast::<u8>().as_ptr().add(old.size()).write_bytes(0, new.size() - old.size()) };
+        unsafe {
+            block
+                .cast::<u8>()
+                .as_ptr()
+                .add(old.size())
+                .write_bytes(0, new.size() - old.size())
+        };
         Ok(block)
     }
 
-    unsafe fn shrink(&self, ptr: NonNull<u8>, old: Layout, new: Layout) -> Result<NonNull<[u8]>, AllocError> {
+    unsafe fn shrink(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
         if new.size() == 0 {
             // SAFETY: forwarded contract.
             unsafe { self.deallocate(ptr, old) };

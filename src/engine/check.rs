@@ -6,7 +6,9 @@
 //! that died are not errors: they are counted as orphaned.
 
 use super::mapping::{map_floor, FL_COUNT, SL_COUNT};
-use super::words::{BlockState, ClaimWord, HeaderWord, ListHead, NodeState, GRANULE_LOG, MIN_BLOCK, NIL};
+use super::words::{
+    BlockState, ClaimWord, HeaderWord, ListHead, NodeState, GRANULE_LOG, MIN_BLOCK, NIL,
+};
 use super::Engine;
 use crate::sync::Ordering::*;
 use crate::Error;
@@ -64,7 +66,10 @@ impl Engine {
                 return Err(corrupt(format!("block at granule {pos}: bad header check")));
             }
             if h.size < MIN_BLOCK || pos as u64 + h.size as u64 > self.heap_end as u64 {
-                return Err(corrupt(format!("block at granule {pos}: size {} out of bounds", h.size)));
+                return Err(corrupt(format!(
+                    "block at granule {pos}: size {} out of bounds",
+                    h.size
+                )));
             }
             let bytes = (h.size as u64) << GRANULE_LOG;
             let mut live_free = false;
@@ -77,14 +82,19 @@ impl Engine {
                 s if s == BlockState::Free as u8 => {
                     let hint = self.hint_at(pos);
                     let node_ok = hint.node < hwm;
-                    let w = node_ok.then(|| ClaimWord::from(self.node(hint.node).claim.load(SeqCst)));
+                    let w =
+                        node_ok.then(|| ClaimWord::from(self.node(hint.node).claim.load(SeqCst)));
                     match w {
                         Some(w) if w.gen == hint.gen && w.state == NodeState::Live => {
                             if self.hint_below(pos + h.size) != hint {
-                                return Err(corrupt(format!("free block at granule {pos}: footer does not match header")));
+                                return Err(corrupt(format!(
+                                    "free block at granule {pos}: footer does not match header"
+                                )));
                             }
                             if self.node(hint.node).block.load(SeqCst) != pos {
-                                return Err(corrupt(format!("free block at granule {pos}: its node points elsewhere")));
+                                return Err(corrupt(format!(
+                                    "free block at granule {pos}: its node points elsewhere"
+                                )));
                             }
                             if prev_live_free {
                                 return Err(corrupt(format!("free block at granule {pos} is not merged with its free left neighbour")));
@@ -105,7 +115,11 @@ impl Engine {
                     report.orphaned_blocks += 1;
                     report.orphaned_bytes += bytes;
                 }
-                s => return Err(corrupt(format!("block at granule {pos}: invalid state {s}"))),
+                s => {
+                    return Err(corrupt(format!(
+                        "block at granule {pos}: invalid state {s}"
+                    )))
+                }
             }
             prev_live_free = live_free;
             pos += h.size;
@@ -113,7 +127,9 @@ impl Engine {
 
         // 2. Every list holds distinct nodes; live ones are in the right list.
         let mut seen = vec![false; hwm as usize];
-        let mut walk = |head: u64, mut visit: Box<dyn FnMut(u32) -> Result<(), Error> + '_>| -> Result<(), Error> {
+        let mut walk = |head: u64,
+                        mut visit: Box<dyn FnMut(u32) -> Result<(), Error> + '_>|
+         -> Result<(), Error> {
             let mut n = ListHead::from(head).top;
             while n != NIL {
                 if n >= hwm || std::mem::replace(&mut seen[n as usize], true) {
@@ -128,45 +144,64 @@ impl Engine {
         for fl in 0..FL_COUNT {
             for sl in 0..SL_COUNT {
                 let mut has_live = false;
-                walk(ctrl.heads[fl][sl].load(SeqCst), Box::new(|n| {
-                    let w = ClaimWord::from(self.node(n).claim.load(SeqCst));
-                    if w.state == NodeState::Live {
-                        let pos = live_block_of[n as usize];
-                        if pos == u32::MAX {
-                            return Err(corrupt(format!("live node {n} stands for no free block")));
+                walk(
+                    ctrl.heads[fl][sl].load(SeqCst),
+                    Box::new(|n| {
+                        let w = ClaimWord::from(self.node(n).claim.load(SeqCst));
+                        if w.state == NodeState::Live {
+                            let pos = live_block_of[n as usize];
+                            if pos == u32::MAX {
+                                return Err(corrupt(format!(
+                                    "live node {n} stands for no free block"
+                                )));
+                            }
+                            let size = HeaderWord::from(self.header(pos)[0].load(SeqCst)).size;
+                            if map_floor(size) != (fl, sl) {
+                                return Err(corrupt(format!(
+                                    "free block at granule {pos} is filed in the wrong list"
+                                )));
+                            }
+                            has_live = true;
+                            listed_live += 1;
                         }
-                        let size = HeaderWord::from(self.header(pos)[0].load(SeqCst)).size;
-                        if map_floor(size) != (fl, sl) {
-                            return Err(corrupt(format!("free block at granule {pos} is filed in the wrong list")));
-                        }
-                        has_live = true;
-                        listed_live += 1;
-                    }
-                    Ok(())
-                }))?;
-                let bit = ctrl.sl_bitmap[fl].load(SeqCst) & (1 << sl) != 0 && ctrl.fl_bitmap.load(SeqCst) & (1 << fl) != 0;
+                        Ok(())
+                    }),
+                )?;
+                let bit = ctrl.sl_bitmap[fl].load(SeqCst) & (1 << sl) != 0
+                    && ctrl.fl_bitmap.load(SeqCst) & (1 << fl) != 0;
                 if has_live && !bit {
-                    return Err(corrupt(format!("list ({fl}, {sl}) holds free blocks but its bitmap bit is clear")));
+                    return Err(corrupt(format!(
+                        "list ({fl}, {sl}) holds free blocks but its bitmap bit is clear"
+                    )));
                 }
             }
         }
         if listed_live != report.free_blocks {
-            return Err(corrupt(format!("{} free blocks but {listed_live} of them in free lists", report.free_blocks)));
+            return Err(corrupt(format!(
+                "{} free blocks but {listed_live} of them in free lists",
+                report.free_blocks
+            )));
         }
         let mut pooled = 0u64;
-        walk(ctrl.pool.load(SeqCst), Box::new(|n| {
-            if ClaimWord::from(self.node(n).claim.load(SeqCst)).state != NodeState::Pool {
-                return Err(corrupt(format!("node {n} is in the pool but not free")));
-            }
-            pooled += 1;
-            Ok(())
-        }))?;
+        walk(
+            ctrl.pool.load(SeqCst),
+            Box::new(|n| {
+                if ClaimWord::from(self.node(n).claim.load(SeqCst)).state != NodeState::Pool {
+                    return Err(corrupt(format!("node {n} is in the pool but not free")));
+                }
+                pooled += 1;
+                Ok(())
+            }),
+        )?;
         report.nodes_in_use = hwm as u64 - pooled;
 
         // 3. Bytes add up.
         let total = report.used_bytes + report.free_bytes + report.orphaned_bytes;
         if total != report.capacity {
-            return Err(corrupt(format!("blocks cover {total} bytes of a {} byte heap", report.capacity)));
+            return Err(corrupt(format!(
+                "blocks cover {total} bytes of a {} byte heap",
+                report.capacity
+            )));
         }
         Ok(report)
     }

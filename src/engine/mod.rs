@@ -42,7 +42,11 @@ use words::{ListHead, GRANULE, GRANULE_LOG};
 ///   (bits may be set for lists that hold only `Dead` nodes: they are hints);
 /// - every node index below `node_hwm` is in exactly one of {the pool, one
 ///   free list, held by a thread};
-/// - `busy` counts engine operations in progress in all processes.
+/// - `hidden` is at least the total size (granules) of the free blocks that
+///   are claimed right now, i.e. invisible to allocators; `popping` counts
+///   allocations between popping a node and counting its block in `hidden`;
+///   `epoch` counts publications. Together they let an allocation that found nothing tell a
+///   real out-of-memory from memory held for a moment (see `ops::take_block`).
 #[repr(C)]
 pub(crate) struct Control {
     pub(crate) fl_bitmap: AtomicU64,
@@ -51,7 +55,9 @@ pub(crate) struct Control {
     pub(crate) pool: AtomicU64,
     pub(crate) node_hwm: AtomicU32,
     _pad: u32,
-    pub(crate) busy: AtomicU64,
+    pub(crate) hidden: AtomicU64,
+    pub(crate) popping: AtomicU64,
+    pub(crate) epoch: AtomicU64,
     pub(crate) counters: Counters,
 }
 
@@ -92,14 +98,21 @@ impl Layout {
         let rest = segment_size.checked_sub(nodes_offset)?;
         // heap + heap / HEAP_BYTES_PER_NODE * size_of::<Node>() + page slack <= rest
         let node_size = size_of::<Node>() as u64;
-        let heap_guess = rest.checked_sub(PAGE)? * HEAP_BYTES_PER_NODE / (HEAP_BYTES_PER_NODE + node_size);
+        let heap_guess =
+            rest.checked_sub(PAGE)? * HEAP_BYTES_PER_NODE / (HEAP_BYTES_PER_NODE + node_size);
         let node_capacity = (heap_guess / HEAP_BYTES_PER_NODE).min(u32::MAX as u64 - 1);
         let heap_offset = align_up(nodes_offset + node_capacity * node_size, PAGE);
         let heap_size = (segment_size.checked_sub(heap_offset)?) & !(GRANULE as u64 - 1);
         if heap_size < PAGE || node_capacity < 4 {
             return None;
         }
-        Some(Layout { control_offset, nodes_offset, node_capacity, heap_offset, heap_size })
+        Some(Layout {
+            control_offset,
+            nodes_offset,
+            node_capacity,
+            heap_offset,
+            heap_size,
+        })
     }
 }
 

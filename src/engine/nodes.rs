@@ -41,8 +41,10 @@ use crate::sync::{AtomicU64, Ordering::*};
 
 /// Outcome of claiming a block through a hint.
 pub(crate) enum Claim {
-    /// The caller now owns the free block at this position.
-    Got(u32),
+    /// The caller now owns the free block at `.0`, whose `.1` granules were
+    /// added to `hidden`: the caller must `unhide` them when the memory is
+    /// visible again or consumed.
+    Got(u32, u32),
     /// Someone else holds it; they were asked (`recheck`) to settle it again.
     Busy,
     /// The hint is stale: the block was allocated, merged or republished.
@@ -105,14 +107,19 @@ impl Engine {
                             None => continue,
                         }
                     }
-                    match ctrl.node_hwm.compare_exchange_weak(hwm, hwm + 1, Relaxed, Relaxed) {
+                    match ctrl
+                        .node_hwm
+                        .compare_exchange_weak(hwm, hwm + 1, Relaxed, Relaxed)
+                    {
                         Ok(_) => break hwm,
                         Err(v) => hwm = v,
                     }
                 }
             }
         };
-        let gen = ClaimWord::from(self.node(n).claim.load(SeqCst)).gen.wrapping_add(1);
+        let gen = ClaimWord::from(self.node(n).claim.load(SeqCst))
+            .gen
+            .wrapping_add(1);
         Some((n, gen))
     }
 
@@ -121,7 +128,16 @@ impl Engine {
     fn recycle(&self, n: u32) {
         let node = self.node(n);
         let w = ClaimWord::from(node.claim.load(SeqCst));
-        node.claim.store(ClaimWord { state: NodeState::Pool, listed: false, recheck: false, gen: w.gen }.value(), SeqCst);
+        node.claim.store(
+            ClaimWord {
+                state: NodeState::Pool,
+                listed: false,
+                recheck: false,
+                gen: w.gen,
+            }
+            .value(),
+            SeqCst,
+        );
         self.push(&self.control().pool, n);
     }
 
@@ -142,10 +158,32 @@ impl Engine {
         let left = ctrl.sl_bitmap[fl].fetch_and(!(1 << sl), SeqCst) & !(1 << sl);
         if left == 0 {
             ctrl.fl_bitmap.fetch_and(!(1 << fl), SeqCst);
+            // A push to a sibling list may have set its bits between our two
+            // RMWs; its first-level bit must survive our clear.
+            if ctrl.sl_bitmap[fl].load(SeqCst) != 0 {
+                ctrl.fl_bitmap.fetch_or(1 << fl, SeqCst);
+            }
         }
         if ListHead::from(ctrl.heads[fl][sl].load(SeqCst)).top != NIL {
             self.set_bits(fl, sl);
         }
+    }
+
+    /// Slow path: looks at every list head at or above `(fl, sl)` and sets
+    /// the bits of any non-empty one. Returns whether one was found.
+    pub(super) fn repair_bits_from(&self, fl: usize, sl: usize) -> bool {
+        let ctrl = self.control();
+        let mut found = false;
+        for f in fl..ctrl.heads.len() {
+            let first = if f == fl { sl } else { 0 };
+            for s in first..SL_COUNT {
+                if ListHead::from(ctrl.heads[f][s].load(SeqCst)).top != NIL {
+                    self.set_bits(f, s);
+                    found = true;
+                }
+            }
+        }
+        found
     }
 
     /// The first non-empty list at or above `(fl, sl)` by the bitmaps.
@@ -155,7 +193,8 @@ impl Engine {
         if sl_map != 0 {
             return Some((fl, sl_map.trailing_zeros() as usize));
         }
-        let mut fl_map = ctrl.fl_bitmap.load(SeqCst) & (!0u64).checked_shl(fl as u32 + 1).unwrap_or(0);
+        let mut fl_map =
+            ctrl.fl_bitmap.load(SeqCst) & (!0u64).checked_shl(fl as u32 + 1).unwrap_or(0);
         while fl_map != 0 {
             let f = fl_map.trailing_zeros() as usize;
             let sl_map = ctrl.sl_bitmap[f].load(SeqCst) & ((1u64 << SL_COUNT) - 1);
@@ -173,8 +212,11 @@ impl Engine {
     /// binds a node to it, writes the hint into header and footer, makes the
     /// node `Live` and pushes it on its size class's list.
     ///
-    /// The header's word 0 is stored last: seeing `Free` there (`SeqCst`)
-    /// means the hint and the `Live` node are visible too.
+    /// The `Live` store is the publication point and comes last: a thread
+    /// whose claim reads it also sees the header, hint and footer. All
+    /// stores are `SeqCst`, so a neighbour's `SeqCst` reads that come after
+    /// it in the single total order see them too (the store-buffer argument
+    /// of `ops`).
     ///
     /// If the node table is exhausted the block stays owned by nobody and is
     /// reported by `check()` as unlisted; this cannot happen while free
@@ -191,13 +233,27 @@ impl Engine {
         let hint = Hint { node: n, gen }.value();
         header[1].store(hint, SeqCst);
         self.word_below(pos + size).store(hint, SeqCst);
-        node.claim.store(ClaimWord { state: NodeState::Live, listed: true, recheck: false, gen }.value(), SeqCst);
         header[0].store(HeaderWord::new(pos, size, BlockState::Free).value(), SeqCst);
+        // Last: from this store on the block may be claimed and rewritten by
+        // someone else, so nothing of it may be written after it.
+        node.claim.store(
+            ClaimWord {
+                state: NodeState::Live,
+                listed: true,
+                recheck: false,
+                gen,
+            }
+            .value(),
+            SeqCst,
+        );
         let (fl, sl) = map_floor(size);
         let head = &self.control().heads[fl][sl];
         self.drop_dead_tops(head);
         self.push(head, n);
         self.set_bits(fl, sl);
+        // After the push: an allocation that saw `hidden` drop after this
+        // publication also sees this increment (see `ops::take_block`).
+        self.control().epoch.fetch_add(1, SeqCst);
     }
 
     /// Pops `Dead` nodes off the top of a list and recycles them, so that
@@ -218,7 +274,10 @@ impl Engine {
                 return;
             }
             let next = node.next.load(Relaxed);
-            if head.compare_exchange(cur, h.replaced(next).value(), Acquire, Relaxed).is_ok() {
+            if head
+                .compare_exchange(cur, h.replaced(next).value(), Acquire, Relaxed)
+                .is_ok()
+            {
                 self.recycle(h.top);
             }
         }
@@ -271,18 +330,35 @@ impl Engine {
                 return Claim::Gone;
             }
             let new = match w.state {
-                NodeState::Live => ClaimWord { state: NodeState::Claimed, recheck: false, ..w },
+                NodeState::Live => ClaimWord {
+                    state: NodeState::Claimed,
+                    recheck: false,
+                    ..w
+                },
                 NodeState::Claimed if w.recheck => return Claim::Busy,
                 NodeState::Claimed => ClaimWord { recheck: true, ..w },
                 NodeState::Pool | NodeState::Dead => return Claim::Gone,
             };
-            match node.claim.compare_exchange(cur, new.value(), SeqCst, SeqCst) {
-                Ok(_) if w.state == NodeState::Live => {
-                    // The CAS read the publisher's `Live` store, so `block` is visible.
-                    return Claim::Got(node.block.load(Relaxed));
-                }
+            // Count the block as hidden before it disappears, so that no
+            // scanner sees it neither listed nor hidden. The load above read
+            // the publisher's `Live` store, so `block` and the header are the
+            // published ones.
+            let pos = node.block.load(Relaxed);
+            let size = if w.state == NodeState::Live {
+                self.hide(pos)
+            } else {
+                0
+            };
+            match node
+                .claim
+                .compare_exchange(cur, new.value(), SeqCst, SeqCst)
+            {
+                Ok(_) if w.state == NodeState::Live => return Claim::Got(pos, size),
                 Ok(_) => return Claim::Busy,
-                Err(v) => cur = v,
+                Err(v) => {
+                    self.unhide(size);
+                    cur = v;
+                }
             }
         }
     }
@@ -291,13 +367,25 @@ impl Engine {
     /// `Live`, hands responsibility to the holder if it is `Claimed`, and
     /// recycles it if it is `Dead`. Returns the block position if taken; the
     /// node is then recycled already and the caller owns the block.
-    pub(super) fn take_popped(&self, n: u32) -> Option<u32> {
+    /// The block's granules were added to `hidden` (returned as `.1`).
+    pub(super) fn take_popped(&self, n: u32) -> Option<(u32, u32)> {
         let node = self.node(n);
         let mut cur = node.claim.load(SeqCst);
         loop {
             let w = ClaimWord::from(cur);
+            let pos = node.block.load(Relaxed);
+            let size = if w.state == NodeState::Live {
+                self.hide(pos)
+            } else {
+                0
+            };
             let new = match w.state {
-                NodeState::Live => ClaimWord { state: NodeState::Claimed, listed: false, recheck: false, ..w },
+                NodeState::Live => ClaimWord {
+                    state: NodeState::Claimed,
+                    listed: false,
+                    recheck: false,
+                    ..w
+                },
                 NodeState::Claimed => ClaimWord { listed: false, ..w },
                 NodeState::Dead => {
                     self.recycle(n);
@@ -307,14 +395,19 @@ impl Engine {
                 // corrupt the pool.
                 NodeState::Pool => return None,
             };
-            match node.claim.compare_exchange(cur, new.value(), SeqCst, SeqCst) {
+            match node
+                .claim
+                .compare_exchange(cur, new.value(), SeqCst, SeqCst)
+            {
                 Ok(_) if w.state == NodeState::Live => {
-                    let pos = node.block.load(Relaxed);
                     self.recycle(n);
-                    return Some(pos);
+                    return Some((pos, size));
                 }
                 Ok(_) => return None,
-                Err(v) => cur = v,
+                Err(v) => {
+                    self.unhide(size);
+                    cur = v;
+                }
             }
         }
     }
@@ -331,7 +424,12 @@ impl Engine {
                 self.recycle(hint.node);
                 return w.recheck;
             }
-            match node.claim.compare_exchange(cur, w.with_state(NodeState::Dead).value(), SeqCst, SeqCst) {
+            match node.claim.compare_exchange(
+                cur,
+                w.with_state(NodeState::Dead).value(),
+                SeqCst,
+                SeqCst,
+            ) {
                 Ok(_) => return w.recheck,
                 Err(v) => cur = v,
             }
@@ -339,24 +437,50 @@ impl Engine {
     }
 
     /// The holder of `hint` gives the block at `pos` (of `size`) back
-    /// unchanged. Returns whether the block must be settled again (a claim
-    /// failed on it meanwhile, or it had to be republished).
-    pub(super) fn release(&self, hint: Hint, pos: u32, size: u32) -> bool {
+    /// unchanged, and un-hides the `hidden` granules its claim counted.
+    /// Returns whether the block must be settled again (a claim failed on it
+    /// meanwhile, or it had to be republished).
+    pub(super) fn release(&self, hint: Hint, pos: u32, size: u32, hidden: u32) -> bool {
         let node = self.node(hint.node);
         let mut cur = node.claim.load(SeqCst);
-        loop {
+        let again = loop {
             let w = ClaimWord::from(cur);
             if !w.listed {
                 // Popped while we held it: the popper left it to us.
                 self.recycle(hint.node);
                 self.publish(pos, size);
-                return true;
+                break true;
             }
-            let live = ClaimWord { state: NodeState::Live, recheck: false, ..w };
-            match node.claim.compare_exchange(cur, live.value(), SeqCst, SeqCst) {
-                Ok(_) => return w.recheck,
+            let live = ClaimWord {
+                state: NodeState::Live,
+                recheck: false,
+                ..w
+            };
+            match node
+                .claim
+                .compare_exchange(cur, live.value(), SeqCst, SeqCst)
+            {
+                Ok(_) => break w.recheck,
                 Err(v) => cur = v,
             }
+        };
+        self.unhide(hidden);
+        again
+    }
+
+    /// Counts the free block at `pos` as hidden; returns its granules.
+    fn hide(&self, pos: u32) -> u32 {
+        let size = self.live_block_size(pos).unwrap_or(0);
+        if size != 0 {
+            self.control().hidden.fetch_add(size as u64, SeqCst);
+        }
+        size
+    }
+
+    /// Ends the hiding of `granules` counted by a claim.
+    pub(super) fn unhide(&self, granules: u32) {
+        if granules != 0 {
+            self.control().hidden.fetch_sub(granules as u64, SeqCst);
         }
     }
 
@@ -401,7 +525,14 @@ impl Engine {
         }
         let node = self.node(n);
         let w = ClaimWord::from(node.claim.load(SeqCst));
-        Some((Hint { node: n, gen: w.gen }, node.block.load(Relaxed), node.next.load(Relaxed)))
+        Some((
+            Hint {
+                node: n,
+                gen: w.gen,
+            },
+            node.block.load(Relaxed),
+            node.next.load(Relaxed),
+        ))
     }
 
     /// The size of the block at `pos` if it looks like a published free block
@@ -431,8 +562,11 @@ impl Engine {
         let mut n = self.list_top(fl, sl);
         let mut best = 0u64;
         for _ in 0..64 {
-            let Some((hint, pos, next)) = self.peek_node(n) else { break };
-            let live = ClaimWord::from(self.node(hint.node).claim.load(SeqCst)).state == NodeState::Live;
+            let Some((hint, pos, next)) = self.peek_node(n) else {
+                break;
+            };
+            let live =
+                ClaimWord::from(self.node(hint.node).claim.load(SeqCst)).state == NodeState::Live;
             if let Some(size) = self.live_block_size(pos).filter(|_| live) {
                 best = best.max((size as u64) << super::words::GRANULE_LOG);
             }

@@ -11,7 +11,8 @@
 //!
 //! Why no merge is lost: take two adjacent free blocks L and R that are both
 //! published and unmerged when all threads are done. Each was last published
-//! (header word 0 stored `SeqCst`) and then settled, reading the neighbour's
+//! (its node's `Live` store, `SeqCst`, after its header and footer) and then
+//! settled, reading the neighbour's
 //! header or footer `SeqCst`. Of the two publish-then-read sequences, one
 //! reads the other's publication (store-buffer argument), so some settle saw
 //! both free and tried the pair. That attempt can only have failed on a
@@ -25,11 +26,13 @@ use super::Engine;
 use crate::sync::Ordering::*;
 use crate::Error;
 
-/// How often an allocation that found no block re-scans while other
-/// operations are in progress (they may be holding the memory it needs for a
-/// moment). Bounded, so that a process killed mid-operation cannot make
-/// allocations spin forever.
-const OOM_RESCANS: u32 = 256;
+/// How long an allocation that found nothing keeps rescanning while
+/// claimed (momentarily invisible) blocks could still hold its request and
+/// no block is published anywhere. A holder preempted in its claim window
+/// publishes within a few scheduler slices; a holder that was killed never
+/// does, so the wait is bounded (and this path only runs when the heap looks
+/// full: the clock is never read on the fast path).
+const OOM_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Outcome of trying to merge a pair of neighbours.
 enum Pair {
@@ -38,7 +41,20 @@ enum Pair {
     LeftUnavailable,
     /// The left block was claimed but its right neighbour could not be; the
     /// left block was released. `again`: it needs settling again.
-    RightUnavailable { left: u32, again: bool },
+    RightUnavailable {
+        left: u32,
+        again: bool,
+    },
+}
+
+/// A free block the calling thread has claimed.
+struct Held {
+    hint: Hint,
+    pos: u32,
+    size: u32,
+    /// Granules this claim added to `hidden`; to be un-hidden once the
+    /// memory is visible again or consumed.
+    hidden: u32,
 }
 
 /// A successful allocation.
@@ -56,10 +72,38 @@ fn granules_for(size: usize) -> Option<u32> {
 }
 
 impl Engine {
-    /// RAII marker of an operation in progress (see `OOM_RESCANS`).
-    fn enter(&self) -> Busy<'_> {
-        self.control().busy.fetch_add(1, SeqCst);
-        Busy(self)
+    // ---- claiming ------------------------------------------------------------------
+
+    /// Claims the block `hint` names and checks its header; with `at`, it
+    /// must be the block at that position. Anything else is given back.
+    fn take(&self, hint: Hint, at: Option<u32>) -> Option<Held> {
+        let Claim::Got(pos, hidden) = self.claim(hint) else {
+            return None;
+        };
+        match self.claimed_size(hint, pos) {
+            Some(size) if at.is_none_or(|a| a == pos) => Some(Held {
+                hint,
+                pos,
+                size,
+                hidden,
+            }),
+            Some(size) => {
+                if self.release(hint, pos, size, hidden) {
+                    self.settle(pos);
+                }
+                None
+            }
+            None => {
+                self.retire(hint);
+                self.unhide(hidden);
+                None
+            }
+        }
+    }
+
+    /// Gives a claimed block back unchanged; whether it needs settling again.
+    fn give_back(&self, h: Held) -> bool {
+        self.release(h.hint, h.pos, h.size, h.hidden)
     }
 
     // ---- allocation --------------------------------------------------------------
@@ -69,85 +113,123 @@ impl Engine {
     /// header.
     pub(crate) fn alloc(&self, size: usize, align: usize) -> Result<Allocated, Error> {
         debug_assert!(align.is_power_of_two());
-        let need = granules_for(size).ok_or(Error::OutOfMemory { requested: size })?;
         let oom = Error::OutOfMemory { requested: size };
-        let align_g = u32::try_from(align.max(GRANULE) >> GRANULE_LOG).map_err(|_| oom)?;
+        let need = granules_for(size).ok_or(Error::OutOfMemory { requested: size })?;
+        let align_g = u32::try_from(align.max(GRANULE) >> GRANULE_LOG)
+            .map_err(|_| Error::OutOfMemory { requested: size })?;
         // An over-aligned payload may need a front pad of up to two alignments
         // (the pad must itself be empty or a whole block).
-        let extra = if align_g > 1 { align_g.checked_mul(2) } else { Some(0) };
+        let extra = if align_g > 1 {
+            align_g.checked_mul(2)
+        } else {
+            Some(0)
+        };
         let search = extra
             .and_then(|e| need.checked_add(e))
             .filter(|s| (*s as u64) <= self.capacity() >> GRANULE_LOG)
             .ok_or(Error::OutOfMemory { requested: size })?;
-        let _busy = self.enter();
-        let (pos, bsize) = self.take_block(search).ok_or(Error::OutOfMemory { requested: size })?;
-        Ok(self.carve(pos, bsize, need, align_g, size))
+        let (pos, bsize, hidden) = self.take_block(search).ok_or(oom)?;
+        let allocated = self.carve(pos, bsize, need, align_g, size);
+        self.unhide(hidden);
+        Ok(allocated)
     }
 
     /// Finds, claims and unlists a free block of at least `search` granules.
-    fn take_block(&self, search: u32) -> Option<(u32, u32)> {
+    /// Returns its position, size and the granules its claim hid.
+    ///
+    /// When no list has one, the memory may still be there, claimed for a
+    /// moment by an operation that will publish it again (a split or a
+    /// merge). So while `hidden` could hold the request, the scan is repeated
+    /// as long as blocks keep being published, and gives up after
+    /// `OOM_PATIENCE` without any publication.
+    fn take_block(&self, search: u32) -> Option<(u32, u32, u32)> {
+        let ctrl = self.control();
         let ceil = map_ceil(search);
-        let mut rescans = 0;
+        let mut stalled_since: Option<std::time::Instant> = None;
         loop {
+            let epoch = ctrl.epoch.load(SeqCst);
             let Some((fl, sl)) = ceil.and_then(|(fl, sl)| self.find_list(fl, sl)) else {
                 // Good fit found nothing; the class below the rounded-up one
                 // may still hold a block that is large enough.
-                if let Some(found) = self.take_from_floor_list(search) {
-                    return Some(found);
+                if let Some(h) = self.take_from_floor_list(search) {
+                    return Some((h.pos, h.size, h.hidden));
                 }
-                // Nothing visible. Other operations may hold memory for a
-                // moment (a block being split or merged): look again, boundedly.
-                if rescans < OOM_RESCANS && self.control().busy.load(SeqCst) > 1 {
-                    rescans += 1;
-                    std::thread::yield_now();
+                // The bitmaps are hints that another thread may be clearing
+                // and re-setting right now: look at the lists themselves.
+                if ceil.is_some_and(|(fl, sl)| self.repair_bits_from(fl, sl)) {
                     continue;
                 }
-                return None;
+                // Nothing listed. Memory may still be in flight: in a pop
+                // (`popping`), claimed (`hidden`), or published while we
+                // scanned (`epoch`). Read in this order: a holder un-hides
+                // after its pop ended and after its publication bumped
+                // `epoch`, so seeing the un-hide means seeing those too.
+                let popping = ctrl.popping.load(SeqCst);
+                let hidden = ctrl.hidden.load(SeqCst);
+                let published = ctrl.epoch.load(SeqCst) != epoch;
+                if published {
+                    stalled_since = None;
+                    continue;
+                }
+                if popping == 0 && hidden < search as u64 {
+                    return None;
+                }
+                if stalled_since
+                    .get_or_insert_with(std::time::Instant::now)
+                    .elapsed()
+                    > OOM_PATIENCE
+                {
+                    return None;
+                }
+                std::thread::yield_now();
+                continue;
             };
-            let Some(n) = self.pop(&self.control().heads[fl][sl]) else {
+            // Between the pop and the claim inside `take_popped` the block is
+            // neither listed nor hidden: `popping` covers that window.
+            ctrl.popping.fetch_add(1, SeqCst);
+            let Some(n) = self.pop(&ctrl.heads[fl][sl]) else {
+                ctrl.popping.fetch_sub(1, SeqCst);
                 self.clear_bits_if_empty(fl, sl);
                 continue;
             };
-            let Some(pos) = self.take_popped(n) else { continue };
+            let taken = self.take_popped(n);
+            ctrl.popping.fetch_sub(1, SeqCst);
+            let Some((pos, hidden)) = taken else { continue };
             let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
             if !h.is(pos, BlockState::Free) || pos as u64 + h.size as u64 > self.heap_end as u64 {
                 // Corrupt entry (cannot happen under the protocol): drop it
                 // rather than hand out memory we cannot vouch for.
+                self.unhide(hidden);
                 continue;
             }
             if h.size < search {
                 // Filed under a larger class than its size (cannot happen
                 // with map_floor filing); put it back and go on.
                 self.publish(pos, h.size);
+                self.unhide(hidden);
                 continue;
             }
-            return Some((pos, h.size));
+            return Some((pos, h.size, hidden));
         }
     }
 
     /// Looks through (up to 64 entries of) the list that blocks of exactly
     /// `search` granules are filed under, for one that is large enough, and
     /// claims it in place. Its node stays listed and is retired `Dead`.
-    fn take_from_floor_list(&self, search: u32) -> Option<(u32, u32)> {
+    fn take_from_floor_list(&self, search: u32) -> Option<Held> {
         let (fl, sl) = map_floor(search);
         let mut n = self.list_top(fl, sl);
         for _ in 0..64 {
             let (hint, pos, next) = self.peek_node(n)?;
             if self.live_block_size(pos).is_some_and(|s| s >= search) {
-                if let Claim::Got(got) = self.claim(hint) {
-                    match self.claimed_size(hint, got) {
-                        Some(size) if size >= search => {
-                            self.retire(hint);
-                            return Some((got, size));
-                        }
-                        Some(size) => {
-                            if self.release(hint, got, size) {
-                                self.settle(got);
-                            }
-                        }
-                        None => {
-                            self.retire(hint);
-                        }
+                if let Some(h) = self.take(hint, Some(pos)) {
+                    if h.size >= search {
+                        self.retire(h.hint);
+                        return Some(h);
+                    }
+                    let pos = h.pos;
+                    if self.give_back(h) {
+                        self.settle(pos);
                     }
                 }
             }
@@ -174,12 +256,21 @@ impl Engine {
         // Headers of later pieces first: until `pos`'s header is rewritten,
         // a heap walk still sees one block over the whole range.
         if split_tail {
-            self.header(tail)[0].store(HeaderWord::new(tail, end - tail, BlockState::Freeing).value(), SeqCst);
+            self.header(tail)[0].store(
+                HeaderWord::new(tail, end - tail, BlockState::Freeing).value(),
+                SeqCst,
+            );
         }
         self.header(start)[1].store(requested as u64, SeqCst);
-        self.header(start)[0].store(HeaderWord::new(start, size, BlockState::Used).value(), SeqCst);
+        self.header(start)[0].store(
+            HeaderWord::new(start, size, BlockState::Used).value(),
+            SeqCst,
+        );
         if start > pos {
-            self.header(pos)[0].store(HeaderWord::new(pos, start - pos, BlockState::Freeing).value(), SeqCst);
+            self.header(pos)[0].store(
+                HeaderWord::new(pos, start - pos, BlockState::Freeing).value(),
+                SeqCst,
+            );
         }
         if split_tail {
             self.publish(tail, end - tail);
@@ -189,7 +280,10 @@ impl Engine {
             self.publish(pos, start - pos);
             self.settle(pos);
         }
-        Allocated { pos: start, block_bytes: (size as u64) << GRANULE_LOG }
+        Allocated {
+            pos: start,
+            block_bytes: (size as u64) << GRANULE_LOG,
+        }
     }
 
     // ---- freeing -----------------------------------------------------------------
@@ -202,7 +296,10 @@ impl Engine {
         }
         match h.state {
             s if s == BlockState::Used as u8 => {}
-            s if s == BlockState::Free as u8 || s == BlockState::Freeing as u8 || s == BlockState::Absorbed as u8 => {
+            s if s == BlockState::Free as u8
+                || s == BlockState::Freeing as u8
+                || s == BlockState::Absorbed as u8 =>
+            {
                 return Err(Error::DoubleFree)
             }
             _ => return Err(Error::InvalidPointer),
@@ -221,44 +318,51 @@ impl Engine {
     /// Frees the `Used` block at `pos`. Returns (requested size, block bytes).
     pub(crate) fn free(&self, pos: u32) -> Result<(u64, u64), Error> {
         let h = self.used_block(pos)?;
-        let freeing = HeaderWord { state: BlockState::Freeing as u8, ..h };
+        let freeing = HeaderWord {
+            state: BlockState::Freeing as u8,
+            ..h
+        };
         // The CAS makes exactly one of two racing frees win.
-        if self.header(pos)[0].compare_exchange(h.value(), freeing.value(), SeqCst, SeqCst).is_err() {
+        if self.header(pos)[0]
+            .compare_exchange(h.value(), freeing.value(), SeqCst, SeqCst)
+            .is_err()
+        {
             return Err(self.used_block(pos).err().unwrap_or(Error::DoubleFree));
         }
         let requested = self.requested(pos);
-        let _busy = self.enter();
-        let (mut pos, mut size) = (pos, h.size);
+        let (mut pos, mut size, mut hidden) = (pos, h.size, 0);
         // Absorb free right neighbours.
-        while let Some(grown) = self.absorb_right(pos, size, BlockState::Freeing) {
-            size = grown;
+        while let Some(r) = self.absorb_right(pos, size, BlockState::Freeing) {
+            size += r.size;
+            hidden += r.hidden;
         }
         // Let free left neighbours absorb us.
         let mut resettle = None;
         while pos > self.heap_start {
-            let hint = self.hint_below(pos);
-            let Claim::Got(left) = self.claim(hint) else { break };
-            match self.claimed_size(hint, left) {
-                Some(lsize) if left + lsize == pos => {
-                    self.header(left)[0].store(HeaderWord::new(left, lsize + size, BlockState::Freeing).value(), SeqCst);
-                    self.header(pos)[0].store(HeaderWord::new(pos, 0, BlockState::Absorbed).value(), SeqCst);
-                    self.retire(hint);
-                    (pos, size) = (left, lsize + size);
+            let Some(l) = self.take(self.hint_below(pos), None) else {
+                break;
+            };
+            if l.pos + l.size != pos {
+                // A stale footer led to a block that is not our neighbour.
+                let left = l.pos;
+                if self.give_back(l) {
+                    resettle = Some(left);
                 }
-                Some(lsize) => {
-                    // A stale footer led to a block that is not our neighbour.
-                    if self.release(hint, left, lsize) {
-                        resettle = Some(left);
-                    }
-                    break;
-                }
-                None => {
-                    self.retire(hint);
-                    break;
-                }
+                break;
             }
+            self.header(l.pos)[0].store(
+                HeaderWord::new(l.pos, l.size + size, BlockState::Freeing).value(),
+                SeqCst,
+            );
+            self.header(pos)[0].store(
+                HeaderWord::new(pos, 0, BlockState::Absorbed).value(),
+                SeqCst,
+            );
+            self.retire(l.hint);
+            (pos, size, hidden) = (l.pos, l.size + size, hidden + l.hidden);
         }
         self.publish(pos, size);
+        self.unhide(hidden);
         self.settle(pos);
         if let Some(left) = resettle {
             self.settle(left);
@@ -267,34 +371,22 @@ impl Engine {
     }
 
     /// Claims the free right neighbour of the owned block `[pos, pos + size)`
-    /// and absorbs it; the block keeps `state`. Returns the new size.
-    fn absorb_right(&self, pos: u32, size: u32, state: BlockState) -> Option<u32> {
+    /// and absorbs it; the block keeps `state`. Returns what was absorbed.
+    /// A re-check request on the absorbed node is served by the caller, which
+    /// settles (or uses) the grown block.
+    fn absorb_right(&self, pos: u32, size: u32, state: BlockState) -> Option<Held> {
         let right = pos + size;
-        if right >= self.heap_end || !HeaderWord::from(self.header(right)[0].load(SeqCst)).is(right, BlockState::Free) {
+        if right >= self.heap_end || self.live_block_size(right).is_none() {
             return None;
         }
-        let hint = self.hint_at(right);
-        let Claim::Got(got) = self.claim(hint) else { return None };
-        match self.claimed_size(hint, got) {
-            Some(rsize) if got == right => {
-                self.header(pos)[0].store(HeaderWord::new(pos, size + rsize, state).value(), SeqCst);
-                self.header(right)[0].store(HeaderWord::new(right, 0, BlockState::Absorbed).value(), SeqCst);
-                // A re-check request is served: the merged block is settled
-                // by our caller.
-                self.retire(hint);
-                Some(size + rsize)
-            }
-            Some(rsize) => {
-                if self.release(hint, got, rsize) {
-                    self.settle(got);
-                }
-                None
-            }
-            None => {
-                self.retire(hint);
-                None
-            }
-        }
+        let r = self.take(self.hint_at(right), Some(right))?;
+        self.header(pos)[0].store(HeaderWord::new(pos, size + r.size, state).value(), SeqCst);
+        self.header(right)[0].store(
+            HeaderWord::new(right, 0, BlockState::Absorbed).value(),
+            SeqCst,
+        );
+        self.retire(r.hint);
+        Some(r)
     }
 
     // ---- settling ------------------------------------------------------------------
@@ -324,38 +416,37 @@ impl Engine {
     }
 
     /// Claims the block `left_hint` names, then its right neighbour, and
-    /// merges them into one published block.
+    /// merges them into one published block. The merged block is published
+    /// before the old nodes are retired and un-hidden, so the memory is never
+    /// invisible and uncounted at once.
     fn merge_pair(&self, left_hint: Hint) -> Pair {
-        let Claim::Got(left) = self.claim(left_hint) else { return Pair::LeftUnavailable };
-        let Some(lsize) = self.claimed_size(left_hint, left) else {
-            self.retire(left_hint);
+        let Some(l) = self.take(left_hint, None) else {
             return Pair::LeftUnavailable;
         };
-        let right = left + lsize;
-        let give_back = |this: &Self| Pair::RightUnavailable { left, again: this.release(left_hint, left, lsize) };
-        if right >= self.heap_end || !HeaderWord::from(self.header(right)[0].load(SeqCst)).is(right, BlockState::Free) {
-            return give_back(self);
-        }
-        let right_hint = self.hint_at(right);
-        let Claim::Got(got) = self.claim(right_hint) else { return give_back(self) };
-        let rsize = match self.claimed_size(right_hint, got) {
-            Some(rsize) if got == right => rsize,
-            Some(rsize) => {
-                if self.release(right_hint, got, rsize) {
-                    self.settle(got);
-                }
-                return give_back(self);
-            }
-            None => {
-                self.retire(right_hint);
-                return give_back(self);
-            }
+        let (left, right) = (l.pos, l.pos + l.size);
+        let r = if right < self.heap_end && self.live_block_size(right).is_some() {
+            self.take(self.hint_at(right), Some(right))
+        } else {
+            None
         };
-        self.header(left)[0].store(HeaderWord::new(left, lsize + rsize, BlockState::Freeing).value(), SeqCst);
-        self.header(right)[0].store(HeaderWord::new(right, 0, BlockState::Absorbed).value(), SeqCst);
-        self.retire(left_hint);
-        self.retire(right_hint);
-        self.publish(left, lsize + rsize);
+        let Some(r) = r else {
+            return Pair::RightUnavailable {
+                left,
+                again: self.give_back(l),
+            };
+        };
+        self.header(left)[0].store(
+            HeaderWord::new(left, l.size + r.size, BlockState::Freeing).value(),
+            SeqCst,
+        );
+        self.header(right)[0].store(
+            HeaderWord::new(right, 0, BlockState::Absorbed).value(),
+            SeqCst,
+        );
+        self.publish(left, l.size + r.size);
+        self.retire(l.hint);
+        self.retire(r.hint);
+        self.unhide(l.hidden + r.hidden);
         Pair::Merged(left)
     }
 
@@ -367,11 +458,11 @@ impl Engine {
     /// grown anyway; it stays valid).
     pub(crate) fn grow_in_place(&self, pos: u32, new_size: usize) -> Option<u64> {
         let need = granules_for(new_size)?;
-        let h = self.used_block(pos).ok()?;
-        let _busy = self.enter();
-        let mut size = h.size;
+        let mut size = self.used_block(pos).ok()?.size;
         while size < need {
-            size = self.absorb_right(pos, size, BlockState::Used)?;
+            let r = self.absorb_right(pos, size, BlockState::Used)?;
+            size += r.size;
+            self.unhide(r.hidden);
         }
         self.header(pos)[1].store(new_size as u64, SeqCst);
         Some(self.trim(pos, size, need))
@@ -383,7 +474,6 @@ impl Engine {
     pub(crate) fn shrink_in_place(&self, pos: u32, new_size: usize) -> Option<u64> {
         let need = granules_for(new_size)?;
         let h = self.used_block(pos).ok()?;
-        let _busy = self.enter();
         self.header(pos)[1].store(new_size as u64, SeqCst);
         Some(self.trim(pos, h.size, need.min(h.size)))
     }
@@ -395,7 +485,10 @@ impl Engine {
             return (size as u64) << GRANULE_LOG;
         }
         let tail = pos + need;
-        self.header(tail)[0].store(HeaderWord::new(tail, size - need, BlockState::Freeing).value(), SeqCst);
+        self.header(tail)[0].store(
+            HeaderWord::new(tail, size - need, BlockState::Freeing).value(),
+            SeqCst,
+        );
         self.header(pos)[0].store(HeaderWord::new(pos, need, BlockState::Used).value(), SeqCst);
         self.publish(tail, size - need);
         self.settle(tail);
@@ -406,13 +499,5 @@ impl Engine {
     pub(crate) fn usable(&self, pos: u32) -> usize {
         let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
         ((h.size as usize) << GRANULE_LOG) - HEADER
-    }
-}
-
-struct Busy<'a>(&'a Engine);
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        self.0.control().busy.fetch_sub(1, SeqCst);
     }
 }

@@ -47,11 +47,19 @@ const CHECK_MASK: u64 = (1 << 24) - 1;
 
 impl HeaderWord {
     pub(crate) fn new(pos: u32, size: u32, state: BlockState) -> Self {
-        HeaderWord { size, state: state as u8, check: position_check(pos) }
+        HeaderWord {
+            size,
+            state: state as u8,
+            check: position_check(pos),
+        }
     }
 
     pub(crate) fn from(v: u64) -> Self {
-        HeaderWord { size: v as u32, state: (v >> 32) as u8, check: ((v >> 40) & CHECK_MASK) as u32 }
+        HeaderWord {
+            size: v as u32,
+            state: (v >> 32) as u8,
+            check: ((v >> 40) & CHECK_MASK) as u32,
+        }
     }
 
     pub(crate) fn value(self) -> u64 {
@@ -81,7 +89,10 @@ pub(crate) struct Hint {
 
 impl Hint {
     pub(crate) fn from(v: u64) -> Self {
-        Hint { node: v as u32, gen: (v >> 32) as u32 }
+        Hint {
+            node: v as u32,
+            gen: (v >> 32) as u32,
+        }
     }
     pub(crate) fn value(self) -> u64 {
         self.node as u64 | (self.gen as u64) << 32
@@ -129,11 +140,19 @@ impl ClaimWord {
             2 => NodeState::Claimed,
             _ => NodeState::Dead,
         };
-        ClaimWord { state, listed: v & 4 != 0, recheck: v & 8 != 0, gen: (v >> 32) as u32 }
+        ClaimWord {
+            state,
+            listed: v & 4 != 0,
+            recheck: v & 8 != 0,
+            gen: (v >> 32) as u32,
+        }
     }
 
     pub(crate) fn value(self) -> u64 {
-        self.state as u64 | (self.listed as u64) << 2 | (self.recheck as u64) << 3 | (self.gen as u64) << 32
+        self.state as u64
+            | (self.listed as u64) << 2
+            | (self.recheck as u64) << 3
+            | (self.gen as u64) << 32
     }
 
     pub(crate) fn with_state(self, state: NodeState) -> Self {
@@ -159,13 +178,19 @@ impl ListHead {
     pub(crate) const EMPTY: u64 = NIL as u64;
 
     pub(crate) fn from(v: u64) -> Self {
-        ListHead { top: v as u32, tag: (v >> 32) as u32 }
+        ListHead {
+            top: v as u32,
+            tag: (v >> 32) as u32,
+        }
     }
     pub(crate) fn value(self) -> u64 {
         self.top as u64 | (self.tag as u64) << 32
     }
     pub(crate) fn replaced(self, top: u32) -> Self {
-        ListHead { top, tag: self.tag.wrapping_add(1) }
+        ListHead {
+            top,
+            tag: self.tag.wrapping_add(1),
+        }
     }
 }
 
@@ -175,11 +200,23 @@ mod tests {
 
     #[test]
     fn header_fields_do_not_overlap() {
-        let w = HeaderWord { size: u32::MAX, state: 0, check: 0 };
+        let w = HeaderWord {
+            size: u32::MAX,
+            state: 0,
+            check: 0,
+        };
         assert_eq!(HeaderWord::from(w.value()), w);
-        let w = HeaderWord { size: 0, state: u8::MAX, check: 0 };
+        let w = HeaderWord {
+            size: 0,
+            state: u8::MAX,
+            check: 0,
+        };
         assert_eq!(HeaderWord::from(w.value()), w);
-        let w = HeaderWord { size: 0, state: 0, check: CHECK_MASK as u32 };
+        let w = HeaderWord {
+            size: 0,
+            state: 0,
+            check: CHECK_MASK as u32,
+        };
         assert_eq!(HeaderWord::from(w.value()), w);
         let w = HeaderWord::new(12345, 77, BlockState::Used);
         assert!(HeaderWord::from(w.value()).is(12345, BlockState::Used));
@@ -188,9 +225,19 @@ mod tests {
 
     #[test]
     fn claim_fields_do_not_overlap() {
-        for state in [NodeState::Pool, NodeState::Live, NodeState::Claimed, NodeState::Dead] {
+        for state in [
+            NodeState::Pool,
+            NodeState::Live,
+            NodeState::Claimed,
+            NodeState::Dead,
+        ] {
             for (listed, recheck) in [(false, false), (true, false), (false, true), (true, true)] {
-                let w = ClaimWord { state, listed, recheck, gen: 0xdead_beef };
+                let w = ClaimWord {
+                    state,
+                    listed,
+                    recheck,
+                    gen: 0xdead_beef,
+                };
                 assert_eq!(ClaimWord::from(w.value()), w);
             }
         }
@@ -198,9 +245,15 @@ mod tests {
 
     #[test]
     fn hint_and_head_round_trip() {
-        let h = Hint { node: 0xffff_fffe, gen: 0x8000_0001 };
+        let h = Hint {
+            node: 0xffff_fffe,
+            gen: 0x8000_0001,
+        };
         assert_eq!(Hint::from(h.value()), h);
-        let l = ListHead { top: NIL, tag: u32::MAX };
+        let l = ListHead {
+            top: NIL,
+            tag: u32::MAX,
+        };
         assert_eq!(ListHead::from(l.value()), l);
         assert_eq!(l.replaced(3).tag, 0);
         assert_eq!(ListHead::from(ListHead::EMPTY).top, NIL);

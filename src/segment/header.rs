@@ -55,11 +55,13 @@ impl SegmentHeader {
 
     pub(crate) fn mark_formatting(&self) {
         self.magic.store(MAGIC, Relaxed);
-        self.state.store(PHASE_FORMATTING << 32 | std::process::id() as u64, Release);
+        self.state
+            .store(PHASE_FORMATTING << 32 | std::process::id() as u64, Release);
     }
 
     pub(crate) fn mark_ready(&self) {
-        self.state.store(PHASE_READY << 32 | std::process::id() as u64, Release);
+        self.state
+            .store(PHASE_READY << 32 | std::process::id() as u64, Release);
     }
 
     /// Checks a ready header against the mapped length; returns the layout.
@@ -69,20 +71,27 @@ impl SegmentHeader {
             return Err(Error::BadMagic);
         }
         if self.layout_version != LAYOUT_VERSION {
-            return Err(Error::VersionMismatch { found: self.layout_version, expected: LAYOUT_VERSION });
+            return Err(Error::VersionMismatch {
+                found: self.layout_version,
+                expected: LAYOUT_VERSION,
+            });
         }
         if self.header_size != size_of::<SegmentHeader>() as u32 {
             return Err(Error::Corrupt("header size"));
         }
         if self.segment_size > mapped_len {
-            return Err(Error::Truncated { file_len: mapped_len, expected: self.segment_size });
+            return Err(Error::Truncated {
+                file_len: mapped_len,
+                expected: self.segment_size,
+            });
         }
         if self.segment_size != mapped_len {
             return Err(Error::Corrupt("segment size does not match the file size"));
         }
         // The layout is a pure function of the size: recompute and compare,
         // which checks every offset and bound at once.
-        let expected = Layout::for_segment(self.segment_size, HEADER_SPACE).ok_or(Error::Corrupt("segment size"))?;
+        let expected = Layout::for_segment(self.segment_size, HEADER_SPACE)
+            .ok_or(Error::Corrupt("segment size"))?;
         let found = Layout {
             control_offset: self.control_offset,
             nodes_offset: self.nodes_offset,

@@ -36,7 +36,11 @@ pub(crate) struct Segment {
 
 pub(crate) fn check_size(size: u64) -> Result<(), Error> {
     if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&size) {
-        return Err(Error::InvalidSize { requested: size, min: MIN_SEGMENT_SIZE, max: MAX_SEGMENT_SIZE });
+        return Err(Error::InvalidSize {
+            requested: size,
+            min: MIN_SEGMENT_SIZE,
+            max: MAX_SEGMENT_SIZE,
+        });
     }
     Ok(())
 }
@@ -73,8 +77,11 @@ impl Segment {
     /// Formats a new, zero-filled mapping: header, engine, ready mark.
     fn format(map: MmapRaw, id: uuid::Uuid) -> Result<Segment, Error> {
         let size = map.len() as u64;
-        let layout = Layout::for_segment(size, HEADER_SPACE)
-            .ok_or(Error::InvalidSize { requested: size, min: MIN_SEGMENT_SIZE, max: MAX_SEGMENT_SIZE })?;
+        let layout = Layout::for_segment(size, HEADER_SPACE).ok_or(Error::InvalidSize {
+            requested: size,
+            min: MIN_SEGMENT_SIZE,
+            max: MAX_SEGMENT_SIZE,
+        })?;
         let seg = Segment { map, layout };
         seg.header().mark_formatting();
         // SAFETY: nobody else reads the fields written here before the
@@ -88,7 +95,10 @@ impl Segment {
     /// Creates an anonymous, process-private segment.
     pub(crate) fn anonymous(size: u64, id: uuid::Uuid) -> Result<Segment, Error> {
         check_size(size)?;
-        let map = MmapOptions::new().len(size as usize).no_reserve_swap().map_anon()?;
+        let map = MmapOptions::new()
+            .len(size as usize)
+            .no_reserve_swap()
+            .map_anon()?;
         Segment::format(MmapRaw::from(map), id)
     }
 
@@ -136,7 +146,12 @@ impl Segment {
         let len = loop {
             let meta = file.metadata()?;
             let ft = meta.file_type();
-            if !ft.is_file() || ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device() {
+            if !ft.is_file()
+                || ft.is_fifo()
+                || ft.is_socket()
+                || ft.is_block_device()
+                || ft.is_char_device()
+            {
                 return Err(Error::NotARegularFile(path.to_path_buf()));
             }
             if meta.len() > 0 || Instant::now() >= deadline {
@@ -145,13 +160,23 @@ impl Segment {
             std::thread::sleep(Duration::from_millis(1));
         };
         if len < MIN_SEGMENT_SIZE {
-            return Err(Error::Truncated { file_len: len, expected: MIN_SEGMENT_SIZE });
+            return Err(Error::Truncated {
+                file_len: len,
+                expected: MIN_SEGMENT_SIZE,
+            });
         }
         if len > MAX_SEGMENT_SIZE {
-            return Err(Error::InvalidSize { requested: len, min: MIN_SEGMENT_SIZE, max: MAX_SEGMENT_SIZE });
+            return Err(Error::InvalidSize {
+                requested: len,
+                min: MIN_SEGMENT_SIZE,
+                max: MAX_SEGMENT_SIZE,
+            });
         }
         let map = MmapOptions::new().len(len as usize).map_raw(&file)?;
-        let mut seg = Segment { map, layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))? };
+        let mut seg = Segment {
+            map,
+            layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))?,
+        };
         seg.wait_ready(deadline)?;
         seg.layout = seg.header().validate(len)?;
         Ok(seg)
@@ -175,7 +200,11 @@ impl Segment {
                 _ => return Err(Error::Corrupt("state word")),
             }
             if Instant::now() >= deadline {
-                return Err(if magic == 0 { Error::BadMagic } else { Error::InitTimeout });
+                return Err(if magic == 0 {
+                    Error::BadMagic
+                } else {
+                    Error::InitTimeout
+                });
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -184,7 +213,9 @@ impl Segment {
 
 /// Whether a process with this pid exists (it may be a reused pid).
 pub(crate) fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
     if pid <= 0 {
         return false;
     }
@@ -202,4 +233,3 @@ pub(crate) const NAME_PREFIX: &str = "matrix-alloc-";
 pub(crate) fn named_path(id: &uuid::Uuid) -> PathBuf {
     Path::new(SHM_DIR).join(format!("{NAME_PREFIX}{}", id.as_hyphenated()))
 }
-

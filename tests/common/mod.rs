@@ -19,7 +19,8 @@ pub struct TempDir(pub std::path::PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("matrix-alloc-test-{tag}-{}", uuid::Uuid::new_v4()));
+        let dir =
+            std::env::temp_dir().join(format!("matrix-alloc-test-{tag}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
     }
@@ -54,7 +55,13 @@ pub fn has_stamp(ptr: NonNull<u8>, len: usize, stamp: u64) -> bool {
 pub fn assert_disjoint(blocks: &mut [(usize, usize)]) {
     blocks.sort_unstable();
     for w in blocks.windows(2) {
-        assert!(w[0].0 + w[0].1 <= w[1].0, "blocks overlap: {:x}+{} and {:x}", w[0].0, w[0].1, w[1].0);
+        assert!(
+            w[0].0 + w[0].1 <= w[1].0,
+            "blocks overlap: {:x}+{} and {:x}",
+            w[0].0,
+            w[0].1,
+            w[1].0
+        );
     }
 }
 
@@ -69,5 +76,9 @@ pub fn assert_pristine(m: &Matrix) {
     assert_eq!(r.free_blocks, 1, "heap is not one free block again: {r:?}");
     assert_eq!(r.free_bytes, r.capacity, "{r:?}");
     let s = m.stats();
-    assert_eq!((s.curr_blocks, s.curr_bytes, s.block_bytes), (0, 0, 0), "{s:?}");
+    assert_eq!(
+        (s.curr_blocks, s.curr_bytes, s.block_bytes),
+        (0, 0, 0),
+        "{s:?}"
+    );
 }

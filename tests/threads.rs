@@ -1,0 +1,141 @@
+//! Multi-thread stress: every live block is stamped and verified before it is
+//! freed, so an overlap or a lost write shows up as a wrong stamp. Blocks move
+//! between threads, so most frees are of blocks another thread allocated.
+//! (Do not use this as a benchmark.)
+
+mod common;
+use common::*;
+use matrix_alloc::{Error, Matrix};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::Barrier;
+
+const OPS_PER_THREAD: usize = 40_000;
+
+/// A block in flight between threads: address, size and stamp, packed.
+struct Slot {
+    ptr: AtomicUsize,
+    len: AtomicU64,
+}
+
+fn stress(threads: usize, m: &Matrix, max_size: usize) {
+    let slots: Vec<Slot> = (0..threads * 64)
+        .map(|_| Slot {
+            ptr: AtomicUsize::new(0),
+            len: AtomicU64::new(0),
+        })
+        .collect();
+    let barrier = Barrier::new(threads);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (slots, barrier) = (&slots, &barrier);
+            s.spawn(move || {
+                let mut rng = SmallRng::seed_from_u64(t as u64 * 7919);
+                let mut mine: Vec<(NonNull<u8>, usize, u64)> = Vec::new();
+                barrier.wait();
+                for i in 0..OPS_PER_THREAD {
+                    let tag = (t as u64) << 48 | i as u64;
+                    if mine.len() < 200 && rng.gen_bool(0.6) {
+                        let size = rng.gen_range(1..max_size);
+                        let align = 1 << rng.gen_range(0..8);
+                        match m.alloc(layout(size, align)) {
+                            Ok(p) => {
+                                assert_eq!(p.as_ptr() as usize % align, 0);
+                                stamp(p, size, tag);
+                                mine.push((p, size, tag));
+                            }
+                            Err(Error::OutOfMemory { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    } else if let Some((p, size, st)) =
+                        (!mine.is_empty()).then(|| mine.swap_remove(rng.gen_range(0..mine.len())))
+                    {
+                        assert!(
+                            has_stamp(p, size, st),
+                            "thread {t}: block at {p:p} was overwritten"
+                        );
+                        if rng.gen_bool(0.5) {
+                            unsafe { m.free(p).unwrap() };
+                        } else {
+                            // Hand it to whichever thread takes this slot next;
+                            // free what was there (usually another thread's block).
+                            let slot = &slots[rng.gen_range(0..slots.len())];
+                            let len = (size as u64) << 32 | (st & 0xffff_ffff) | (st >> 48) << 24;
+                            let _ = len;
+                            let old = slot.ptr.swap(p.as_ptr() as usize, AcqRel);
+                            let old_len = slot.len.swap(size as u64, AcqRel);
+                            if old != 0 {
+                                let _ = old_len;
+                                unsafe { m.free(NonNull::new(old as *mut u8).unwrap()).unwrap() };
+                            }
+                        }
+                    }
+                }
+                for (p, size, st) in mine {
+                    assert!(has_stamp(p, size, st));
+                    unsafe { m.free(p).unwrap() };
+                }
+            });
+        }
+    });
+    for slot in &slots {
+        let p = slot.ptr.swap(0, AcqRel);
+        if p != 0 {
+            unsafe { m.free(NonNull::new(p as *mut u8).unwrap()).unwrap() };
+        }
+    }
+    assert_pristine(m);
+}
+
+#[test]
+fn two_threads() {
+    stress(2, &Matrix::anonymous(16 << 20).unwrap(), 600);
+}
+
+#[test]
+fn four_threads() {
+    stress(4, &Matrix::anonymous(16 << 20).unwrap(), 600);
+}
+
+#[test]
+fn eight_threads_with_large_blocks() {
+    stress(8, &Matrix::anonymous(64 << 20).unwrap(), 20_000);
+}
+
+#[test]
+fn eight_threads_in_a_tight_segment() {
+    // Out-of-memory happens here for real; the heap must stay consistent.
+    stress(8, &Matrix::anonymous(512 << 10).unwrap(), 3000);
+}
+
+/// Threads racing on one size class in a segment that has room for all of
+/// them at once never get an out-of-memory error.
+#[test]
+fn no_spurious_out_of_memory_on_one_size_class() {
+    for threads in [2, 4, 8] {
+        let m = Matrix::anonymous(1 << 20).unwrap();
+        let per_thread = 16; // 8 threads x 16 x 64 B is far below 1 MiB
+        let barrier = Barrier::new(threads);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let (m, barrier) = (&m, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    for round in 0..3000 {
+                        let held: Vec<_> = (0..per_thread)
+                            .map(|i| {
+                                m.alloc(layout(64, 8))
+                                    .unwrap_or_else(|e| panic!("round {round} block {i}: {e}"))
+                            })
+                            .collect();
+                        for p in held {
+                            unsafe { m.free(p).unwrap() };
+                        }
+                    }
+                });
+            }
+        });
+        assert_pristine(&m);
+    }
+}
