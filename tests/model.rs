@@ -83,6 +83,7 @@ fn run(ops: Vec<Op>) {
         }
         let report = m.check().unwrap_or_else(|e| panic!("step {step}: {e}"));
         assert_eq!(report.used_blocks, live.len() as u64);
+        assert!(report.counters_agree, "step {step}: {report:?}");
         assert_eq!(
             report.requested_bytes,
             live.iter().map(|b| b.size as u64).sum::<u64>()

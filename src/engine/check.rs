@@ -39,6 +39,10 @@ pub struct HeapReport {
     pub nodes_in_use: u64,
     /// Size of the node table.
     pub node_capacity: u64,
+    /// Whether the counters (`Stats::curr_blocks`, `curr_bytes`,
+    /// `block_bytes`) agree with the blocks found. They can only disagree
+    /// after a process was killed between changing the heap and counting it.
+    pub counters_agree: bool,
 }
 
 fn corrupt(msg: String) -> Error {

@@ -25,8 +25,11 @@ pub const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
 /// Largest segment accepted: block positions are 32-bit granule indices.
 pub const MAX_SEGMENT_SIZE: u64 = (1u64 << 36) - 4096;
 
-/// How long an opener waits for a creator to finish formatting.
-const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `bootstrap` waits for a racing creator to finish formatting.
+pub(crate) const RACE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a plain open waits: the segment was normally created before its
+/// name was handed over, so only a short grace period.
+pub(crate) const OPEN_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// A mapped segment with a validated header.
 pub(crate) struct Segment {
@@ -128,9 +131,10 @@ impl Segment {
         formatted
     }
 
-    /// Opens an existing segment file, waiting (boundedly) for its creator to
-    /// finish formatting it. Never truncates or resizes the file.
-    pub(crate) fn open_file(path: &Path) -> Result<Segment, Error> {
+    /// Opens an existing segment file, waiting up to `patience` for a
+    /// creator that is still sizing or formatting it. Never truncates or
+    /// resizes the file.
+    pub(crate) fn open_file(path: &Path, patience: Duration) -> Result<Segment, Error> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -141,7 +145,7 @@ impl Segment {
                 (_, Some(libc::ELOOP)) => Error::NotARegularFile(path.to_path_buf()),
                 _ => Error::Io(e),
             })?;
-        let deadline = Instant::now() + INIT_TIMEOUT;
+        let deadline = Instant::now() + patience;
         // A racing creator may not have sized the file yet.
         let len = loop {
             let meta = file.metadata()?;

@@ -75,6 +75,7 @@ pub fn assert_pristine(m: &Matrix) {
     assert_eq!(r.used_blocks, 0, "{r:?}");
     assert_eq!(r.free_blocks, 1, "heap is not one free block again: {r:?}");
     assert_eq!(r.free_bytes, r.capacity, "{r:?}");
+    assert!(r.counters_agree, "{r:?}");
     let s = m.stats();
     assert_eq!(
         (s.curr_blocks, s.curr_bytes, s.block_bytes),

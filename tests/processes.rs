@@ -1,0 +1,344 @@
+//! Real child processes on one segment: cross-process frees, a bootstrap
+//! race on one id, and `kill -9` in the middle of allocating.
+//!
+//! This binary is its own child: run with `--child ROLE ...` it plays one
+//! child role; otherwise it runs every scenario as the parent. Every child is
+//! watched by a watchdog that kills it if it hangs, so a deadlock fails the
+//! test instead of hanging CI. (Do not use this as a benchmark.)
+
+mod common;
+use common::*;
+use matrix_alloc::{Matrix, Offset};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const SEGMENT: usize = 32 << 20;
+const SLOTS: usize = 512;
+const WATCHDOG: Duration = Duration::from_secs(120);
+
+// ---- blocks that say who made them -------------------------------------------
+
+/// Writes a block that records its own size and maker, then a pattern.
+fn make_block(m: &Matrix, rng: &mut SmallRng, maker: u64, seq: u64) -> Option<NonNull<u8>> {
+    let size = rng.gen_range(16..2000usize);
+    let p = m.alloc(layout(size, 8)).ok()?;
+    let id = (size as u64) << 40 | maker << 32 | (seq & 0xffff_ffff);
+    // SAFETY (test): the block is at least 16 bytes and ours.
+    unsafe { p.cast::<u64>().write(id) };
+    stamp(
+        NonNull::new(unsafe { p.as_ptr().add(8) }).unwrap(),
+        size - 8,
+        id,
+    );
+    Some(p)
+}
+
+/// Verifies a block made by `make_block` (by anyone); returns its maker.
+fn verify_block(p: NonNull<u8>) -> u64 {
+    let id = unsafe { p.cast::<u64>().read() };
+    let size = (id >> 40) as usize;
+    assert!((16..2000).contains(&size), "block header garbled: {id:x}");
+    assert!(
+        has_stamp(
+            NonNull::new(unsafe { p.as_ptr().add(8) }).unwrap(),
+            size - 8,
+            id
+        ),
+        "block {id:x} overwritten"
+    );
+    (id >> 32) & 0xff
+}
+
+/// The exchange table: `SLOTS` offsets of blocks in flight, inside the segment.
+fn table(m: &Matrix, at: Offset) -> &[AtomicU64] {
+    let p = m.resolve::<AtomicU64>(at).expect("table offset");
+    // SAFETY (test): the parent allocated SLOTS words there and keeps them
+    // alive until every child has exited.
+    unsafe { std::slice::from_raw_parts(p.as_ptr(), SLOTS) }
+}
+
+// ---- child roles -------------------------------------------------------------
+
+/// Allocates, verifies and frees blocks, swapping them through the table so
+/// that most frees are of blocks another process made. Prints how many.
+fn child_exchange(id: Uuid, table_at: u64, maker: u64, ops: u64) {
+    let m = Matrix::open(id).unwrap();
+    let t = table(&m, Offset(table_at));
+    let mut rng = SmallRng::seed_from_u64(maker);
+    let (mut foreign, mut own) = (0u64, 0u64);
+    for seq in 0..ops {
+        let Some(p) = make_block(&m, &mut rng, maker, seq) else {
+            continue;
+        };
+        let off = m.offset_of(p.as_ptr()).unwrap().get();
+        let old = t[rng.gen_range(0..SLOTS)].swap(off, AcqRel);
+        if old != 0 {
+            let q = m.resolve::<u8>(Offset(old)).unwrap();
+            if verify_block(q) == maker {
+                own += 1
+            } else {
+                foreign += 1
+            }
+            unsafe { m.free(q).unwrap() };
+        }
+    }
+    println!("freed own={own} foreign={foreign}");
+}
+
+/// Races its siblings on `bootstrap`, then allocates and frees.
+fn child_bootstrap(id: Uuid, start_at_ms: u64, maker: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    std::thread::sleep(Duration::from_millis(start_at_ms.saturating_sub(now)));
+    let m = Matrix::bootstrap(id, SEGMENT).unwrap();
+    let mut rng = SmallRng::seed_from_u64(maker);
+    let blocks: Vec<_> = (0..2000)
+        .filter_map(|i| make_block(&m, &mut rng, maker, i))
+        .collect();
+    for p in blocks {
+        assert_eq!(verify_block(p), maker);
+        unsafe { m.free(p).unwrap() };
+    }
+    println!("bootstrapped ok");
+}
+
+/// Allocates and frees forever (until killed), holding up to 300 blocks.
+fn child_churn(id: Uuid, maker: u64) {
+    let m = Matrix::open(id).unwrap();
+    let mut rng = SmallRng::seed_from_u64(maker);
+    let mut held = Vec::new();
+    for seq in 0.. {
+        if seq == 2000 {
+            println!("ready");
+        }
+        if held.len() < 300 && rng.gen_bool(0.55) {
+            if let Some(p) = make_block(&m, &mut rng, maker, seq) {
+                held.push(p);
+            }
+        } else if !held.is_empty() {
+            let p = held.swap_remove(rng.gen_range(0..held.len()));
+            verify_block(p);
+            unsafe { m.free(p).unwrap() };
+        }
+    }
+}
+
+// ---- the parent's harness --------------------------------------------------------
+
+fn spawn(args: &[String]) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .arg("--child")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a child; kills it and fails if it outlives the watchdog.
+fn finish(mut child: Child) -> String {
+    let deadline = Instant::now() + WATCHDOG;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+                out.push_str(&line.unwrap());
+                out.push('\n');
+            }
+            assert!(status.success(), "child failed ({status}): {out}");
+            return out;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("child hung: killed by the watchdog");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn processes_free_each_others_blocks() {
+    let m = Matrix::create(SEGMENT).unwrap();
+    let table_ptr = m.alloc(layout(SLOTS * 8, 8)).unwrap();
+    unsafe { table_ptr.as_ptr().write_bytes(0, SLOTS * 8) };
+    let table_at = m.offset_of(table_ptr.as_ptr()).unwrap();
+    let children: Vec<_> = (1..=3u64)
+        .map(|maker| {
+            spawn(&[
+                "exchange".into(),
+                m.id().to_string(),
+                table_at.get().to_string(),
+                maker.to_string(),
+                "20000".into(),
+            ])
+        })
+        .collect();
+    // The parent takes part too.
+    let mut rng = SmallRng::seed_from_u64(0);
+    let t = table(&m, table_at);
+    for seq in 0..5000 {
+        if let Some(p) = make_block(&m, &mut rng, 0, seq) {
+            let old =
+                t[rng.gen_range(0..SLOTS)].swap(m.offset_of(p.as_ptr()).unwrap().get(), AcqRel);
+            if old != 0 {
+                let q = m.resolve::<u8>(Offset(old)).unwrap();
+                verify_block(q);
+                unsafe { m.free(q).unwrap() };
+            }
+        }
+    }
+    let mut foreign = 0u64;
+    for child in children {
+        let out = finish(child);
+        foreign += out
+            .trim()
+            .rsplit('=')
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+    }
+    assert!(
+        foreign > 1000,
+        "children freed only {foreign} foreign blocks"
+    );
+    for slot in t {
+        let off = slot.swap(0, AcqRel);
+        if off != 0 {
+            let q = m.resolve::<u8>(Offset(off)).unwrap();
+            verify_block(q);
+            unsafe { m.free(q).unwrap() };
+        }
+    }
+    unsafe { m.free(table_ptr).unwrap() };
+    assert_pristine(&m);
+}
+
+fn bootstrap_race_on_one_id() {
+    for round in 0..3 {
+        let id = Uuid::new_v4();
+        let _guard = RemoveOnDrop(id);
+        let start_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            + 300;
+        let children: Vec<_> = (1..=6u64)
+            .map(|maker| {
+                spawn(&[
+                    "bootstrap".into(),
+                    id.to_string(),
+                    start_at.to_string(),
+                    maker.to_string(),
+                ])
+            })
+            .collect();
+        for child in children {
+            assert!(finish(child).contains("bootstrapped ok"), "round {round}");
+        }
+        let m = Matrix::open(id).unwrap();
+        assert_eq!(
+            m.stats().total_blocks,
+            6 * 2000,
+            "every child used the one segment"
+        );
+        assert_pristine(&m);
+    }
+}
+
+fn kill_9_while_allocating_leaves_a_usable_heap() {
+    let m = Matrix::create(SEGMENT).unwrap();
+    let mut rng = SmallRng::seed_from_u64(99);
+    for round in 0..8u64 {
+        let mut child = spawn(&["churn".into(), m.id().to_string(), (round + 1).to_string()]);
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        std::thread::sleep(Duration::from_millis(rng.gen_range(1..40)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let report = m.check().unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // The survivor keeps allocating and freeing.
+        let mut mine = Vec::new();
+        for seq in 0..3000 {
+            if let Some(p) = make_block(&m, &mut rng, 0, seq) {
+                mine.push(p);
+            }
+            if mine.len() > 200 {
+                let p = mine.swap_remove(0);
+                verify_block(p);
+                unsafe { m.free(p).unwrap() };
+            }
+        }
+        for p in mine {
+            verify_block(p);
+            unsafe { m.free(p).unwrap() };
+        }
+        let after = m.check().unwrap();
+        assert_eq!(
+            after.used_blocks, report.used_blocks,
+            "the survivor freed all it made"
+        );
+        println!(
+            "  kill {round}: dead process left {} blocks ({} bytes) allocated, {} orphaned mid-operation",
+            report.used_blocks, report.used_bytes, report.orphaned_blocks
+        );
+    }
+    // What the dead left behind is lost, but the rest of the heap still holds
+    // one large allocation.
+    let r = m.check().unwrap();
+    let big = m
+        .alloc(layout(r.largest_free as usize / 2, 64))
+        .expect("large allocation after kills");
+    unsafe { m.free(big).unwrap() };
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--child") {
+        let id: Uuid = args[3].parse().unwrap();
+        let num = |i: usize| args[i].parse::<u64>().unwrap();
+        match args[2].as_str() {
+            "exchange" => child_exchange(id, num(4), num(5), num(6)),
+            "bootstrap" => child_bootstrap(id, num(4), num(5)),
+            "churn" => child_churn(id, num(4)),
+            role => panic!("unknown child role {role}"),
+        }
+        return;
+    }
+    let tests: [(&str, fn()); 3] = [
+        (
+            "processes_free_each_others_blocks",
+            processes_free_each_others_blocks,
+        ),
+        ("bootstrap_race_on_one_id", bootstrap_race_on_one_id),
+        (
+            "kill_9_while_allocating_leaves_a_usable_heap",
+            kill_9_while_allocating_leaves_a_usable_heap,
+        ),
+    ];
+    let filter: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let mut passed = 0;
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        println!("test {name} ...");
+        test();
+        println!("test {name} ... ok");
+        passed += 1;
+    }
+    println!("{passed} passed, 0 failed");
+}
