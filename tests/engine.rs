@@ -1,6 +1,10 @@
 //! Single-process behaviour of the engine through the public API: coalescing,
 //! alignment, zero sizes, size limits, in-place resizing, offsets, stats.
 
+// Test code: every unsafe call frees, reallocates or reads a block that
+// this test allocated and still owns; that is the whole safety argument.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 use allocator_api2::alloc::Allocator;
 use common::*;

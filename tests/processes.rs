@@ -6,6 +6,10 @@
 //! watched by a watchdog that kills it if it hangs, so a deadlock fails the
 //! test instead of hanging CI. (Do not use this as a benchmark.)
 
+// Test code: every unsafe call frees, reallocates or reads a block that
+// this test allocated and still owns; that is the whole safety argument.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 use common::*;
 use matrix_alloc::{Matrix, Offset};

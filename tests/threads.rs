@@ -3,6 +3,10 @@
 //! between threads, so most frees are of blocks another thread allocated.
 //! (Do not use this as a benchmark.)
 
+// Test code: every unsafe call frees, reallocates or reads a block that
+// this test allocated and still owns; that is the whole safety argument.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 use common::*;
 use matrix_alloc::{Error, Matrix};

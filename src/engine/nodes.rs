@@ -60,8 +60,10 @@ impl Engine {
         loop {
             let h = ListHead::from(cur);
             node.next.store(h.top, Relaxed);
-            // Release: makes `next` and the node's fields visible to the popper.
-            match head.compare_exchange_weak(cur, h.replaced(n).value(), Release, Relaxed) {
+            // Release: makes `next` and the node's fields visible to the
+            // popper. SeqCst (the same instruction on x86): `set_bits` relies
+            // on the push preceding its bitmap read in the total order.
+            match head.compare_exchange_weak(cur, h.replaced(n).value(), SeqCst, Relaxed) {
                 Ok(_) => return,
                 Err(v) => cur = v,
             }
@@ -143,10 +145,18 @@ impl Engine {
 
     // ---- bitmaps -------------------------------------------------------------
 
+    /// Sets the bits of list `(fl, sl)` after a push to it. Bits that are
+    /// already set are only read: a clearer that clears them after our read
+    /// re-checks the list head afterwards and sees our push (`SeqCst` push,
+    /// read, clear and re-check are in one total order).
     fn set_bits(&self, fl: usize, sl: usize) {
         let ctrl = self.control();
-        ctrl.sl_bitmap[fl].fetch_or(1 << sl, SeqCst);
-        ctrl.fl_bitmap.fetch_or(1 << fl, SeqCst);
+        if ctrl.sl_bitmap[fl].load(SeqCst) & (1 << sl) == 0 {
+            ctrl.sl_bitmap[fl].fetch_or(1 << sl, SeqCst);
+        }
+        if ctrl.fl_bitmap.load(SeqCst) & (1 << fl) == 0 {
+            ctrl.fl_bitmap.fetch_or(1 << fl, SeqCst);
+        }
     }
 
     /// Clears the bits of a list found empty, then re-checks the list: a push
@@ -543,6 +553,15 @@ impl Engine {
         }
         let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
         h.is(pos, BlockState::Free).then_some(h.size)
+    }
+
+    /// Whether `hint` names a node that is `Live` in that generation right
+    /// now (a racy look; a claim decides).
+    pub(super) fn looks_live(&self, hint: Hint) -> bool {
+        hint.node < self.node_capacity && {
+            let w = ClaimWord::from(self.node(hint.node).claim.load(SeqCst));
+            w.gen == hint.gen && w.state == NodeState::Live
+        }
     }
 
     /// The largest free block in the highest non-empty size class, in bytes

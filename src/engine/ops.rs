@@ -395,24 +395,41 @@ impl Engine {
     /// merge is possible or another thread has taken over (see module docs).
     pub(super) fn settle(&self, mut pos: u32) {
         loop {
-            match self.merge_pair(self.hint_at(pos)) {
-                Pair::Merged(p) => {
-                    pos = p;
-                    continue;
+            // Each pair is only claimed if it looks mergeable: reading the
+            // neighbour first is the read half of the store-buffer pattern
+            // (a neighbour not published yet will see us when it settles).
+            if self.right_looks_free(pos) {
+                match self.merge_pair(self.hint_at(pos)) {
+                    Pair::Merged(p) => {
+                        pos = p;
+                        continue;
+                    }
+                    Pair::LeftUnavailable => return,
+                    Pair::RightUnavailable { again: true, .. } => continue,
+                    Pair::RightUnavailable { again: false, .. } => {}
                 }
-                Pair::LeftUnavailable => return,
-                Pair::RightUnavailable { again: true, .. } => continue,
-                Pair::RightUnavailable { again: false, .. } => {}
             }
             if pos <= self.heap_start {
                 return;
             }
-            match self.merge_pair(self.hint_below(pos)) {
+            let left = self.hint_below(pos);
+            if !self.looks_live(left) {
+                return;
+            }
+            match self.merge_pair(left) {
                 Pair::Merged(p) => pos = p,
                 Pair::RightUnavailable { left, again: true } => pos = left,
                 _ => return,
             }
         }
+    }
+
+    /// Whether the block after the one at `pos` is published free right now
+    /// (a racy look; the claims decide).
+    fn right_looks_free(&self, pos: u32) -> bool {
+        let size = HeaderWord::from(self.header(pos)[0].load(SeqCst)).size;
+        let right = pos as u64 + size as u64;
+        right < self.heap_end as u64 && size != 0 && self.live_block_size(right as u32).is_some()
     }
 
     /// Claims the block `left_hint` names, then its right neighbour, and

@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+// Test helpers: callers pass blocks they allocated and own.
+#![allow(clippy::undocumented_unsafe_blocks)]
 
 use matrix_alloc::Matrix;
 use std::alloc::Layout;
