@@ -6,6 +6,7 @@ mod engine;
 mod error;
 mod matrix;
 mod offset;
+mod os;
 mod segment;
 mod stats;
 mod sync;

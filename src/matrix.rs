@@ -57,8 +57,10 @@ impl std::fmt::Debug for Matrix {
 
 impl Matrix {
     fn from_segment(segment: Segment, backing: Backing) -> Matrix {
+        let mut engine = segment.engine();
+        engine.join();
         Matrix {
-            engine: segment.engine(),
+            engine,
             segment,
             backing,
             keep: AtomicBool::new(false),
@@ -311,6 +313,7 @@ impl Matrix {
 
 impl Drop for Matrix {
     fn drop(&mut self) {
+        self.engine.leave();
         if let Backing::Named { path, owner: true } = &self.backing {
             if !self.keep.load(Relaxed) {
                 let _ = std::fs::remove_file(path);

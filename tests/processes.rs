@@ -292,8 +292,13 @@ fn kill_9_while_allocating_leaves_a_usable_heap() {
             "the survivor freed all it made"
         );
         println!(
-            "  kill {round}: dead process left {} blocks ({} bytes) allocated, {} orphaned mid-operation",
-            report.used_blocks, report.used_bytes, report.orphaned_blocks
+            "  kill {round}: dead process left {} blocks ({} bytes) allocated; orphaned {} ({} bytes), unlisted {}, unmerged {}",
+            report.used_blocks,
+            report.used_bytes,
+            report.orphaned_blocks,
+            report.orphaned_bytes,
+            report.unlisted_free_blocks,
+            report.unmerged_pairs
         );
     }
     // What the dead left behind is lost, but the rest of the heap still holds

@@ -42,11 +42,13 @@ use words::{ListHead, GRANULE, GRANULE_LOG};
 ///   (bits may be set for lists that hold only `Dead` nodes: they are hints);
 /// - every node index below `node_hwm` is in exactly one of {the pool, one
 ///   free list, held by a thread};
-/// - `hidden` is at least the total size (granules) of the free blocks that
-///   are claimed right now, i.e. invisible to allocators; `popping` counts
-///   allocations between popping a node and counting its block in `hidden`;
-///   `epoch` counts publications. Together they let an allocation that found nothing tell a
-///   real out-of-memory from memory held for a moment (see `ops::take_block`).
+/// - summed over the slots, `hidden` is at least the total size (granules)
+///   of the free blocks that are claimed right now, i.e. invisible to
+///   allocators, and `popping` counts allocations between popping a node and
+///   counting its block in `hidden`; `epoch` counts publications. Together
+///   they let an allocation that found nothing tell a real out-of-memory
+///   from memory held for a moment by a live process (see
+///   `ops::take_block`).
 #[repr(C)]
 pub(crate) struct Control {
     pub(crate) fl_bitmap: AtomicU64,
@@ -55,10 +57,24 @@ pub(crate) struct Control {
     pub(crate) pool: AtomicU64,
     pub(crate) node_hwm: AtomicU32,
     _pad: u32,
-    pub(crate) hidden: AtomicU64,
-    pub(crate) popping: AtomicU64,
     pub(crate) epoch: AtomicU64,
+    pub(crate) slots: [Slot; SLOTS],
     pub(crate) counters: Counters,
+}
+
+/// How many processes (handles) can be attached with their own slot. More
+/// share the last slot, which is never considered dead.
+pub(crate) const SLOTS: usize = 128;
+
+/// Per-process bookkeeping: who is attached, and what it holds in flight.
+#[repr(C)]
+pub(crate) struct Slot {
+    /// Pid of the process holding the slot; 0 when free.
+    pub(crate) pid: AtomicU64,
+    /// Granules of free blocks this process has claimed right now.
+    pub(crate) hidden: AtomicU64,
+    /// This process's allocations between a pop and its claim.
+    pub(crate) popping: AtomicU64,
 }
 
 /// One entry of the node table.
@@ -131,6 +147,8 @@ pub(crate) struct Engine {
     node_capacity: u32,
     heap_start: u32,
     heap_end: u32,
+    /// This handle's slot in `Control::slots`.
+    slot: usize,
 }
 
 // SAFETY: `Engine` only holds pointers into a shared mapping that outlives it
@@ -158,7 +176,62 @@ impl Engine {
             node_capacity: layout.node_capacity as u32,
             heap_start: (layout.heap_offset >> GRANULE_LOG) as u32,
             heap_end: ((layout.heap_offset + layout.heap_size) >> GRANULE_LOG) as u32,
+            slot: SLOTS - 1,
         }
+    }
+
+    /// Takes a slot for this handle: a free one, else one whose process is
+    /// gone (its counters are reset: what it held is lost until reclaimed),
+    /// else the shared last slot.
+    pub(crate) fn join(&mut self) {
+        let me = std::process::id() as u64;
+        let slots = &self.control().slots[..SLOTS - 1];
+        let free = slots
+            .iter()
+            .position(|s| s.pid.compare_exchange(0, me, SeqCst, Relaxed).is_ok());
+        let taken = free.or_else(|| {
+            slots.iter().position(|s| {
+                let pid = s.pid.load(SeqCst);
+                pid != 0
+                    && !crate::os::process_alive(pid as u32)
+                    && s.pid.compare_exchange(pid, me, SeqCst, Relaxed).is_ok()
+            })
+        });
+        if let Some(i) = taken {
+            let slot = &self.control().slots[i];
+            slot.hidden.store(0, SeqCst);
+            slot.popping.store(0, SeqCst);
+            self.slot = i;
+        }
+    }
+
+    /// Gives the slot back (when the handle is dropped).
+    pub(crate) fn leave(&self) {
+        if self.slot != SLOTS - 1 {
+            self.control().slots[self.slot].pid.store(0, SeqCst);
+        }
+    }
+
+    /// This handle's slot.
+    pub(crate) fn my_slot(&self) -> &Slot {
+        &self.control().slots[self.slot]
+    }
+
+    /// (popping, hidden) summed over the slots of live processes: memory
+    /// that may reappear. Slow path only: it asks the OS about each pid.
+    pub(crate) fn in_flight_of_live(&self) -> (u64, u64) {
+        let me = std::process::id() as u64;
+        let mut sum = (0, 0);
+        for (i, slot) in self.control().slots.iter().enumerate() {
+            let pid = slot.pid.load(SeqCst);
+            let counted =
+                i == SLOTS - 1 || pid == me || (pid != 0 && crate::os::process_alive(pid as u32));
+            if counted {
+                sum.0 += slot.popping.load(SeqCst);
+                sum.1 += slot.hidden.load(SeqCst);
+            }
+        }
+        sum
     }
 
     /// Formats a fresh (zero-filled) segment: empty lists, and the whole heap

@@ -482,7 +482,7 @@ impl Engine {
     fn hide(&self, pos: u32) -> u32 {
         let size = self.live_block_size(pos).unwrap_or(0);
         if size != 0 {
-            self.control().hidden.fetch_add(size as u64, SeqCst);
+            self.my_slot().hidden.fetch_add(size as u64, SeqCst);
         }
         size
     }
@@ -490,7 +490,7 @@ impl Engine {
     /// Ends the hiding of `granules` counted by a claim.
     pub(super) fn unhide(&self, granules: u32) {
         if granules != 0 {
-            self.control().hidden.fetch_sub(granules as u64, SeqCst);
+            self.my_slot().hidden.fetch_sub(granules as u64, SeqCst);
         }
     }
 

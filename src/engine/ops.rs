@@ -161,11 +161,11 @@ impl Engine {
                 }
                 // Nothing listed. Memory may still be in flight: in a pop
                 // (`popping`), claimed (`hidden`), or published while we
-                // scanned (`epoch`). Read in this order: a holder un-hides
+                // scanned (`epoch`). Only live processes count: what a dead
+                // one held will not come back by waiting. Read in this order: a holder un-hides
                 // after its pop ended and after its publication bumped
                 // `epoch`, so seeing the un-hide means seeing those too.
-                let popping = ctrl.popping.load(SeqCst);
-                let hidden = ctrl.hidden.load(SeqCst);
+                let (popping, hidden) = self.in_flight_of_live();
                 let published = ctrl.epoch.load(SeqCst) != epoch;
                 if published {
                     stalled_since = None;
@@ -186,14 +186,14 @@ impl Engine {
             };
             // Between the pop and the claim inside `take_popped` the block is
             // neither listed nor hidden: `popping` covers that window.
-            ctrl.popping.fetch_add(1, SeqCst);
+            self.my_slot().popping.fetch_add(1, SeqCst);
             let Some(n) = self.pop(&ctrl.heads[fl][sl]) else {
-                ctrl.popping.fetch_sub(1, SeqCst);
+                self.my_slot().popping.fetch_sub(1, SeqCst);
                 self.clear_bits_if_empty(fl, sl);
                 continue;
             };
             let taken = self.take_popped(n);
-            ctrl.popping.fetch_sub(1, SeqCst);
+            self.my_slot().popping.fetch_sub(1, SeqCst);
             let Some((pos, hidden)) = taken else { continue };
             let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
             if !h.is(pos, BlockState::Free) || pos as u64 + h.size as u64 > self.heap_end as u64 {

@@ -199,7 +199,9 @@ impl Segment {
             let (phase, pid) = (state >> 32, state as u32);
             match phase {
                 PHASE_READY => return Ok(()),
-                PHASE_FORMATTING if !process_alive(pid) => return Err(Error::CreatorDied { pid }),
+                PHASE_FORMATTING if !crate::os::process_alive(pid) => {
+                    return Err(Error::CreatorDied { pid })
+                }
                 PHASE_FORMATTING | 0 => {}
                 _ => return Err(Error::Corrupt("state word")),
             }
@@ -213,19 +215,6 @@ impl Segment {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-}
-
-/// Whether a process with this pid exists (it may be a reused pid).
-pub(crate) fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Where named segments live.

@@ -78,6 +78,13 @@ pub fn assert_pristine(m: &Matrix) {
     assert_eq!(r.free_blocks, 1, "heap is not one free block again: {r:?}");
     assert_eq!(r.free_bytes, r.capacity, "{r:?}");
     assert!(r.counters_agree, "{r:?}");
+    let crash_marks = (
+        r.orphaned_blocks,
+        r.unlisted_free_blocks,
+        r.unmerged_pairs,
+        r.unindexed_lists,
+    );
+    assert_eq!(crash_marks, (0, 0, 0, 0), "{r:?}");
     let s = m.stats();
     assert_eq!(
         (s.curr_blocks, s.curr_bytes, s.block_bytes),
