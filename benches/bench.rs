@@ -121,12 +121,6 @@ impl Mixed {
     }
 }
 
-fn mixed(c: &mut Criterion, allocators: &[&dyn Fn(&mut Criterion, &Mixed)], w: &Mixed) {
-    for f in allocators {
-        f(c, w);
-    }
-}
-
 fn bench_mixed<A: BenchAlloc>(c: &mut Criterion, a: &A, w: &Mixed) {
     let mut g = c.benchmark_group("mixed_32_544_live10k");
     g.throughput(criterion::Throughput::Elements(w.op_count() as u64));
@@ -185,12 +179,9 @@ fn main() {
         .configure_from_args();
     let matrix = Matrix::create(256 << 20).expect("segment");
     let w = Mixed::new();
-    let runs: [&dyn Fn(&mut Criterion, &Mixed); 3] = [
-        &|c, w| bench_mixed(c, &matrix, w),
-        &|c, w| bench_mixed(c, &System, w),
-        &|c, w| bench_mixed(c, &mimalloc::MiMalloc, w),
-    ];
-    mixed(&mut c, &runs, &w);
+    bench_mixed(&mut c, &matrix, &w);
+    bench_mixed(&mut c, &System, &w);
+    bench_mixed(&mut c, &mimalloc::MiMalloc, &w);
     bench_pair(&mut c, &matrix);
     bench_pair(&mut c, &System);
     bench_pair(&mut c, &mimalloc::MiMalloc);
