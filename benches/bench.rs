@@ -36,31 +36,20 @@ impl BenchAlloc for Matrix {
     }
 }
 
-impl BenchAlloc for System {
-    fn name(&self) -> &'static str {
-        "system"
-    }
-    fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: layouts here have non-zero size.
-        unsafe { GlobalAlloc::alloc(self, layout) }
-    }
-    unsafe fn free(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { GlobalAlloc::dealloc(self, ptr, layout) }
-    }
-}
+/// A `GlobalAlloc` peer under a name.
+struct Peer<A>(&'static str, A);
 
-impl BenchAlloc for mimalloc::MiMalloc {
+impl<A: GlobalAlloc> BenchAlloc for Peer<A> {
     fn name(&self) -> &'static str {
-        "mimalloc"
+        self.0
     }
     fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: layouts here have non-zero size.
-        unsafe { GlobalAlloc::alloc(self, layout) }
+        unsafe { self.1.alloc(layout) }
     }
     unsafe fn free(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded contract.
-        unsafe { GlobalAlloc::dealloc(self, ptr, layout) }
+        unsafe { self.1.dealloc(ptr, layout) }
     }
 }
 
@@ -180,11 +169,12 @@ fn main() {
     let matrix = Matrix::create(256 << 20).expect("segment");
     let w = Mixed::new();
     bench_mixed(&mut c, &matrix, &w);
-    bench_mixed(&mut c, &System, &w);
-    bench_mixed(&mut c, &mimalloc::MiMalloc, &w);
+    let (system, mimalloc) = (Peer("system", System), Peer("mimalloc", mimalloc::MiMalloc));
+    bench_mixed(&mut c, &system, &w);
+    bench_mixed(&mut c, &mimalloc, &w);
     bench_pair(&mut c, &matrix);
-    bench_pair(&mut c, &System);
-    bench_pair(&mut c, &mimalloc::MiMalloc);
+    bench_pair(&mut c, &system);
+    bench_pair(&mut c, &mimalloc);
     assert_eq!(
         matrix
             .check()

@@ -270,3 +270,41 @@ fn double_free_and_foreign_pointers_are_detected() {
     assert!(msg.contains("double free"), "{msg}");
     assert_pristine(&m);
 }
+
+#[test]
+fn matrix_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Matrix>();
+    // And usable from several threads through a shared reference.
+    let m = Matrix::anonymous(1 << 20).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                let mut v = allocator_api2::vec::Vec::new_in(&m);
+                v.extend(0..1000u32);
+                assert_eq!(v.len(), 1000);
+            });
+        }
+    });
+    assert_pristine(&m);
+}
+
+#[test]
+fn vec_growth_through_the_allocator_trait_happens_in_place() {
+    let m = Matrix::anonymous(4 << 20).unwrap();
+    let mut v: allocator_api2::vec::Vec<u8, &Matrix> =
+        allocator_api2::vec::Vec::with_capacity_in(64, &m);
+    v.extend(std::iter::repeat_n(7u8, 64));
+    let before = v.as_ptr();
+    v.reserve_exact(100_000); // the rest of the heap is free to the right
+    assert_eq!(
+        v.as_ptr(),
+        before,
+        "grow moved the vector although its neighbour was free"
+    );
+    assert!(v.iter().all(|b| *b == 7));
+    v.shrink_to(10);
+    assert_eq!(v.as_ptr(), before, "shrink moved the vector");
+    drop(v);
+    assert_pristine(&m);
+}

@@ -87,22 +87,7 @@ fn run(ops: Vec<Op>) {
         }
         let report = m.check().unwrap_or_else(|e| panic!("step {step}: {e}"));
         assert_eq!(report.used_blocks, live.len() as u64);
-        assert!(report.counters_agree, "step {step}: {report:?}");
-        let crash_marks = (
-            report.orphaned_blocks,
-            report.unlisted_free_blocks,
-            report.unmerged_pairs,
-            report.unindexed_lists,
-        );
-        assert_eq!(
-            crash_marks,
-            (0, 0, 0, 0),
-            "step {step}: merges lost or blocks orphaned"
-        );
-        assert_eq!(
-            report.requested_bytes,
-            live.iter().map(|b| b.size as u64).sum::<u64>()
-        );
+        assert_no_crash_marks(&report);
         let mut ranges: Vec<_> = live
             .iter()
             .map(|b| (b.ptr.as_ptr() as usize, b.size.max(1)))

@@ -77,18 +77,24 @@ pub fn assert_pristine(m: &Matrix) {
     assert_eq!(r.used_blocks, 0, "{r:?}");
     assert_eq!(r.free_blocks, 1, "heap is not one free block again: {r:?}");
     assert_eq!(r.free_bytes, r.capacity, "{r:?}");
-    assert!(r.counters_agree, "{r:?}");
-    let crash_marks = (
-        r.orphaned_blocks,
-        r.unlisted_free_blocks,
-        r.unmerged_pairs,
-        r.unindexed_lists,
-    );
-    assert_eq!(crash_marks, (0, 0, 0, 0), "{r:?}");
+    assert_no_crash_marks(&r);
     let s = m.stats();
     assert_eq!(
         (s.curr_blocks, s.curr_bytes, s.block_bytes),
         (0, 0, 0),
         "{s:?}"
     );
+}
+
+/// Asserts what must hold in a heap no killed process has touched: counters
+/// agree, nothing orphaned, unlisted, unmerged or missing from the bitmaps.
+pub fn assert_no_crash_marks(r: &matrix_alloc::HeapReport) {
+    assert!(r.counters_agree, "counters disagree: {r:?}");
+    let marks = (
+        r.orphaned_blocks,
+        r.unlisted_free_blocks,
+        r.unmerged_pairs,
+        r.unindexed_lists,
+    );
+    assert_eq!(marks, (0, 0, 0, 0), "merges lost or blocks orphaned: {r:?}");
 }
