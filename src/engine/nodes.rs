@@ -28,6 +28,23 @@
 //!   the block again when it lets go of it. So no thread ever waits for a
 //!   holder, and no merge is lost: the holder inherits it.
 //!
+//! # Orderings
+//! All claim-word operations are `SeqCst` (see below). The `Relaxed` sites:
+//! - `node.next` store before a push: published by the push's head CAS.
+//! - `node.next` load in a pop: used only if the tagged CAS then succeeds, in
+//!   which case the head did not move and `next` is the value written before
+//!   the push, visible through the `Acquire` head load.
+//! - `node.block` store in `publish`: published by the `SeqCst` `Live` store;
+//!   every use follows a claim-word load or CAS that read that store (and is
+//!   discarded when the state read is not `Live`).
+//! - `node_hwm`: a counter handing out distinct indices; a node's contents are
+//!   published through its claim word and list push, not through it.
+//! - peeks (`peek_node`, `largest_free`): hints, confirmed by a claim.
+//! - CAS failure orderings: the failure value is only decoded and retried,
+//!   never used to read other memory.
+//! - list heads set in `Engine::format`: before the segment header's ready
+//!   mark (`Release`), which every opener reads with `Acquire`.
+//!
 //! All claim-word operations are `SeqCst`. Publication and the neighbour check
 //! that follows it form a store-buffer pattern with the same pair on the
 //! neighbour's side (see `ops::settle`): with sequential consistency at least
