@@ -5,6 +5,9 @@
 //! child role; otherwise it runs every scenario as the parent. Every child is
 //! watched by a watchdog that kills it if it hangs, so a deadlock fails the
 //! test instead of hanging CI. (Do not use this as a benchmark.)
+//!
+//! `cargo test --release --test processes -- --ignored` runs every scenario
+//! 50 times: the long kill soak.
 
 // Test code: every unsafe call frees, reallocates or reads a block that
 // this test allocated and still owns; that is the whole safety argument.
@@ -334,6 +337,12 @@ fn main() {
             kill_9_while_allocating_leaves_a_usable_heap,
         ),
     ];
+    // `-- --ignored` (or `--include-ignored`): the long soak, every scenario
+    // many times over.
+    let soak = args
+        .iter()
+        .any(|a| a == "--ignored" || a == "--include-ignored");
+    let rounds = if soak { 50 } else { 1 };
     let filter: Vec<&String> = args
         .iter()
         .skip(1)
@@ -345,7 +354,9 @@ fn main() {
             continue;
         }
         println!("test {name} ...");
-        test();
+        for _ in 0..rounds {
+            test();
+        }
         println!("test {name} ... ok");
         passed += 1;
     }

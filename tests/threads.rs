@@ -143,3 +143,14 @@ fn no_spurious_out_of_memory_on_one_size_class() {
         assert_pristine(&m);
     }
 }
+
+/// Long soak: many rounds of the 8-thread stress. Run with
+/// `cargo test --release --test threads -- --ignored`.
+#[test]
+#[ignore = "long soak; the default run has the short versions above"]
+fn soak_eight_threads_many_rounds() {
+    for round in 0..200 {
+        let m = Matrix::anonymous(if round % 2 == 0 { 512 << 10 } else { 16 << 20 }).unwrap();
+        stress(8, &m, if round % 3 == 0 { 20_000 } else { 600 });
+    }
+}
