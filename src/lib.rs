@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod adapters;
+mod cache;
 mod engine;
 mod error;
 mod matrix;

@@ -1,13 +1,16 @@
 //! `Matrix`: a segment plus the engine in it, and the checked API.
 
+use crate::cache;
 use crate::engine::words::GRANULE;
 use crate::engine::{Engine, HeapReport};
 use crate::segment::{self, Segment};
+use crate::stats::Delta;
 use crate::{Error, Offset, Stats};
 use std::alloc::Layout;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// Where a matrix's memory comes from.
@@ -37,12 +40,24 @@ enum Backing {
 /// [`Matrix::open`] and [`Matrix::bootstrap`] never remove the name. Removing
 /// the name does not unmap it: processes that have it open keep working.
 pub struct Matrix {
-    // Declared before `segment`: the engine points into the mapping and is
-    // dropped first.
-    engine: Engine,
-    segment: Segment,
+    shared: Arc<Shared>,
     backing: Backing,
     keep: AtomicBool,
+}
+
+/// The mapping and the engine in it. Thread caches hold an `Arc` to it, so
+/// the mapping outlives every cache that points into it.
+pub(crate) struct Shared {
+    // Declared before `segment`: the engine points into the mapping and is
+    // dropped first.
+    pub(crate) engine: Engine,
+    segment: Segment,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.engine.leave();
+    }
 }
 
 impl std::fmt::Debug for Matrix {
@@ -50,7 +65,7 @@ impl std::fmt::Debug for Matrix {
         f.debug_struct("Matrix")
             .field("id", &self.id())
             .field("backing", &self.backing)
-            .field("size", &self.segment.len())
+            .field("size", &self.shared.segment.len())
             .finish()
     }
 }
@@ -60,11 +75,14 @@ impl Matrix {
         let mut engine = segment.engine();
         engine.join();
         Matrix {
-            engine,
-            segment,
+            shared: Arc::new(Shared { engine, segment }),
             backing,
             keep: AtomicBool::new(false),
         }
+    }
+
+    fn engine(&self) -> &Engine {
+        &self.shared.engine
     }
 
     /// Creates a new named shared-memory segment of `size` bytes under
@@ -166,7 +184,7 @@ impl Matrix {
 
     /// The segment's id. For named segments it is also the name.
     pub fn id(&self) -> Uuid {
-        self.segment.id()
+        self.shared.segment.id()
     }
 
     /// The file behind the segment, if any.
@@ -179,32 +197,82 @@ impl Matrix {
 
     /// Size of the whole segment in bytes.
     pub fn segment_size(&self) -> usize {
-        self.segment.len()
+        self.shared.segment.len()
     }
 
     /// Heap bytes: what blocks (headers included) can occupy.
     pub fn capacity(&self) -> usize {
-        self.engine.capacity() as usize
+        self.engine().capacity() as usize
     }
 
-    /// The segment's counters, over all processes using it.
+    /// The segment's counters, over all processes using it. The calling
+    /// thread's pending counter changes are applied first; other threads
+    /// apply theirs every few dozen operations and when they exit.
     pub fn stats(&self) -> Stats {
-        self.engine
+        self.flush_counters();
+        self.engine()
             .counters()
-            .snapshot(self.engine.capacity(), self.engine.largest_free())
+            .snapshot(self.engine().capacity(), self.engine().largest_free())
+    }
+
+    fn flush_counters(&self) {
+        let counters = self.engine().counters();
+        cache::with_heap(&self.shared, |h| counters.flush(&mut h.delta));
+    }
+
+    /// Records a counter change through this thread's batch (or directly,
+    /// for a thread without a cache).
+    fn count(&self, change: impl Fn(&mut Delta) -> bool) {
+        let counters = self.engine().counters();
+        let batched = cache::with_heap(&self.shared, |h| {
+            if change(&mut h.delta) {
+                counters.flush(&mut h.delta);
+            }
+        });
+        if batched.is_none() {
+            let mut d = counters.fresh_delta();
+            change(&mut d);
+            counters.flush(&mut d);
+        }
+    }
+
+    /// Gives back memory that the per-thread caches hold without using it:
+    /// the calling thread's empty pages, and abandoned pages (of threads
+    /// that exited) whose blocks have all been freed since. After every
+    /// block is freed and every other thread has exited, `trim()` leaves the
+    /// heap one free block again.
+    pub fn trim(&self) {
+        cache::trim(&self.shared);
+    }
+
+    /// Takes over the small-object pages of processes that died: blocks
+    /// they had freed become reusable, and empty pages go back to the heap.
+    /// Runs by itself when the heap runs out of memory. Returns the number of
+    /// pages taken over.
+    pub fn reclaim_dead(&self) -> usize {
+        cache::reclaim_dead(self.engine())
     }
 
     /// Walks the heap and verifies every invariant: the blocks cover the heap
     /// exactly, free blocks are merged and filed in the right lists, lists are
-    /// acyclic and disjoint, and bitmaps agree. Whether the counters agree
-    /// with the blocks is reported in [`HeapReport::counters_agree`] rather
-    /// than failing the check: a process killed between changing the heap
-    /// and counting it leaves them off by that one operation.
+    /// acyclic and disjoint, and bitmaps agree. Small blocks in pages are
+    /// counted from the pages. Whether the counters agree with the blocks is
+    /// reported in [`HeapReport::counters_agree`] rather than failing the
+    /// check: a process killed between changing the heap and counting it
+    /// leaves them off by that one operation, and other threads' pending
+    /// counter changes (see [`Matrix::stats`]) are not in them yet.
     ///
     /// Exact only while no thread or process is allocating or freeing.
     pub fn check(&self) -> Result<HeapReport, Error> {
-        let mut report = self.engine.check()?;
-        let s = self.stats();
+        self.flush_counters();
+        let mut report = self.engine().check()?;
+        let (pages, small_blocks, small_bytes) = cache::census(self.engine());
+        report.pages = pages;
+        // The engine counted each page as one used block of PAGE_SIZE requested bytes.
+        report.used_blocks = report.used_blocks - pages + small_blocks;
+        report.requested_bytes =
+            report.requested_bytes - pages * cache::PAGE_SIZE as u64 + small_bytes;
+        let s = self.engine().counters().snapshot(0, 0);
         report.counters_agree = report.used_blocks == s.curr_blocks
             && report.requested_bytes == s.curr_bytes
             && report.used_bytes == s.block_bytes;
@@ -213,8 +281,8 @@ impl Matrix {
 
     /// The offset of `ptr` in this segment, if it points into it.
     pub fn offset_of<T: ?Sized>(&self, ptr: *const T) -> Option<Offset> {
-        let off = (ptr as *const u8 as usize).checked_sub(self.segment.base() as usize)?;
-        (off > 0 && off < self.segment.len()).then_some(Offset(off as u64))
+        let off = (ptr as *const u8 as usize).checked_sub(self.shared.segment.base() as usize)?;
+        (off > 0 && off < self.shared.segment.len()).then_some(Offset(off as u64))
     }
 
     /// A pointer to a `T` at `offset`, if one fits there: not null, in
@@ -222,31 +290,59 @@ impl Matrix {
     pub fn resolve<T>(&self, offset: Offset) -> Option<NonNull<T>> {
         let off = usize::try_from(offset.0).ok()?;
         let end = off.checked_add(size_of::<T>())?;
-        if offset.is_null() || end > self.segment.len() || off % align_of::<T>() != 0 {
+        if offset.is_null() || end > self.shared.segment.len() || off % align_of::<T>() != 0 {
             return None;
         }
         // SAFETY: `off` is in bounds of the mapping, checked above.
-        NonNull::new(unsafe { self.segment.base().add(off) }.cast())
+        NonNull::new(unsafe { self.shared.segment.base().add(off) }.cast())
     }
 
     // ---- the checked allocation API -------------------------------------------
 
     /// Allocates a block for `layout`. A zero size gets a minimal block of
     /// its own. Every power-of-two alignment is honoured.
+    #[inline]
     pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
-        let a = self.engine.alloc(layout.size(), layout.align())?;
-        self.engine
-            .counters()
-            .on_alloc(layout.size() as u64, a.block_bytes);
-        // SAFETY: payload addresses are inside the mapping, never null.
-        Ok(unsafe { NonNull::new_unchecked(self.engine.payload(a.pos)) })
+        if cache::is_small(layout.size(), layout.align()) {
+            let counters = self.engine().counters();
+            let cached = cache::with_heap(&self.shared, |h| {
+                let p = h.alloc(layout.size())?;
+                if h.delta.on_alloc(layout.size() as u64) {
+                    counters.flush(&mut h.delta);
+                }
+                Some(p)
+            });
+            if let Some(Some(p)) = cached {
+                return Ok(p);
+            }
+        }
+        let p = self.alloc_uncounted(layout, false)?;
+        self.count(|d| d.on_alloc(layout.size() as u64));
+        Ok(p)
     }
 
-    /// Frees a block allocated from this segment, by any process.
+    /// Allocates without counting the request (the caller counts it);
+    /// `small_ok`: small requests may go to this thread's cache.
+    fn alloc_uncounted(&self, layout: Layout, small_ok: bool) -> Result<NonNull<u8>, Error> {
+        if small_ok && cache::is_small(layout.size(), layout.align()) {
+            if let Some(Some(p)) = cache::with_heap(&self.shared, |h| h.alloc(layout.size())) {
+                return Ok(p);
+            }
+        }
+        let a = self.engine().alloc(layout.size(), layout.align())?;
+        self.engine().counters().add_block_bytes(a.block_bytes);
+        // SAFETY: payload addresses are inside the mapping, never null.
+        Ok(unsafe { NonNull::new_unchecked(self.engine().payload(a.pos)) })
+    }
+
+    /// Frees a block allocated from this segment, by any thread of any
+    /// process.
     ///
     /// Returns [`Error::InvalidPointer`] for a pointer that is not a block of
     /// this segment and [`Error::DoubleFree`] for a block that is not
-    /// allocated; both are detected before anything is changed.
+    /// allocated; both are detected before anything is changed (two threads
+    /// freeing the same small block at the same moment, a race in the
+    /// caller, may go undetected).
     ///
     /// # Safety
     /// - `ptr` must not be used after this call (by anyone);
@@ -254,66 +350,114 @@ impl Matrix {
     ///   freed since. Violations are detected as far as a header check can
     ///   (see the errors), but a pointer into the middle of a live block, or a
     ///   stale pointer to a block that was since reallocated, cannot always be.
+    #[inline]
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), Error> {
-        let pos = self
-            .engine
-            .block_of(ptr.as_ptr())
-            .ok_or(Error::InvalidPointer)?;
-        let (requested, block_bytes) = self.engine.free(pos)?;
-        self.engine.counters().on_free(requested, block_bytes);
+        if let Some((page, i)) = cache::locate(self.engine(), ptr.as_ptr()) {
+            let counters = self.engine().counters();
+            let cached = cache::with_heap(&self.shared, |h| {
+                let requested = h.free(page, i)?;
+                if h.delta.on_free(requested) {
+                    counters.flush(&mut h.delta);
+                }
+                Ok(())
+            });
+            if let Some(result) = cached {
+                return result;
+            }
+        }
+        // SAFETY: forwarded contract.
+        let requested = unsafe { self.free_uncounted(ptr) }?;
+        self.count(|d| d.on_free(requested));
         Ok(())
     }
 
+    /// Frees without counting; returns the requested size.
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`].
+    unsafe fn free_uncounted(&self, ptr: NonNull<u8>) -> Result<u64, Error> {
+        if let Some((page, i)) = cache::locate(self.engine(), ptr.as_ptr()) {
+            return cache::with_heap(&self.shared, |h| h.free(page, i))
+                .unwrap_or_else(|| cache::free_remote(page, i));
+        }
+        let pos = self
+            .engine()
+            .block_of(ptr.as_ptr())
+            .ok_or(Error::InvalidPointer)?;
+        let (requested, block_bytes) = self.engine().free(pos)?;
+        self.engine().counters().sub_block_bytes(block_bytes);
+        Ok(requested)
+    }
+
     /// Resizes the block at `ptr` to `new` (size and alignment), in place
-    /// when the neighbours allow, else by moving it. Counted as one
-    /// reallocation, as dhat counts `realloc`.
+    /// when the neighbours allow (or, for small blocks, when the size class
+    /// stays the same), else by moving it. Counted as one reallocation, as
+    /// dhat counts `realloc`.
     ///
     /// # Safety
     /// As for [`Matrix::free`]; on success the old pointer must no longer be
     /// used unless it equals the returned one.
     pub unsafe fn realloc(&self, ptr: NonNull<u8>, new: Layout) -> Result<NonNull<u8>, Error> {
-        let pos = self
-            .engine
-            .block_of(ptr.as_ptr())
-            .ok_or(Error::InvalidPointer)?;
-        let header = self.engine.used_block(pos)?;
-        let old_req = self.engine.requested(pos);
-        let old_block = (header.size as u64) * GRANULE as u64;
-        let counters = self.engine.counters();
-        if (ptr.as_ptr() as usize) % new.align() == 0 {
-            let in_place = if new.size() as u64 >= old_req {
-                self.engine.grow_in_place(pos, new.size())
-            } else {
-                self.engine.shrink_in_place(pos, new.size())
-            };
-            if let Some(new_block) = in_place {
-                counters.on_realloc(old_req, new.size() as u64, old_block, new_block);
-                return Ok(ptr);
+        let old_req = match cache::locate(self.engine(), ptr.as_ptr()) {
+            Some((page, i)) => {
+                let old_req = cache::requested(page, i)?;
+                if new.align() <= 16 && cache::resize_in_place(page, i, new.size()) {
+                    self.count(|d| d.on_realloc(old_req, new.size() as u64));
+                    return Ok(ptr);
+                }
+                old_req
             }
-        }
-        let moved = self.engine.alloc(new.size(), new.align())?;
-        let dst = self.engine.payload(moved.pos);
+            None => {
+                let pos = self
+                    .engine()
+                    .block_of(ptr.as_ptr())
+                    .ok_or(Error::InvalidPointer)?;
+                let header = self.engine().used_block(pos)?;
+                let old_req = self.engine().requested(pos);
+                let old_block = (header.size as u64) * GRANULE as u64;
+                if (ptr.as_ptr() as usize) % new.align() == 0
+                    && !cache::is_small(new.size(), new.align())
+                {
+                    let in_place = if new.size() as u64 >= old_req {
+                        self.engine().grow_in_place(pos, new.size())
+                    } else {
+                        self.engine().shrink_in_place(pos, new.size())
+                    };
+                    if let Some(new_block) = in_place {
+                        let counters = self.engine().counters();
+                        counters.sub_block_bytes(old_block);
+                        counters.add_block_bytes(new_block);
+                        self.count(|d| d.on_realloc(old_req, new.size() as u64));
+                        return Ok(ptr);
+                    }
+                }
+                old_req
+            }
+        };
+        let dst = self.alloc_uncounted(new, true)?;
         let len = (old_req as usize).min(new.size());
         // SAFETY: both blocks are live and owned by the caller, distinct, and
         // at least `len` bytes long (`len` <= both requested sizes).
-        unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), dst, len) };
-        self.engine.free(pos)?;
-        counters.on_realloc(old_req, new.size() as u64, old_block, moved.block_bytes);
-        // SAFETY: payload addresses are never null.
-        Ok(unsafe { NonNull::new_unchecked(dst) })
+        unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), dst.as_ptr(), len) };
+        // SAFETY: forwarded contract; the contents were copied.
+        unsafe { self.free_uncounted(ptr) }?;
+        self.count(|d| d.on_realloc(old_req, new.size() as u64));
+        Ok(dst)
     }
 
     /// Payload bytes usable in the block at `ptr` (at least what was asked).
     pub fn usable_size(&self, ptr: NonNull<u8>) -> Option<usize> {
-        let pos = self.engine.block_of(ptr.as_ptr())?;
-        self.engine.used_block(pos).ok()?;
-        Some(self.engine.usable(pos))
+        if let Some((page, i)) = cache::locate(self.engine(), ptr.as_ptr()) {
+            return cache::requested(page, i).ok().map(|_| cache::usable(page));
+        }
+        let pos = self.engine().block_of(ptr.as_ptr())?;
+        self.engine().used_block(pos).ok()?;
+        Some(self.engine().usable(pos))
     }
 }
 
 impl Drop for Matrix {
     fn drop(&mut self) {
-        self.engine.leave();
         if let Backing::Named { path, owner: true } = &self.backing {
             if !self.keep.load(Relaxed) {
                 let _ = std::fs::remove_file(path);

@@ -6,9 +6,10 @@
 //! peak is taken whenever `curr_bytes` reaches or passes `max_bytes`.
 //!
 //! Each counter is updated with its own atomic operation (`Relaxed`: they
-//! order nothing else). `max_blocks` is read together with `curr_blocks` at
-//! the moment of a new peak; with several threads at once it is the count one
-//! of them saw, not an atomic snapshot.
+//! order nothing else), in batches per thread (see [`Delta`]). Between a
+//! thread's flushes its changes are not visible to others; `stats()` flushes
+//! the calling thread. With several threads at once `max_blocks` is the count
+//! one of them saw at its peak, not an atomic snapshot.
 
 use crate::sync::{AtomicU64, Ordering::Relaxed};
 
@@ -24,6 +25,8 @@ pub(crate) struct Counters {
     /// Bytes of blocks handed out (headers and padding included).
     block_bytes: AtomicU64,
     max_block_bytes: AtomicU64,
+    /// Bytes of small-object pages held by threads (part of `block_bytes`).
+    page_bytes: AtomicU64,
 }
 
 /// A snapshot of a segment's counters, over all processes using it.
@@ -51,52 +54,126 @@ pub struct Stats {
     pub block_bytes: u64,
     /// The peak of `block_bytes`: what the segment had to provide.
     pub max_block_bytes: u64,
+    /// Bytes of small-object pages (part of `block_bytes`): memory held by
+    /// the per-thread caches, whether in live blocks or free in the pages.
+    pub page_bytes: u64,
 }
 
-impl Counters {
-    fn raise_peak(&self, curr_bytes: u64, curr_blocks: u64) {
-        if curr_bytes >= self.max_bytes.load(Relaxed) {
-            self.max_bytes.fetch_max(curr_bytes, Relaxed);
-            self.max_blocks.store(curr_blocks, Relaxed);
+/// Counter changes a thread has made but not yet applied to the segment.
+///
+/// Applying every change at once would cost several shared atomic RMWs per
+/// allocation; a thread applies its changes every `FLUSH_EVERY` operations,
+/// and whenever it reads the counters (`stats()`, `check()`) or exits.
+///
+/// The peak is tracked here too: from the segment's counters as of the last
+/// flush plus this thread's changes since, the thread knows the would-be
+/// `curr_bytes` after each of its operations and keeps the latest point at
+/// which it reached the known maximum (dhat's `>=` rule). With one thread at
+/// work this gives exactly dhat's `max_bytes` and `max_blocks`.
+#[derive(Default, Debug)]
+pub(crate) struct Delta {
+    total_blocks: u64,
+    total_bytes: u64,
+    curr_blocks: i64,
+    curr_bytes: i64,
+    /// The segment's `curr_blocks` / `curr_bytes` / `max_bytes` at the last flush.
+    base_blocks: u64,
+    base_bytes: u64,
+    seen_max: u64,
+    /// The latest local peak not yet applied: (bytes, blocks).
+    peak: Option<(u64, u64)>,
+    ops: u32,
+}
+
+/// How many operations a thread batches before applying its counter changes.
+pub(crate) const FLUSH_EVERY: u32 = 128;
+
+impl Delta {
+    fn mark_peak(&mut self) {
+        let bytes = (self.base_bytes as i64 + self.curr_bytes) as u64;
+        if bytes >= self.seen_max {
+            self.seen_max = bytes;
+            self.peak = Some((bytes, (self.base_blocks as i64 + self.curr_blocks) as u64));
         }
     }
 
-    fn add_block_bytes(&self, bytes: u64) {
+    /// Whether it is time to flush.
+    pub(crate) fn on_alloc(&mut self, requested: u64) -> bool {
+        self.total_blocks += 1;
+        self.total_bytes += requested;
+        self.curr_blocks += 1;
+        self.curr_bytes += requested as i64;
+        self.mark_peak();
+        self.tick()
+    }
+
+    pub(crate) fn on_free(&mut self, requested: u64) -> bool {
+        self.curr_blocks -= 1;
+        self.curr_bytes -= requested as i64;
+        self.tick()
+    }
+
+    /// A reallocation from `old` to `new` requested bytes (dhat counts it as
+    /// one more block in the totals).
+    pub(crate) fn on_realloc(&mut self, old: u64, new: u64) -> bool {
+        self.total_blocks += 1;
+        self.total_bytes += new;
+        self.curr_bytes += new as i64 - old as i64;
+        self.mark_peak();
+        self.tick()
+    }
+
+    fn tick(&mut self) -> bool {
+        self.ops += 1;
+        self.ops >= FLUSH_EVERY
+    }
+}
+
+impl Counters {
+    /// Applies a thread's pending changes and re-bases it on the result.
+    pub(crate) fn flush(&self, d: &mut Delta) {
+        if let Some((bytes, blocks)) = d.peak.take() {
+            if bytes >= self.max_bytes.load(Relaxed) {
+                self.max_bytes.fetch_max(bytes, Relaxed);
+                self.max_blocks.store(blocks, Relaxed);
+            }
+        }
+        if d.total_blocks != 0 {
+            self.total_blocks.fetch_add(d.total_blocks, Relaxed);
+            self.total_bytes.fetch_add(d.total_bytes, Relaxed);
+        }
+        let blocks = apply(&self.curr_blocks, d.curr_blocks);
+        let bytes = apply(&self.curr_bytes, d.curr_bytes);
+        *d = Delta {
+            base_blocks: blocks,
+            base_bytes: bytes,
+            seen_max: self.max_bytes.load(Relaxed),
+            ..Delta::default()
+        };
+    }
+
+    /// A delta based on the counters as they are now (for one-off updates
+    /// by threads without a cache).
+    pub(crate) fn fresh_delta(&self) -> Delta {
+        let mut d = Delta::default();
+        self.flush(&mut d);
+        d
+    }
+
+    /// Engine blocks (headers, padding and whole small-object pages
+    /// included) handed out or taken back.
+    pub(crate) fn add_block_bytes(&self, bytes: u64) {
         let now = self.block_bytes.fetch_add(bytes, Relaxed) + bytes;
         self.max_block_bytes.fetch_max(now, Relaxed);
     }
 
-    pub(crate) fn on_alloc(&self, requested: u64, block_bytes: u64) {
-        self.total_blocks.fetch_add(1, Relaxed);
-        self.total_bytes.fetch_add(requested, Relaxed);
-        let blocks = self.curr_blocks.fetch_add(1, Relaxed) + 1;
-        let bytes = self.curr_bytes.fetch_add(requested, Relaxed) + requested;
-        self.add_block_bytes(block_bytes);
-        self.raise_peak(bytes, blocks);
+    pub(crate) fn sub_block_bytes(&self, bytes: u64) {
+        self.block_bytes.fetch_sub(bytes, Relaxed);
     }
 
-    pub(crate) fn on_free(&self, requested: u64, block_bytes: u64) {
-        self.curr_blocks.fetch_sub(1, Relaxed);
-        self.curr_bytes.fetch_sub(requested, Relaxed);
-        self.block_bytes.fetch_sub(block_bytes, Relaxed);
-    }
-
-    /// A reallocation from `old` to `new` requested bytes, whose block went
-    /// from `old_block` to `new_block` bytes.
-    pub(crate) fn on_realloc(&self, old: u64, new: u64, old_block: u64, new_block: u64) {
-        self.total_blocks.fetch_add(1, Relaxed);
-        self.total_bytes.fetch_add(new, Relaxed);
-        let bytes = if new >= old {
-            self.curr_bytes.fetch_add(new - old, Relaxed) + (new - old)
-        } else {
-            self.curr_bytes.fetch_sub(old - new, Relaxed) - (old - new)
-        };
-        if new_block >= old_block {
-            self.add_block_bytes(new_block - old_block);
-        } else {
-            self.block_bytes.fetch_sub(old_block - new_block, Relaxed);
-        }
-        self.raise_peak(bytes, self.curr_blocks.load(Relaxed));
+    /// Small-object pages held (in bytes), for `Stats::page_bytes`.
+    pub(crate) fn add_page_bytes(&self, bytes: i64) {
+        apply(&self.page_bytes, bytes);
     }
 
     pub(crate) fn snapshot(&self, capacity: u64, largest_free: u64) -> Stats {
@@ -113,6 +190,20 @@ impl Counters {
             largest_free,
             block_bytes,
             max_block_bytes: self.max_block_bytes.load(Relaxed),
+            page_bytes: self.page_bytes.load(Relaxed),
         }
+    }
+}
+
+/// Adds a signed change to a counter; returns the new value.
+fn apply(counter: &AtomicU64, change: i64) -> u64 {
+    if change >= 0 {
+        counter
+            .fetch_add(change as u64, Relaxed)
+            .wrapping_add(change as u64)
+    } else {
+        counter
+            .fetch_sub(change.unsigned_abs(), Relaxed)
+            .wrapping_sub(change.unsigned_abs())
     }
 }

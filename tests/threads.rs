@@ -17,6 +17,15 @@ use std::sync::Barrier;
 
 const OPS_PER_THREAD: usize = 40_000;
 
+/// Joins explicitly: unlike the end of `thread::scope`, a join waits until
+/// the thread has run its thread-local destructors, which hand its cache
+/// back to the segment.
+fn join_all(handles: Vec<std::thread::ScopedJoinHandle<'_, ()>>) {
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
 /// A block in flight between threads: address, size and stamp, packed.
 struct Slot {
     ptr: AtomicUsize,
@@ -32,9 +41,10 @@ fn stress(threads: usize, m: &Matrix, max_size: usize) {
         .collect();
     let barrier = Barrier::new(threads);
     std::thread::scope(|s| {
+        let mut handles = Vec::new();
         for t in 0..threads {
             let (slots, barrier) = (&slots, &barrier);
-            s.spawn(move || {
+            handles.push(s.spawn(move || {
                 let mut rng = SmallRng::seed_from_u64(t as u64 * 7919);
                 let mut mine: Vec<(NonNull<u8>, usize, u64)> = Vec::new();
                 barrier.wait();
@@ -80,8 +90,9 @@ fn stress(threads: usize, m: &Matrix, max_size: usize) {
                     assert!(has_stamp(p, size, st));
                     unsafe { m.free(p).unwrap() };
                 }
-            });
+            }));
         }
+        join_all(handles);
     });
     for slot in &slots {
         let p = slot.ptr.swap(0, AcqRel);
@@ -122,9 +133,10 @@ fn no_spurious_out_of_memory_on_one_size_class() {
         let per_thread = 16; // 8 threads x 16 x 64 B is far below 1 MiB
         let barrier = Barrier::new(threads);
         std::thread::scope(|s| {
+            let mut handles = Vec::new();
             for _ in 0..threads {
                 let (m, barrier) = (&m, &barrier);
-                s.spawn(move || {
+                handles.push(s.spawn(move || {
                     barrier.wait();
                     for round in 0..3000 {
                         let held: Vec<_> = (0..per_thread)
@@ -137,8 +149,9 @@ fn no_spurious_out_of_memory_on_one_size_class() {
                             unsafe { m.free(p).unwrap() };
                         }
                     }
-                });
+                }));
             }
+            join_all(handles);
         });
         assert_pristine(&m);
     }

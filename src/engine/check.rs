@@ -19,9 +19,10 @@ use crate::Error;
 pub struct HeapReport {
     /// Heap bytes in total.
     pub capacity: u64,
-    /// Blocks handed to users.
+    /// Blocks handed to users (small blocks in pages included).
     pub used_blocks: u64,
-    /// Bytes of those blocks (headers and padding included).
+    /// Bytes of engine blocks in use: user blocks outside pages (headers and
+    /// padding included) and whole pages.
     pub used_bytes: u64,
     /// Sum of the sizes users asked for, over the used blocks.
     pub requested_bytes: u64,
@@ -52,6 +53,8 @@ pub struct HeapReport {
     /// Only left by a process killed between a push and setting the bit; an
     /// allocation that finds nothing repairs the bits from the lists.
     pub unindexed_lists: u64,
+    /// Small-object pages (each is one used engine block).
+    pub pages: u64,
     /// Whether the counters (`Stats::curr_blocks`, `curr_bytes`,
     /// `block_bytes`) agree with the blocks found. They can only disagree
     /// after a process was killed between changing the heap and counting it.

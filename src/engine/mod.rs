@@ -29,6 +29,7 @@ pub(crate) mod words;
 
 pub use check::HeapReport;
 
+use crate::cache::{PAGE_SIZE, SMALL_CLASSES};
 use crate::stats::Counters;
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use mapping::{FL_COUNT, SL_COUNT};
@@ -59,8 +60,14 @@ pub(crate) struct Control {
     _pad: u32,
     pub(crate) epoch: AtomicU64,
     pub(crate) slots: [Slot; SLOTS],
+    /// Per small size class: a tagged list (page numbers) of pages whose
+    /// owner thread exited; any thread may adopt them.
+    pub(crate) abandoned: [AtomicU64; SMALL_CLASSES],
     pub(crate) counters: Counters,
 }
+
+/// Bit 31 of a page-table entry: the page is a small-object page.
+pub(crate) const PAGE_MARK: u32 = 1 << 31;
 
 /// How many processes (handles) can be attached with their own slot. More
 /// share the last slot, which is never considered dead.
@@ -75,6 +82,9 @@ pub(crate) struct Slot {
     pub(crate) hidden: AtomicU64,
     /// This process's allocations between a pop and its claim.
     pub(crate) popping: AtomicU64,
+    /// Bumped each time the slot is taken, so that a page owned by a thread
+    /// of an earlier holder of the slot is recognised as orphaned.
+    pub(crate) gen: AtomicU64,
 }
 
 /// One entry of the node table.
@@ -92,6 +102,11 @@ pub(crate) struct Node {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Layout {
     pub control_offset: u64,
+    /// The page table: one `u32` per `PAGE_SIZE` of the segment. Bit 31 is
+    /// set while that page is a small-object page (see `crate::cache`); the
+    /// low bits link the page into an abandoned list. It lives outside the
+    /// heap so that a stale reader never reads user memory.
+    pub pagemap_offset: u64,
     pub nodes_offset: u64,
     pub node_capacity: u64,
     pub heap_offset: u64,
@@ -110,7 +125,9 @@ impl Layout {
     /// `None` if the segment is too small to hold a useful heap.
     pub(crate) fn for_segment(segment_size: u64, first_free: u64) -> Option<Layout> {
         let control_offset = align_up(first_free, 64);
-        let nodes_offset = align_up(control_offset + size_of::<Control>() as u64, 64);
+        let pagemap_offset = align_up(control_offset + size_of::<Control>() as u64, 64);
+        let pagemap_bytes = segment_size.div_ceil(PAGE_SIZE as u64) * 4;
+        let nodes_offset = align_up(pagemap_offset + pagemap_bytes, 64);
         let rest = segment_size.checked_sub(nodes_offset)?;
         // heap + heap / HEAP_BYTES_PER_NODE * size_of::<Node>() + page slack <= rest
         let node_size = size_of::<Node>() as u64;
@@ -124,6 +141,7 @@ impl Layout {
         }
         Some(Layout {
             control_offset,
+            pagemap_offset,
             nodes_offset,
             node_capacity,
             heap_offset,
@@ -147,6 +165,8 @@ pub(crate) struct Engine {
     node_capacity: u32,
     heap_start: u32,
     heap_end: u32,
+    pagemap: *const AtomicU32,
+    pagemap_len: usize,
     /// This handle's slot in `Control::slots`.
     slot: usize,
 }
@@ -176,6 +196,10 @@ impl Engine {
             node_capacity: layout.node_capacity as u32,
             heap_start: (layout.heap_offset >> GRANULE_LOG) as u32,
             heap_end: ((layout.heap_offset + layout.heap_size) >> GRANULE_LOG) as u32,
+            // SAFETY: in bounds of the mapping (caller's contract).
+            pagemap: unsafe { base.add(layout.pagemap_offset as usize) } as *const AtomicU32,
+            pagemap_len: (layout.heap_offset + layout.heap_size).div_ceil(PAGE_SIZE as u64)
+                as usize,
             slot: SLOTS - 1,
         }
     }
@@ -201,6 +225,7 @@ impl Engine {
             let slot = &self.control().slots[i];
             slot.hidden.store(0, SeqCst);
             slot.popping.store(0, SeqCst);
+            slot.gen.fetch_add(1, SeqCst);
             self.slot = i;
         }
     }
@@ -210,6 +235,38 @@ impl Engine {
         if self.slot != SLOTS - 1 {
             self.control().slots[self.slot].pid.store(0, SeqCst);
         }
+    }
+
+    /// This handle's slot index and the slot's generation.
+    pub(crate) fn slot_identity(&self) -> (usize, u64) {
+        (self.slot, self.my_slot().gen.load(SeqCst))
+    }
+
+    /// Whether slot `i` is held, in generation `gen`, by a live process.
+    pub(crate) fn slot_alive(&self, i: usize, gen: u64) -> bool {
+        if i == SLOTS - 1 {
+            return true;
+        }
+        let Some(slot) = self.control().slots.get(i) else {
+            return false;
+        };
+        let pid = slot.pid.load(SeqCst);
+        pid != 0
+            && slot.gen.load(SeqCst) == gen
+            && (pid == std::process::id() as u64 || crate::os::process_alive(pid as u32))
+    }
+
+    /// `slot_alive` for a generation known only by its low 16 bits.
+    pub(crate) fn slot_alive_gen16(&self, i: usize, gen16: u16) -> bool {
+        let Some(slot) = self.control().slots.get(i) else {
+            return false;
+        };
+        self.slot_alive(i, (slot.gen.load(SeqCst) & !0xffff) | gen16 as u64)
+    }
+
+    /// Start of the mapping.
+    pub(crate) fn base_ptr(&self) -> *mut u8 {
+        self.base
     }
 
     /// This handle's slot.
@@ -245,6 +302,9 @@ impl Engine {
             }
         }
         ctrl.pool.store(ListHead::EMPTY, Relaxed);
+        for head in ctrl.abandoned.iter() {
+            head.store(ListHead::EMPTY, Relaxed);
+        }
         let size = self.heap_end - self.heap_start;
         // The initial block has no neighbours to merge with: no settle needed.
         self.publish(self.heap_start, size);
@@ -301,6 +361,36 @@ impl Engine {
         }
         let pos = (off >> GRANULE_LOG).checked_sub(1)?;
         (pos >= self.heap_start as usize && pos + 1 < self.heap_end as usize).then_some(pos as u32)
+    }
+
+    /// The page-table entry of page number `n` (byte offset / `PAGE_SIZE`).
+    pub(crate) fn page_entry(&self, n: usize) -> Option<&AtomicU32> {
+        // SAFETY: `n < pagemap_len`, and the table has that many entries
+        // inside the mapping.
+        (n < self.pagemap_len).then(|| unsafe { &*self.pagemap.add(n) })
+    }
+
+    /// Whether page number `n` is a small-object page. `Acquire`: pairs with
+    /// the `Release` marking, after which the page header is initialised.
+    pub(crate) fn is_page(&self, n: usize) -> bool {
+        self.page_entry(n)
+            .is_some_and(|e| e.load(Acquire) & PAGE_MARK != 0)
+    }
+
+    /// Marks (or unmarks) page number `n` as a small-object page.
+    pub(crate) fn set_page(&self, n: usize, on: bool) {
+        if let Some(e) = self.page_entry(n) {
+            if on {
+                e.fetch_or(PAGE_MARK, Release);
+            } else {
+                e.fetch_and(!PAGE_MARK, SeqCst);
+            }
+        }
+    }
+
+    /// Numbers of all pages marked in the page table (slow path: recovery).
+    pub(crate) fn marked_pages(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.pagemap_len).filter(move |n| self.is_page(*n))
     }
 
     /// Payload address of the block at `pos`.

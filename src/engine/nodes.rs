@@ -581,29 +581,37 @@ impl Engine {
         }
     }
 
-    /// The largest free block in the highest non-empty size class, in bytes
-    /// (looking at up to 64 of its entries: an estimate under concurrency).
+    /// The largest free block in the highest size class that holds a live
+    /// one, in bytes (looking at up to 64 entries per list: an estimate
+    /// under concurrency).
     pub(crate) fn largest_free(&self) -> u64 {
         let ctrl = self.control();
-        let fl_map = ctrl.fl_bitmap.load(SeqCst);
-        if fl_map == 0 {
-            return 0;
+        let mut fl_map = ctrl.fl_bitmap.load(SeqCst);
+        while fl_map != 0 {
+            let fl = 63 - fl_map.leading_zeros() as usize;
+            let mut sl_map = ctrl.sl_bitmap[fl].load(SeqCst);
+            while sl_map != 0 {
+                let sl = 63 - sl_map.leading_zeros() as usize;
+                let best = self.largest_in_list(fl, sl);
+                if best != 0 {
+                    return best;
+                }
+                sl_map &= !(1 << sl);
+            }
+            fl_map &= !(1 << fl);
         }
-        let fl = 63 - fl_map.leading_zeros() as usize;
-        let sl_map = ctrl.sl_bitmap[fl].load(SeqCst);
-        if sl_map == 0 {
-            return 0;
-        }
-        let sl = 63 - sl_map.leading_zeros() as usize;
+        0
+    }
+
+    /// The largest live block among (up to 64) entries of one list.
+    fn largest_in_list(&self, fl: usize, sl: usize) -> u64 {
         let mut n = self.list_top(fl, sl);
         let mut best = 0u64;
         for _ in 0..64 {
             let Some((hint, pos, next)) = self.peek_node(n) else {
                 break;
             };
-            let live =
-                ClaimWord::from(self.node(hint.node).claim.load(SeqCst)).state == NodeState::Live;
-            if let Some(size) = self.live_block_size(pos).filter(|_| live) {
+            if let Some(size) = self.live_block_size(pos).filter(|_| self.looks_live(hint)) {
                 best = best.max((size as u64) << super::words::GRANULE_LOG);
             }
             n = next;

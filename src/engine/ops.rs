@@ -471,13 +471,18 @@ impl Engine {
 
     /// Grows the `Used` block at `pos` in place to hold `new_size` payload
     /// bytes by absorbing free right neighbours. Returns the new block bytes,
-    /// or `None` if the neighbours do not suffice (the block may then have
-    /// grown anyway; it stays valid).
+    /// or `None` (block unchanged) if the neighbours do not suffice.
     pub(crate) fn grow_in_place(&self, pos: u32, new_size: usize) -> Option<u64> {
         let need = granules_for(new_size)?;
-        let mut size = self.used_block(pos).ok()?.size;
+        let original = self.used_block(pos).ok()?.size;
+        let mut size = original;
         while size < need {
-            let r = self.absorb_right(pos, size, BlockState::Used)?;
+            let Some(r) = self.absorb_right(pos, size, BlockState::Used) else {
+                // Not enough room: give back what was absorbed, so that a
+                // failed grow leaves the block as it was.
+                self.trim(pos, size, original);
+                return None;
+            };
             size += r.size;
             self.unhide(r.hidden);
         }

@@ -7,7 +7,7 @@ use crate::Error;
 /// "MATRIXAL" in little-endian.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"MATRIXAL");
 /// Bumped on every change of anything another process reads in the segment.
-pub(crate) const LAYOUT_VERSION: u32 = 1;
+pub(crate) const LAYOUT_VERSION: u32 = 2;
 /// Bytes reserved for the header (the engine's control block follows).
 pub(crate) const HEADER_SPACE: u64 = 256;
 
@@ -34,6 +34,7 @@ pub(crate) struct SegmentHeader {
     pub heap_size: u64,
     /// The segment's identity; for named segments also its name.
     pub id: [u8; 16],
+    pub pagemap_offset: u64,
 }
 
 const _: () = assert!(size_of::<SegmentHeader>() as u64 <= HEADER_SPACE);
@@ -47,6 +48,7 @@ impl SegmentHeader {
         self.segment_size = segment_size;
         self.creator_pid = std::process::id();
         self.control_offset = layout.control_offset;
+        self.pagemap_offset = layout.pagemap_offset;
         self.nodes_offset = layout.nodes_offset;
         self.node_capacity = layout.node_capacity;
         self.heap_offset = layout.heap_offset;
@@ -94,6 +96,7 @@ impl SegmentHeader {
             .ok_or(Error::Corrupt("segment size"))?;
         let found = Layout {
             control_offset: self.control_offset,
+            pagemap_offset: self.pagemap_offset,
             nodes_offset: self.nodes_offset,
             node_capacity: self.node_capacity,
             heap_offset: self.heap_offset,

@@ -71,8 +71,10 @@ pub fn layout(size: usize, align: usize) -> Layout {
     Layout::from_size_align(size, align).unwrap()
 }
 
-/// After everything is freed: one free block covering the heap, counters at zero.
+/// After everything is freed (and the calling thread's caches trimmed):
+/// one free block covering the heap, counters at zero.
 pub fn assert_pristine(m: &Matrix) {
+    m.trim();
     let r = m.check().expect("check");
     assert_eq!(r.used_blocks, 0, "{r:?}");
     assert_eq!(r.free_blocks, 1, "heap is not one free block again: {r:?}");

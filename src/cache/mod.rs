@@ -1,0 +1,565 @@
+//! Per-thread caches: small objects served from pages owned by one thread.
+//!
+//! Requests of at most `SMALL_MAX` bytes (alignment at most 16) are served
+//! from 64 KiB pages, each holding blocks of one size class (16-byte steps)
+//! and owned by one thread (its *token*). The owner allocates and frees with
+//! plain loads and stores on its page; any other thread or process frees by
+//! pushing onto the page's remote list, which the owner collects when its
+//! local list runs dry. Pages come from, and go back to, the engine.
+//!
+//! Lifecycle of a page: created by a thread (engine block, marked in the
+//! page table) → used → released to the engine when its last block is freed
+//! by the owner (unless it is the class's current page) → or, when the owner
+//! thread exits with blocks still live, *abandoned* (owner 0, pushed on the
+//! class's abandoned list) and later adopted by another thread of any
+//! process. Pages of a process that died are recognised by their owner token
+//! (slot and slot generation) and taken over by `reclaim_dead`.
+//!
+//! Memory held by caches is the pages: `Stats::page_bytes`. A thread keeps at
+//! most its current page per class empty; the others go back at once.
+
+mod page;
+
+pub(crate) use page::PAGE_SIZE;
+use page::{Page, FREE, REMOTE};
+
+use crate::engine::words::{ListHead, NIL};
+use crate::engine::{Engine, PAGE_MARK, SLOTS};
+use crate::matrix::Shared;
+use crate::stats::Delta;
+use crate::sync::{AtomicU32, Ordering::*};
+use crate::Error;
+use std::cell::UnsafeCell;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// The largest request served from pages.
+pub(crate) const SMALL_MAX: usize = 1024;
+/// Size classes: 16, 32, ..., `SMALL_MAX` bytes.
+pub(crate) const SMALL_CLASSES: usize = SMALL_MAX / 16;
+
+#[inline]
+fn class_of(size: usize) -> usize {
+    size.max(1).div_ceil(16) - 1
+}
+
+fn block_size(class: usize) -> u32 {
+    (class as u32 + 1) * 16
+}
+
+/// Whether a request goes to the caches.
+#[inline]
+pub(crate) fn is_small(size: usize, align: usize) -> bool {
+    size <= SMALL_MAX && align <= 16
+}
+
+// ---- owner tokens --------------------------------------------------------------
+
+/// `slot + 1` (16 bits) | slot generation (16 bits) | thread number (32 bits).
+/// 0 means "no owner".
+fn make_token(slot: usize, gen: u64, thread: u32) -> u64 {
+    (slot as u64 + 1) << 48 | (gen & 0xffff) << 32 | thread as u64
+}
+
+/// Whether the owner named by `token` can no longer be running: its slot was
+/// released or retaken, or its process is gone.
+fn owner_dead(engine: &Engine, token: u64) -> bool {
+    let slot = (token >> 48) as usize;
+    if token == 0 || slot == 0 || slot > SLOTS {
+        return false;
+    }
+    !engine.slot_alive_gen16(slot - 1, ((token >> 32) & 0xffff) as u16)
+}
+
+static THREAD_NUMBERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+// ---- the thread heap ---------------------------------------------------------------
+
+/// One thread's cache for one segment.
+pub(crate) struct Heap {
+    shared: Arc<Shared>,
+    token: u64,
+    /// The page each class allocates from (page number, or NIL).
+    current: [u32; SMALL_CLASSES],
+    /// Head of the owned-page list of each class (page numbers).
+    owned: [u32; SMALL_CLASSES],
+    pub(crate) delta: Delta,
+}
+
+impl Heap {
+    fn new(shared: Arc<Shared>) -> Heap {
+        let (slot, gen) = shared.engine.slot_identity();
+        let thread = THREAD_NUMBERS.fetch_add(1, Relaxed);
+        let delta = shared.engine.counters().fresh_delta();
+        Heap {
+            token: make_token(slot, gen, thread),
+            shared,
+            current: [NIL; SMALL_CLASSES],
+            owned: [NIL; SMALL_CLASSES],
+            delta,
+        }
+    }
+
+    fn engine(&self) -> &Engine {
+        &self.shared.engine
+    }
+
+    fn page(&self, n: u32) -> Page {
+        page_at(self.engine(), n)
+    }
+
+    /// Allocates a small block (`is_small`); the request is not counted here.
+    #[inline]
+    pub(crate) fn alloc(&mut self, size: usize) -> Option<NonNull<u8>> {
+        let class = class_of(size);
+        let cur = self.current[class];
+        if cur != NIL {
+            let page = self.page(cur);
+            if let Some(i) = page.pop(size) {
+                return NonNull::new(page.block(i));
+            }
+        }
+        self.alloc_slow(class, size)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow(&mut self, class: usize, size: usize) -> Option<NonNull<u8>> {
+        let page = self.find_page(class)?;
+        self.current[class] = page_number(self.engine(), page);
+        let i = page.pop(size)?;
+        NonNull::new(page.block(i))
+    }
+
+    /// A page of `class` with a free block: the current page after
+    /// collecting its remote frees, another owned page, an abandoned page,
+    /// a new page, or (when the engine is out of memory) a page taken over
+    /// from a dead process.
+    fn find_page(&mut self, class: usize) -> Option<Page> {
+        let cur = self.current[class];
+        if cur != NIL && (self.page(cur).collect() || self.page(cur).has_free()) {
+            return Some(self.page(cur));
+        }
+        let mut n = self.owned[class];
+        while n != NIL {
+            let page = self.page(n);
+            let next = page.header().next_owned.load(Relaxed);
+            page.collect();
+            if page.has_free() {
+                return Some(page);
+            }
+            n = next;
+        }
+        if let Some(page) = self.adopt(class) {
+            return Some(page);
+        }
+        if let Some(page) = self.new_page(class) {
+            return Some(page);
+        }
+        reclaim_dead(self.engine());
+        self.adopt(class).or_else(|| self.new_page(class))
+    }
+
+    fn link_owned(&mut self, class: usize, page: Page) {
+        let n = page_number(self.engine(), page);
+        let h = page.header();
+        h.prev_owned.store(NIL, Relaxed);
+        h.next_owned.store(self.owned[class], Relaxed);
+        if self.owned[class] != NIL {
+            self.page(self.owned[class])
+                .header()
+                .prev_owned
+                .store(n, Relaxed);
+        }
+        self.owned[class] = n;
+    }
+
+    fn unlink_owned(&mut self, class: usize, page: Page) {
+        let h = page.header();
+        let (prev, next) = (h.prev_owned.load(Relaxed), h.next_owned.load(Relaxed));
+        if prev == NIL {
+            self.owned[class] = next;
+        } else {
+            self.page(prev).header().next_owned.store(next, Relaxed);
+        }
+        if next != NIL {
+            self.page(next).header().prev_owned.store(prev, Relaxed);
+        }
+    }
+
+    fn new_page(&mut self, class: usize) -> Option<Page> {
+        let engine = self.engine();
+        let a = engine.alloc(PAGE_SIZE, PAGE_SIZE).ok()?;
+        let page = Page(engine.payload(a.pos));
+        engine.counters().add_block_bytes(a.block_bytes);
+        engine.counters().add_page_bytes(a.block_bytes as i64);
+        // SAFETY: the engine just gave us these PAGE_SIZE bytes; the page is
+        // unreachable until marked below.
+        unsafe { page.init(class as u32, block_size(class), self.token) };
+        engine.set_page(page_number(engine, page) as usize, true);
+        self.link_owned(class, page);
+        Some(page)
+    }
+
+    /// Gives an empty owned page back to the engine.
+    fn release(&mut self, class: usize, page: Page) {
+        self.unlink_owned(class, page);
+        let n = page_number(self.engine(), page);
+        if self.current[class] == n {
+            self.current[class] = NIL;
+        }
+        release_page(self.engine(), page);
+    }
+
+    /// Takes a page of `class` that another thread abandoned.
+    fn adopt(&mut self, class: usize) -> Option<Page> {
+        loop {
+            let page = pop_abandoned(self.engine(), class)?;
+            if page
+                .header()
+                .owner
+                .compare_exchange(0, self.token, Acquire, Relaxed)
+                .is_err()
+            {
+                continue; // cannot happen: abandoned pages have no owner
+            }
+            page.collect();
+            self.link_owned(class, page);
+            if page.has_free() {
+                return Some(page);
+            }
+        }
+    }
+
+    /// Frees block `i` of `page`, which `ptr` pointed to. Returns the
+    /// requested size. Sequential double frees are detected; two threads
+    /// freeing the same block at once (a race in the caller) may not be.
+    pub(crate) fn free(&mut self, page: Page, i: u32) -> Result<u64, Error> {
+        let entry = page.size_entry(i);
+        let s = entry.load(Relaxed);
+        if s == FREE || s == REMOTE {
+            return Err(Error::DoubleFree);
+        }
+        let h = page.header();
+        // Only this thread can make, or unmake, its own token the owner.
+        if h.owner.load(Relaxed) == self.token {
+            entry.store(FREE, Relaxed);
+            let requested = s as u64 - 1;
+            if page.push_local(i) == 0 {
+                let class = h.class as usize;
+                if self.current[class] != page_number(self.engine(), page) {
+                    self.release(class, page);
+                }
+            }
+            Ok(requested)
+        } else {
+            free_remote(page, i)
+        }
+    }
+
+    /// The thread is done with this segment: empty pages go back to the
+    /// engine, the others are abandoned for adoption; counters are flushed.
+    fn retire(&mut self) {
+        for class in 0..SMALL_CLASSES {
+            self.current[class] = NIL;
+            while self.owned[class] != NIL {
+                let page = self.page(self.owned[class]);
+                page.collect();
+                if page.used() == 0 {
+                    self.release(class, page);
+                } else {
+                    self.unlink_owned(class, page);
+                    page.header().owner.store(0, Release);
+                    push_abandoned(self.engine(), class, page);
+                }
+            }
+        }
+        self.shared.engine.counters().flush(&mut self.delta);
+    }
+}
+
+// ---- pages and the page table -----------------------------------------------------
+
+fn page_at(engine: &Engine, n: u32) -> Page {
+    // SAFETY: page numbers come from the page table or from pages this
+    // thread made, so they lie inside the mapping.
+    Page(unsafe { engine.base_ptr().add(n as usize * PAGE_SIZE) })
+}
+
+fn page_number(engine: &Engine, page: Page) -> u32 {
+    ((page.0 as usize - engine.base_ptr() as usize) / PAGE_SIZE) as u32
+}
+
+/// The page and block index `ptr` points to, if it is a small block.
+pub(crate) fn locate(engine: &Engine, ptr: *const u8) -> Option<(Page, u32)> {
+    let off = (ptr as usize).checked_sub(engine.base_ptr() as usize)?;
+    let n = off / PAGE_SIZE;
+    if !engine.is_page(n) {
+        return None;
+    }
+    let page = page_at(engine, n as u32);
+    Some((page, page.index_of(ptr)?))
+}
+
+/// Frees block `i` of a page this thread does not own: marks it `REMOTE`
+/// and pushes it on the page's remote list. Returns the requested size.
+pub(crate) fn free_remote(page: Page, i: u32) -> Result<u64, Error> {
+    let entry = page.size_entry(i);
+    let s = entry.load(Relaxed);
+    if s == FREE || s == REMOTE {
+        return Err(Error::DoubleFree);
+    }
+    entry.store(REMOTE, Relaxed);
+    page.push_remote(i);
+    Ok(s as u64 - 1)
+}
+
+/// Requested size of the live block `i` of `page`.
+pub(crate) fn requested(page: Page, i: u32) -> Result<u64, Error> {
+    match page.size_entry(i).load(Relaxed) {
+        FREE | REMOTE => Err(Error::DoubleFree),
+        s => Ok(s as u64 - 1),
+    }
+}
+
+/// Resizes the live block `i` in place if `new_size` is of the same class.
+pub(crate) fn resize_in_place(page: Page, i: u32, new_size: usize) -> bool {
+    let same = is_small(new_size, 1) && class_of(new_size) as u32 == page.header().class;
+    if same {
+        page.size_entry(i).store(new_size as u16 + 1, Relaxed);
+    }
+    same
+}
+
+/// Payload bytes of a block of `page`.
+pub(crate) fn usable(page: Page) -> usize {
+    page.header().block_size as usize
+}
+
+/// Live small blocks and their requested bytes, over all pages (`check()`).
+pub(crate) fn census(engine: &Engine) -> (u64, u64, u64) {
+    engine.marked_pages().fold((0, 0, 0), |(pages, n, b), p| {
+        let (pn, pb) = page_at(engine, p as u32).census();
+        (pages + 1, n + pn, b + pb)
+    })
+}
+
+/// Gives back what caches hold without use: the calling thread's empty
+/// pages, and abandoned pages whose blocks were all freed since.
+pub(crate) fn trim(shared: &Arc<Shared>) {
+    let engine = &shared.engine;
+    with_heap(shared, |heap| {
+        for class in 0..SMALL_CLASSES {
+            heap.current[class] = NIL;
+            let mut n = heap.owned[class];
+            while n != NIL {
+                let page = heap.page(n);
+                n = page.header().next_owned.load(Relaxed);
+                page.collect();
+                if page.used() == 0 {
+                    heap.release(class, page);
+                }
+            }
+        }
+        heap.shared.engine.counters().flush(&mut heap.delta);
+    });
+    for class in 0..SMALL_CLASSES {
+        let mut keep = Vec::new();
+        while let Some(page) = pop_abandoned(engine, class) {
+            let mine = make_token(SLOTS - 1, 0, 0);
+            if page
+                .header()
+                .owner
+                .compare_exchange(0, mine, AcqRel, Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            page.collect();
+            if page.used() == 0 {
+                release_page(engine, page);
+            } else {
+                keep.push(page);
+            }
+        }
+        for page in keep {
+            page.header().owner.store(0, Release);
+            push_abandoned(engine, class, page);
+        }
+    }
+}
+
+fn release_page(engine: &Engine, page: Page) {
+    let n = page_number(engine, page);
+    engine.set_page(n as usize, false);
+    if let Some(pos) = engine.block_of(page.0) {
+        if let Ok((_, bytes)) = engine.free(pos) {
+            engine.counters().sub_block_bytes(bytes);
+            engine.counters().add_page_bytes(-(bytes as i64));
+        }
+    }
+}
+
+/// The abandoned list of a class is a tagged stack of page numbers linked
+/// through the page table (never through page memory, which a stale popper
+/// might otherwise read after the page was adopted and released).
+fn push_abandoned(engine: &Engine, class: usize, page: Page) {
+    let n = page_number(engine, page);
+    let head = &engine.control().abandoned[class];
+    let Some(entry) = engine.page_entry(n as usize) else {
+        return;
+    };
+    let mut cur = head.load(Relaxed);
+    loop {
+        let h = ListHead::from(cur);
+        entry.store(PAGE_MARK | (h.top & !PAGE_MARK), Relaxed);
+        match head.compare_exchange_weak(cur, h.replaced(n).value(), Release, Relaxed) {
+            Ok(_) => return,
+            Err(v) => cur = v,
+        }
+    }
+}
+
+fn pop_abandoned(engine: &Engine, class: usize) -> Option<Page> {
+    let head = &engine.control().abandoned[class];
+    let mut cur = head.load(Acquire);
+    loop {
+        let h = ListHead::from(cur);
+        let entry: &AtomicU32 = engine.page_entry(h.top as usize)?;
+        let next = entry.load(Relaxed) & !PAGE_MARK;
+        let next = if next == NIL & !PAGE_MARK { NIL } else { next };
+        match head.compare_exchange_weak(cur, h.replaced(next).value(), Acquire, Acquire) {
+            Ok(_) => return Some(page_at(engine, h.top)),
+            Err(v) => cur = v,
+        }
+    }
+}
+
+/// Takes over the pages of threads whose process died: rebuilds each
+/// page's lists from its size entries, then gives it back to the engine if
+/// it is empty or abandons it for adoption. Returns how many pages it took.
+/// Slow path (it walks the page table); runs when the engine is out of
+/// memory and from `Matrix::reclaim_dead`.
+pub(crate) fn reclaim_dead(engine: &Engine) -> usize {
+    let mut taken = 0;
+    // Collected first, so that the page table is not walked while pages are
+    // released.
+    let dead: Vec<usize> = engine
+        .marked_pages()
+        .filter(|n| {
+            owner_dead(
+                engine,
+                page_at(engine, *n as u32).header().owner.load(Acquire),
+            )
+        })
+        .collect();
+    for n in dead {
+        let page = page_at(engine, n as u32);
+        let h = page.header();
+        let owner = h.owner.load(Acquire);
+        if !owner_dead(engine, owner) {
+            continue;
+        }
+        // One reclaimer wins the page; from here on it is ours alone.
+        let mine = make_token(SLOTS - 1, 0, 0);
+        if h.owner
+            .compare_exchange(owner, mine, AcqRel, Relaxed)
+            .is_err()
+        {
+            continue;
+        }
+        page.rebuild();
+        taken += 1;
+        if page.used() == 0 {
+            release_page(engine, page);
+        } else {
+            h.owner.store(0, Release);
+            push_abandoned(engine, h.class as usize, page);
+        }
+    }
+    taken
+}
+
+// ---- the thread-local registry ---------------------------------------------------
+
+const MAX_HEAPS: usize = 4;
+
+struct Heaps {
+    /// Set while a heap is borrowed, so that re-entry (an allocation made
+    /// from inside the cache code) takes the uncached path instead of
+    /// aliasing the heap.
+    busy: bool,
+    entries: [Option<Heap>; MAX_HEAPS],
+}
+
+impl Drop for Heaps {
+    fn drop(&mut self) {
+        self.busy = true;
+        for entry in self.entries.iter_mut() {
+            if let Some(mut heap) = entry.take() {
+                heap.retire();
+            }
+        }
+    }
+}
+
+thread_local! {
+    static HEAPS: UnsafeCell<Heaps> = const {
+        UnsafeCell::new(Heaps { busy: false, entries: [const { None }; MAX_HEAPS] })
+    };
+}
+
+/// Runs `f` on this thread's heap for `shared`, creating it if needed.
+/// `None` when no heap can be had: during thread teardown, on re-entry, or
+/// when the thread already caches `MAX_HEAPS` other live segments.
+#[inline]
+pub(crate) fn with_heap<R>(shared: &Arc<Shared>, f: impl FnOnce(&mut Heap) -> R) -> Option<R> {
+    HEAPS
+        .try_with(|cell| {
+            // SAFETY: the cell is this thread's; `busy` guarantees that no
+            // other `&mut` to it is live (re-entry bails out below).
+            let heaps = unsafe { &mut *cell.get() };
+            if heaps.busy {
+                return None;
+            }
+            heaps.busy = true;
+            let r = heaps.find_or_make(shared).map(f);
+            heaps.busy = false;
+            r
+        })
+        .ok()
+        .flatten()
+}
+
+impl Heaps {
+    #[inline]
+    fn find_or_make(&mut self, shared: &Arc<Shared>) -> Option<&mut Heap> {
+        let at = self
+            .entries
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|h| Arc::ptr_eq(&h.shared, shared)));
+        let at = match at {
+            Some(i) => i,
+            None => self.make(shared)?,
+        };
+        self.entries[at].as_mut()
+    }
+
+    #[cold]
+    fn make(&mut self, shared: &Arc<Shared>) -> Option<usize> {
+        // Heaps of segments whose last `Matrix` is gone are retired first.
+        for entry in self.entries.iter_mut() {
+            if entry
+                .as_ref()
+                .is_some_and(|h| Arc::strong_count(&h.shared) == 1)
+            {
+                if let Some(mut heap) = entry.take() {
+                    heap.retire();
+                }
+            }
+        }
+        let i = self.entries.iter().position(Option::is_none)?;
+        self.entries[i] = Some(Heap::new(shared.clone()));
+        Some(i)
+    }
+}

@@ -1,0 +1,280 @@
+//! A small-object page: `PAGE_SIZE` bytes of the segment (one engine block,
+//! page-aligned) holding blocks of one size class.
+//!
+//! ```text
+//! [PageHeader | sizes: [AtomicU16; capacity] | pad | block 0 | block 1 | ...]
+//! ```
+//!
+//! `sizes[i]` is the requested size of block `i` plus one while it is
+//! allocated, `FREE` (0) while it is free in the owner's hands, and `REMOTE`
+//! while it is freed by another thread and on its way through the remote
+//! list. Free blocks hold the index of the next free block in their first
+//! four bytes.
+//!
+//! Invariants, with `local` the owner's free list, `remote` the remote list
+//! and `bump` the first never-used index:
+//! - every block below `bump` is exactly one of: allocated (`sizes > FREE`,
+//!   not `REMOTE`), in `local` (`FREE`), or in `remote` or about to be pushed
+//!   there (`REMOTE`); blocks at or above `bump` are `FREE` and in no list;
+//! - `used` == allocated blocks + `REMOTE` blocks not yet collected;
+//! - only the owner (the thread whose token is in `owner`) touches `local`,
+//!   `bump`, `used` and the owned-list links; anyone may push on `remote`.
+//!
+//! Orderings: a remote free stores `REMOTE` into `sizes` and the link into
+//! the block, then pushes with a `Release` CAS; the owner takes the whole list
+//! with an `Acquire` swap, so it sees both. Everything else is owner-only
+//! (`Relaxed` atomics, so that a concurrent `check()` reads without UB).
+
+use crate::engine::words::{ListHead, NIL};
+use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::AtomicU16;
+
+/// Bytes per page; pages are aligned to it.
+pub(crate) const PAGE_SIZE: usize = 64 * 1024;
+/// "MTXP".
+const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"MTXP");
+pub(crate) const FREE: u16 = 0;
+pub(crate) const REMOTE: u16 = u16::MAX;
+
+#[repr(C)]
+pub(crate) struct PageHeader {
+    magic: u32,
+    pub(crate) class: u32,
+    pub(crate) block_size: u32,
+    pub(crate) capacity: u32,
+    /// Offset of block 0 from the page start.
+    data: u32,
+    _pad: u32,
+    /// Owner token (see `cache::Token`); 0 while abandoned.
+    pub(crate) owner: AtomicU64,
+    /// `ListHead` of block indices freed by non-owners.
+    remote: AtomicU64,
+    local: AtomicU32,
+    bump: AtomicU32,
+    used: AtomicU32,
+    /// Owner's doubly-linked list of its pages of this class (page numbers).
+    pub(crate) next_owned: AtomicU32,
+    pub(crate) prev_owned: AtomicU32,
+}
+
+const HEADER_BYTES: usize = size_of::<PageHeader>();
+
+/// Blocks per page and offset of block 0 for blocks of `block_size` bytes.
+pub(crate) fn geometry(block_size: usize) -> (u32, u32) {
+    let mut capacity = (PAGE_SIZE - HEADER_BYTES) / (block_size + 2);
+    loop {
+        let data = (HEADER_BYTES + 2 * capacity).next_multiple_of(16);
+        if data + capacity * block_size <= PAGE_SIZE {
+            return (capacity as u32, data as u32);
+        }
+        capacity -= 1;
+    }
+}
+
+/// A page, by its address in this process.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Page(pub(crate) *mut u8);
+
+impl Page {
+    pub(crate) fn header(self) -> &'static PageHeader {
+        // SAFETY: `Page` values are only made for page-aligned addresses of
+        // pages inside a live mapping (by `cache`), which the thread heap
+        // keeps mapped while it holds them; the header is all integers and
+        // atomics. ('static is a convenience of this module's internals: no
+        // reference outlives the heap that made the `Page`.)
+        unsafe { &*(self.0 as *const PageHeader) }
+    }
+
+    fn sizes(self) -> &'static [AtomicU16] {
+        let cap = self.header().capacity as usize;
+        // SAFETY: `capacity` entries follow the header inside the page.
+        unsafe { std::slice::from_raw_parts(self.0.add(HEADER_BYTES) as *const AtomicU16, cap) }
+    }
+
+    /// The atomic size entry of block `i` (`i < capacity`).
+    pub(crate) fn size_entry(self, i: u32) -> &'static AtomicU16 {
+        &self.sizes()[i as usize]
+    }
+
+    pub(crate) fn block(self, i: u32) -> *mut u8 {
+        let h = self.header();
+        // SAFETY: `i < capacity`, so the block lies inside the page.
+        unsafe {
+            self.0
+                .add(h.data as usize + i as usize * h.block_size as usize)
+        }
+    }
+
+    fn link(self, i: u32) -> &'static AtomicU32 {
+        // SAFETY: a block is at least 16 bytes and 16-aligned; while free its
+        // first four bytes are the link, written only by whoever frees it.
+        unsafe { &*(self.block(i) as *const AtomicU32) }
+    }
+
+    /// The index of the block that `ptr` points to the start of.
+    pub(crate) fn index_of(self, ptr: *const u8) -> Option<u32> {
+        let h = self.header();
+        if h.magic != PAGE_MAGIC {
+            return None;
+        }
+        let off = (ptr as usize).checked_sub(self.0 as usize + h.data as usize)?;
+        let bs = h.block_size as usize;
+        (off % bs == 0 && off / bs < h.capacity as usize).then_some((off / bs) as u32)
+    }
+
+    /// Formats a fresh page for `class` owned by `owner`.
+    ///
+    /// # Safety
+    /// The caller owns the `PAGE_SIZE` bytes at `self` (just allocated from
+    /// the engine) and no one else can reach the page before it is marked in
+    /// the page map.
+    pub(crate) unsafe fn init(self, class: u32, block_size: u32, owner: u64) {
+        let (capacity, data) = geometry(block_size as usize);
+        let h = self.0 as *mut PageHeader;
+        // SAFETY: the caller owns the memory; plain writes before publication.
+        unsafe {
+            h.write(PageHeader {
+                magic: PAGE_MAGIC,
+                class,
+                block_size,
+                capacity,
+                data,
+                _pad: 0,
+                owner: AtomicU64::new(owner),
+                remote: AtomicU64::new(ListHead::EMPTY),
+                local: AtomicU32::new(NIL),
+                bump: AtomicU32::new(0),
+                used: AtomicU32::new(0),
+                next_owned: AtomicU32::new(NIL),
+                prev_owned: AtomicU32::new(NIL),
+            });
+            std::ptr::write_bytes(self.0.add(HEADER_BYTES), 0, 2 * capacity as usize);
+        }
+    }
+
+    // ---- owner-only operations ----------------------------------------------
+
+    /// Takes a free block for an allocation of `requested` bytes (owner only).
+    #[inline]
+    pub(crate) fn pop(self, requested: usize) -> Option<u32> {
+        let h = self.header();
+        let mut i = h.local.load(Relaxed);
+        if i != NIL {
+            h.local.store(self.link(i).load(Relaxed), Relaxed);
+        } else {
+            i = h.bump.load(Relaxed);
+            if i >= h.capacity {
+                return None;
+            }
+            h.bump.store(i + 1, Relaxed);
+        }
+        self.size_entry(i).store(requested as u16 + 1, Relaxed);
+        h.used.store(h.used.load(Relaxed) + 1, Relaxed);
+        Some(i)
+    }
+
+    /// Returns block `i`, already marked `FREE`, to the owner's list.
+    /// Returns the blocks still in use.
+    #[inline]
+    pub(crate) fn push_local(self, i: u32) -> u32 {
+        let h = self.header();
+        self.link(i).store(h.local.load(Relaxed), Relaxed);
+        h.local.store(i, Relaxed);
+        let used = h.used.load(Relaxed) - 1;
+        h.used.store(used, Relaxed);
+        used
+    }
+
+    /// Moves the remote list into the local one (owner only). Returns
+    /// whether any block came back.
+    pub(crate) fn collect(self) -> bool {
+        let h = self.header();
+        if ListHead::from(h.remote.load(Relaxed)).top == NIL {
+            return false;
+        }
+        let mut cur = h.remote.load(Acquire);
+        let taken = loop {
+            let head = ListHead::from(cur);
+            match h
+                .remote
+                .compare_exchange_weak(cur, head.replaced(NIL).value(), Acquire, Acquire)
+            {
+                Ok(_) => break head.top,
+                Err(v) => cur = v,
+            }
+        };
+        let mut i = taken;
+        let mut n = 0;
+        while i != NIL && i < h.capacity {
+            let next = self.link(i).load(Relaxed);
+            self.size_entry(i).store(FREE, Relaxed);
+            self.link(i).store(h.local.load(Relaxed), Relaxed);
+            h.local.store(i, Relaxed);
+            n += 1;
+            i = next;
+        }
+        h.used.store(h.used.load(Relaxed) - n, Relaxed);
+        n > 0
+    }
+
+    /// Whether the owner could allocate here without collecting.
+    pub(crate) fn has_free(self) -> bool {
+        let h = self.header();
+        h.local.load(Relaxed) != NIL || h.bump.load(Relaxed) < h.capacity
+    }
+
+    pub(crate) fn used(self) -> u32 {
+        self.header().used.load(Relaxed)
+    }
+
+    /// Rebuilds the owner-only state from the size entries, for a page taken
+    /// over from a dead process (whose owner may have died mid-update):
+    /// collects the remote list, then lists every `FREE` block below `bump`.
+    pub(crate) fn rebuild(self) {
+        let h = self.header();
+        self.collect();
+        h.local.store(NIL, Relaxed);
+        let bump = h.bump.load(Relaxed).min(h.capacity);
+        let mut used = 0;
+        for i in (0..bump).rev() {
+            match self.size_entry(i).load(Relaxed) {
+                FREE => {
+                    self.link(i).store(h.local.load(Relaxed), Relaxed);
+                    h.local.store(i, Relaxed);
+                }
+                _ => used += 1,
+            }
+        }
+        h.used.store(used, Relaxed);
+    }
+
+    // ---- anyone ------------------------------------------------------------
+
+    /// Pushes block `i`, already marked `REMOTE`, on the remote list.
+    pub(crate) fn push_remote(self, i: u32) {
+        let h = self.header();
+        let mut cur = h.remote.load(Relaxed);
+        loop {
+            let head = ListHead::from(cur);
+            self.link(i).store(head.top, Relaxed);
+            // Release: the link and the REMOTE mark reach the collector.
+            match h
+                .remote
+                .compare_exchange_weak(cur, head.replaced(i).value(), Release, Relaxed)
+            {
+                Ok(_) => return,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// (allocated blocks, their requested bytes), from the size entries
+    /// (for `check()`).
+    pub(crate) fn census(self) -> (u64, u64) {
+        self.sizes()
+            .iter()
+            .map(|s| s.load(Relaxed))
+            .filter(|s| *s != FREE && *s != REMOTE)
+            .fold((0, 0), |(n, b), s| (n + 1, b + s as u64 - 1))
+    }
+}
