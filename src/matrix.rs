@@ -206,8 +206,9 @@ impl Matrix {
     }
 
     /// The segment's counters, over all processes using it. The calling
-    /// thread's pending counter changes are applied first; other threads
-    /// apply theirs every few dozen operations and when they exit.
+    /// thread's pending counter changes (through any handle) are applied
+    /// first; other threads apply theirs every 128 operations and when they
+    /// exit.
     pub fn stats(&self) -> Stats {
         self.flush_counters();
         self.engine()
@@ -216,8 +217,7 @@ impl Matrix {
     }
 
     fn flush_counters(&self) {
-        let counters = self.engine().counters();
-        cache::with_heap(&self.shared, |h| counters.flush(&mut h.delta));
+        cache::flush_thread();
     }
 
     /// Records a counter change through this thread's batch (or directly,

@@ -531,6 +531,22 @@ pub(crate) fn with_heap<R>(shared: &Arc<Shared>, f: impl FnOnce(&mut Heap) -> R)
         .flatten()
 }
 
+/// Applies the pending counter changes of every heap of the calling thread
+/// (all handles, all segments), so that this thread's reads of the counters
+/// include everything it did.
+pub(crate) fn flush_thread() {
+    let _ = HEAPS.try_with(|cell| {
+        // SAFETY: as in `with_heap`.
+        let heaps = unsafe { &mut *cell.get() };
+        if heaps.busy {
+            return;
+        }
+        for heap in heaps.entries.iter_mut().flatten() {
+            heap.shared.engine.counters().flush(&mut heap.delta);
+        }
+    });
+}
+
 impl Heaps {
     #[inline]
     fn find_or_make(&mut self, shared: &Arc<Shared>) -> Option<&mut Heap> {
