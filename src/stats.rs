@@ -74,11 +74,14 @@ pub struct Stats {
 pub(crate) struct Delta {
     total_blocks: u64,
     total_bytes: u64,
-    curr_blocks: i64,
-    curr_bytes: i64,
-    /// The segment's `curr_blocks` / `curr_bytes` / `max_bytes` at the last flush.
+    /// The thread's view of the segment's `curr_blocks` / `curr_bytes`:
+    /// their values at the last flush plus this thread's changes since.
+    blocks: u64,
+    bytes: u64,
+    /// Their values at the last flush, to tell this thread's changes apart.
     base_blocks: u64,
     base_bytes: u64,
+    /// The highest `curr_bytes` known to this thread.
     seen_max: u64,
     /// The latest local peak not yet applied: (bytes, blocks).
     peak: Option<(u64, u64)>,
@@ -89,27 +92,21 @@ pub(crate) struct Delta {
 pub(crate) const FLUSH_EVERY: u32 = 128;
 
 impl Delta {
-    fn mark_peak(&mut self) {
-        let bytes = (self.base_bytes as i64 + self.curr_bytes) as u64;
-        if bytes >= self.seen_max {
-            self.seen_max = bytes;
-            self.peak = Some((bytes, (self.base_blocks as i64 + self.curr_blocks) as u64));
-        }
-    }
-
     /// Whether it is time to flush.
+    #[inline]
     pub(crate) fn on_alloc(&mut self, requested: u64) -> bool {
         self.total_blocks += 1;
         self.total_bytes += requested;
-        self.curr_blocks += 1;
-        self.curr_bytes += requested as i64;
+        self.blocks = self.blocks.wrapping_add(1);
+        self.bytes = self.bytes.wrapping_add(requested);
         self.mark_peak();
         self.tick()
     }
 
+    #[inline]
     pub(crate) fn on_free(&mut self, requested: u64) -> bool {
-        self.curr_blocks -= 1;
-        self.curr_bytes -= requested as i64;
+        self.blocks = self.blocks.wrapping_sub(1);
+        self.bytes = self.bytes.wrapping_sub(requested);
         self.tick()
     }
 
@@ -118,11 +115,20 @@ impl Delta {
     pub(crate) fn on_realloc(&mut self, old: u64, new: u64) -> bool {
         self.total_blocks += 1;
         self.total_bytes += new;
-        self.curr_bytes += new as i64 - old as i64;
+        self.bytes = self.bytes.wrapping_add(new).wrapping_sub(old);
         self.mark_peak();
         self.tick()
     }
 
+    #[inline]
+    fn mark_peak(&mut self) {
+        if self.bytes >= self.seen_max {
+            self.seen_max = self.bytes;
+            self.peak = Some((self.bytes, self.blocks));
+        }
+    }
+
+    #[inline]
     fn tick(&mut self) -> bool {
         self.ops += 1;
         self.ops >= FLUSH_EVERY
@@ -142,9 +148,14 @@ impl Counters {
             self.total_blocks.fetch_add(d.total_blocks, Relaxed);
             self.total_bytes.fetch_add(d.total_bytes, Relaxed);
         }
-        let blocks = apply(&self.curr_blocks, d.curr_blocks);
-        let bytes = apply(&self.curr_bytes, d.curr_bytes);
+        let blocks = apply(
+            &self.curr_blocks,
+            d.blocks.wrapping_sub(d.base_blocks) as i64,
+        );
+        let bytes = apply(&self.curr_bytes, d.bytes.wrapping_sub(d.base_bytes) as i64);
         *d = Delta {
+            blocks,
+            bytes,
             base_blocks: blocks,
             base_bytes: bytes,
             seen_max: self.max_bytes.load(Relaxed),

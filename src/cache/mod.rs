@@ -234,6 +234,7 @@ impl Heap {
     /// Frees block `i` of `page`, which `ptr` pointed to. Returns the
     /// requested size. Sequential double frees are detected; two threads
     /// freeing the same block at once (a race in the caller) may not be.
+    #[inline]
     pub(crate) fn free(&mut self, page: Page, i: u32) -> Result<u64, Error> {
         let entry = page.size_entry(i);
         let s = entry.load(Relaxed);
@@ -280,6 +281,7 @@ impl Heap {
 
 // ---- pages and the page table -----------------------------------------------------
 
+#[inline]
 fn page_at(engine: &Engine, n: u32) -> Page {
     // SAFETY: page numbers come from the page table or from pages this
     // thread made, so they lie inside the mapping.
@@ -291,6 +293,7 @@ fn page_number(engine: &Engine, page: Page) -> u32 {
 }
 
 /// The page and block index `ptr` points to, if it is a small block.
+#[inline]
 pub(crate) fn locate(engine: &Engine, ptr: *const u8) -> Option<(Page, u32)> {
     let off = (ptr as usize).checked_sub(engine.base_ptr() as usize)?;
     let n = off / PAGE_SIZE;

@@ -44,7 +44,8 @@ pub(crate) struct PageHeader {
     pub(crate) capacity: u32,
     /// Offset of block 0 from the page start.
     data: u32,
-    _pad: u32,
+    /// `reciprocal(block_size)`: turns a division into a multiplication.
+    recip: u32,
     /// Owner token (see `cache::Token`); 0 while abandoned.
     pub(crate) owner: AtomicU64,
     /// `ListHead` of block indices freed by non-owners.
@@ -71,6 +72,18 @@ pub(crate) fn geometry(block_size: usize) -> (u32, u32) {
     }
 }
 
+/// `floor(2^32 / d) + 1`: with it, `divide(n, ..)` is `n / d` for every
+/// `n < PAGE_SIZE` and every block size `d` (checked by a unit test): the
+/// error of the rounded-up reciprocal, `n / 2^32`, stays below `1 / d`.
+fn reciprocal(d: u32) -> u32 {
+    (u32::MAX / d) + 1
+}
+
+#[inline]
+fn divide(n: u32, recip: u32) -> u32 {
+    ((n as u64 * recip as u64) >> 32) as u32
+}
+
 /// A page, by its address in this process.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) struct Page(pub(crate) *mut u8);
@@ -92,6 +105,7 @@ impl Page {
     }
 
     /// The atomic size entry of block `i` (`i < capacity`).
+    #[inline]
     pub(crate) fn size_entry(self, i: u32) -> &'static AtomicU16 {
         &self.sizes()[i as usize]
     }
@@ -112,14 +126,18 @@ impl Page {
     }
 
     /// The index of the block that `ptr` points to the start of.
+    #[inline]
     pub(crate) fn index_of(self, ptr: *const u8) -> Option<u32> {
         let h = self.header();
         if h.magic != PAGE_MAGIC {
             return None;
         }
         let off = (ptr as usize).checked_sub(self.0 as usize + h.data as usize)?;
-        let bs = h.block_size as usize;
-        (off % bs == 0 && off / bs < h.capacity as usize).then_some((off / bs) as u32)
+        if off >= PAGE_SIZE {
+            return None;
+        }
+        let i = divide(off as u32, h.recip);
+        (i * h.block_size == off as u32 && i < h.capacity).then_some(i)
     }
 
     /// Formats a fresh page for `class` owned by `owner`.
@@ -139,7 +157,7 @@ impl Page {
                 block_size,
                 capacity,
                 data,
-                _pad: 0,
+                recip: reciprocal(block_size),
                 owner: AtomicU64::new(owner),
                 remote: AtomicU64::new(ListHead::EMPTY),
                 local: AtomicU32::new(NIL),
@@ -276,5 +294,34 @@ impl Page {
             .map(|s| s.load(Relaxed))
             .filter(|s| *s != FREE && *s != REMOTE)
             .fold((0, 0), |(n, b), s| (n + 1, b + s as u64 - 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reciprocal_division_is_exact_for_every_class_and_offset() {
+        for class in 0..crate::cache::SMALL_CLASSES as u32 {
+            let d = (class + 1) * 16;
+            let r = reciprocal(d);
+            for n in 0..PAGE_SIZE as u32 {
+                assert_eq!(divide(n, r), n / d, "{n} / {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn geometry_fits_the_page() {
+        for class in 0..crate::cache::SMALL_CLASSES {
+            let bs = (class + 1) * 16;
+            let (cap, data) = geometry(bs);
+            assert!(cap > 0 && data as usize % 16 == 0);
+            assert!(data as usize >= HEADER_BYTES + 2 * cap as usize);
+            assert!(data as usize + cap as usize * bs <= PAGE_SIZE);
+            // Nearly all of the page is used.
+            assert!(PAGE_SIZE - (data as usize + cap as usize * bs) < bs + 2 * 16);
+        }
     }
 }

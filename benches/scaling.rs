@@ -1,0 +1,460 @@
+//! Scaling, cross-thread and cross-process benchmarks, and the shared-memory
+//! peers on their own ground. Every group runs its allocators side by side.
+//!
+//! Dimensions: workload (mixed 32-544 B with ~10,000 live / 64-byte pair /
+//! producer-consumer / cross-process exchange / small objects 32-1024 B)
+//! × threads or processes (1, 2, 8) × allocator (matrix, System, mimalloc,
+//! atomic-matrix 0.4.1, rts-alloc 5).
+//!
+//! Run: `cargo bench --bench scaling`; the last lines print the ratios.
+
+mod common;
+
+use common::{median_ns, pair, BenchAlloc, Mixed, Peer};
+use criterion::{BenchmarkId, Criterion};
+use matrix_alloc::{Matrix, Offset};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use std::alloc::{Layout, System};
+use std::process::Command;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+/// Runs `work(thread)` on `threads` threads that start together; returns the
+/// wall time until the last one is done.
+fn timed_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
+    let barrier = Barrier::new(threads + 1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (barrier, work) = (&barrier, &work);
+                s.spawn(move || {
+                    barrier.wait();
+                    work(t);
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        for h in handles {
+            h.join().unwrap();
+        }
+        start.elapsed()
+    })
+}
+
+fn thread_scaling(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
+    let w = Mixed::new();
+    for (group, pairs_per_iter) in [("threads_mixed", 0usize), ("threads_pair_64", 1000)] {
+        let mut g = c.benchmark_group(group);
+        for a in allocators {
+            for threads in [1, 2, 8] {
+                g.bench_with_input(
+                    BenchmarkId::new(a.name(), threads),
+                    &threads,
+                    |b, &threads| {
+                        b.iter_custom(|iters| {
+                            timed_threads(threads, |_| {
+                                let mut live = Vec::with_capacity(20_000);
+                                for _ in 0..iters {
+                                    if pairs_per_iter == 0 {
+                                        w.run(*a, &mut live);
+                                    } else {
+                                        (0..pairs_per_iter).for_each(|_| pair(*a));
+                                    }
+                                }
+                            })
+                        })
+                    },
+                );
+            }
+        }
+        g.finish();
+    }
+}
+
+/// A bounded single-producer single-consumer ring of pointers.
+struct Ring {
+    slots: Vec<AtomicUsize>,
+    head: AtomicUsize,
+    tail: AtomicUsize,
+}
+
+impl Ring {
+    fn new(n: usize) -> Ring {
+        Ring {
+            slots: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+            head: AtomicUsize::new(0),
+            tail: AtomicUsize::new(0),
+        }
+    }
+    fn push(&self, v: usize) {
+        let t = self.tail.load(Relaxed);
+        while t - self.head.load(Acquire) == self.slots.len() {
+            std::hint::spin_loop();
+        }
+        self.slots[t % self.slots.len()].store(v, Relaxed);
+        self.tail.store(t + 1, Release);
+    }
+    fn pop(&self) -> usize {
+        let h = self.head.load(Relaxed);
+        while self.tail.load(Acquire) == h {
+            std::hint::spin_loop();
+        }
+        let v = self.slots[h % self.slots.len()].load(Relaxed);
+        self.head.store(h + 1, Release);
+        v
+    }
+}
+
+/// xmalloc-test style: one thread allocates 64-byte blocks, another frees them.
+fn producer_consumer(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
+    let mut g = c.benchmark_group("producer_consumer_64");
+    g.throughput(criterion::Throughput::Elements(1));
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    for a in allocators {
+        g.bench_function(a.name(), |b| {
+            b.iter_custom(|iters| {
+                let ring = Ring::new(4096);
+                timed_threads(2, |t| {
+                    for _ in 0..iters {
+                        if t == 0 {
+                            ring.push(a.alloc(layout) as usize);
+                        } else {
+                            // SAFETY: every pointer was allocated with `layout`, once.
+                            unsafe { a.free(ring.pop() as *mut u8, layout) };
+                        }
+                    }
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+// ---- two processes against two threads ----------------------------------------
+
+const EXCHANGE_SLOTS: usize = 1024;
+const EXCHANGE_OPS: usize = 20_000;
+
+/// Allocates random 32-544 B blocks and swaps each into a random slot of the
+/// table; frees what was there (usually a block of the other worker).
+fn exchange(m: &Matrix, table: &[AtomicU64], seed: u64, ops: usize) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    for _ in 0..ops {
+        let p = m
+            .alloc(Layout::from_size_align(rng.gen_range(32..=544), 8).unwrap())
+            .unwrap();
+        let old = table[rng.gen_range(0..EXCHANGE_SLOTS)]
+            .swap(m.offset_of(p.as_ptr()).unwrap().get(), AcqRel);
+        if old != 0 {
+            // SAFETY: the slot held a live block that is now ours alone.
+            unsafe { m.free(m.resolve::<u8>(Offset(old)).unwrap()).unwrap() };
+        }
+    }
+}
+
+fn table(m: &Matrix, at: Offset) -> &[AtomicU64] {
+    // SAFETY: `at` is an allocation of EXCHANGE_SLOTS words that outlives the run.
+    unsafe {
+        std::slice::from_raw_parts(m.resolve::<AtomicU64>(at).unwrap().as_ptr(), EXCHANGE_SLOTS)
+    }
+}
+
+fn drain(m: &Matrix, table: &[AtomicU64]) {
+    for slot in table {
+        let old = slot.swap(0, AcqRel);
+        if old != 0 {
+            // SAFETY: as in `exchange`.
+            unsafe { m.free(m.resolve::<u8>(Offset(old)).unwrap()).unwrap() };
+        }
+    }
+}
+
+fn cross_process(c: &mut Criterion) {
+    let m = Matrix::create(512 << 20).unwrap();
+    let t = m
+        .alloc(Layout::from_size_align(EXCHANGE_SLOTS * 8, 8).unwrap())
+        .unwrap();
+    // SAFETY: fresh allocation of that size.
+    unsafe { t.as_ptr().write_bytes(0, EXCHANGE_SLOTS * 8) };
+    let at = m.offset_of(t.as_ptr()).unwrap();
+    let mut g = c.benchmark_group("cross_process_exchange");
+    g.throughput(criterion::Throughput::Elements(2 * EXCHANGE_OPS as u64));
+    g.bench_function("matrix/2_threads", |b| {
+        b.iter_custom(|iters| {
+            let d = timed_threads(2, |w| {
+                for i in 0..iters {
+                    exchange(&m, table(&m, at), i * 2 + w as u64, EXCHANGE_OPS)
+                }
+            });
+            drain(&m, table(&m, at));
+            d
+        })
+    });
+    g.bench_function("matrix/2_processes", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            let children: Vec<_> = (0..2)
+                .map(|w| {
+                    Command::new(std::env::current_exe().unwrap())
+                        .env(
+                            "MATRIX_BENCH_CHILD",
+                            format!("{} {} {} {}", m.id(), at.get(), iters, w),
+                        )
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            for mut child in children {
+                assert!(child.wait().unwrap().success());
+            }
+            let d = start.elapsed();
+            drain(&m, table(&m, at));
+            d
+        })
+    });
+    g.finish();
+}
+
+/// The child side of `cross_process`: `MATRIX_BENCH_CHILD="id table iters worker"`.
+fn exchange_child(spec: &str) {
+    let f: Vec<&str> = spec.split(' ').collect();
+    let m = Matrix::open(f[0].parse().unwrap()).unwrap();
+    let at = Offset(f[1].parse().unwrap());
+    let (iters, w): (u64, u64) = (f[2].parse().unwrap(), f[3].parse().unwrap());
+    for i in 0..iters {
+        exchange(&m, table(&m, at), i * 2 + w, EXCHANGE_OPS);
+    }
+}
+
+// ---- shared-memory peers ----------------------------------------------------------
+
+/// atomic-matrix 0.4.1: a lock-free shm TLSF with u32 offsets.
+struct AtomicMatrixPeer {
+    handler: atomic_matrix::prelude::MatrixHandler,
+    path: String,
+}
+
+impl AtomicMatrixPeer {
+    fn new(size: usize) -> AtomicMatrixPeer {
+        let id = uuid::Uuid::new_v4().to_string();
+        let handler = atomic_matrix::prelude::AtomicMatrix::bootstrap(Some(id.clone()), size)
+            .expect("atomic-matrix bootstrap");
+        AtomicMatrixPeer {
+            handler,
+            path: format!("/dev/shm/matrix-{id}"),
+        }
+    }
+}
+
+impl Drop for AtomicMatrixPeer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl BenchAlloc for AtomicMatrixPeer {
+    fn name(&self) -> &'static str {
+        "atomic-matrix"
+    }
+    fn alloc(&self, layout: Layout) -> *mut u8 {
+        use atomic_matrix::prelude::HandlerFunctions;
+        let base = self.handler.base_ptr();
+        match self.handler.matrix().allocate(base, layout.size() as u32) {
+            // SAFETY: the offset is inside the peer's mapping.
+            Ok(p) => unsafe { base.add(p.offset() as usize) as *mut u8 },
+            Err(_) => std::ptr::null_mut(),
+        }
+    }
+    unsafe fn free(&self, ptr: *mut u8, _: Layout) {
+        use atomic_matrix::prelude::{BlockHeader, HandlerFunctions, RelativePtr, HEADER_SPACE};
+        let base = self.handler.base_ptr();
+        let off = ptr as usize - base as usize;
+        let header = RelativePtr::<BlockHeader>::new(off as u32 - HEADER_SPACE);
+        self.handler.matrix().ack(&header, base);
+    }
+}
+
+/// rts-alloc 5: a lock-free shm slab allocator; one `Allocator` per worker.
+struct RtsPeer {
+    /// Worker allocators, handed out to the threads of a run (they are not `Sync`).
+    workers: std::sync::Mutex<Vec<rts_alloc::Allocator>>,
+    path: std::path::PathBuf,
+}
+
+impl RtsPeer {
+    fn new(workers: usize, size: usize) -> RtsPeer {
+        let path =
+            std::path::Path::new("/dev/shm").join(format!("rts-bench-{}", uuid::Uuid::new_v4()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(size as u64).unwrap();
+        // SAFETY: `create` is called once for this new file.
+        let first = unsafe { rts_alloc::Allocator::create(&file, size, workers as u32, 64 * 1024) }
+            .expect("rts-alloc create");
+        let mut all = vec![];
+        for _ in 1..workers {
+            all.push(rts_alloc::Allocator::join_from_existing(&first).expect("rts-alloc join"));
+        }
+        all.insert(0, first);
+        RtsPeer {
+            workers: std::sync::Mutex::new(all),
+            path,
+        }
+    }
+}
+
+impl Drop for RtsPeer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One rts-alloc worker as a `BenchAlloc`.
+struct RtsWorker<'a>(&'a rts_alloc::Allocator);
+
+impl BenchAlloc for RtsWorker<'_> {
+    fn name(&self) -> &'static str {
+        "rts-alloc"
+    }
+    fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.0
+            .allocate(layout.size() as u32)
+            .map_or(std::ptr::null_mut(), |p| p.as_ptr())
+    }
+    unsafe fn free(&self, ptr: *mut u8, _: Layout) {
+        // SAFETY: forwarded contract; `ptr` came from this allocator.
+        unsafe { self.0.free(NonNull::new_unchecked(ptr)) }
+    }
+}
+
+/// Where the peers are measured on their own ground.
+fn peers(c: &mut Criterion, matrix: &Matrix) {
+    // atomic-matrix: the same single-thread workloads as `bench`.
+    let am = AtomicMatrixPeer::new(256 << 20);
+    let w = Mixed::new();
+    let mut g = c.benchmark_group("peers_single_thread");
+    for a in [matrix as &dyn BenchAlloc, &am] {
+        g.bench_function(BenchmarkId::new("mixed_32_544_live10k", a.name()), |b| {
+            let mut live = Vec::with_capacity(20_000);
+            b.iter(|| w.run(a, &mut live))
+        });
+        g.bench_function(BenchmarkId::new("pair_64", a.name()), |b| {
+            b.iter(|| pair(a))
+        });
+    }
+    g.finish();
+
+    // rts-alloc: small objects, 1 and 2 workers (threads).
+    let small = Mixed::with(32..=1024, 1000, 7);
+    let mut g = c.benchmark_group("peers_small_objects_32_1024");
+    for workers in [1usize, 2] {
+        let rts = RtsPeer::new(workers, 256 << 20);
+        g.bench_with_input(
+            BenchmarkId::new("rts-alloc", workers),
+            &workers,
+            |b, &workers| {
+                b.iter_custom(|iters| {
+                    timed_threads(workers, |_| {
+                        let worker = rts.workers.lock().unwrap().pop().unwrap();
+                        let mut live = Vec::with_capacity(2000);
+                        (0..iters).for_each(|_| small.run(&RtsWorker(&worker), &mut live));
+                        rts.workers.lock().unwrap().push(worker);
+                    })
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("matrix", workers),
+            &workers,
+            |b, &workers| {
+                b.iter_custom(|iters| {
+                    timed_threads(workers, |_| {
+                        let mut live = Vec::with_capacity(2000);
+                        (0..iters).for_each(|_| small.run(matrix, &mut live));
+                    })
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn print_ratios() {
+    println!("\nratios of medians (time; below 1.0 means the first is faster)");
+    for group in ["threads_mixed", "threads_pair_64"] {
+        for a in ["matrix", "system", "mimalloc"] {
+            let t = |n: u32| median_ns(group, &format!("{a}/{n}"));
+            if let (Some(t1), Some(t2), Some(t8)) = (t(1), t(2), t(8)) {
+                // Each thread does the same work: throughput scaling = n * t1 / tn.
+                println!(
+                    "{group:>16} {a:>9}: throughput 2 threads / 1 = {:.2}, 8 threads / 1 = {:.2}",
+                    2.0 * t1 / t2,
+                    8.0 * t1 / t8
+                );
+            }
+        }
+    }
+    let pc = |a: &str| median_ns("producer_consumer_64", a);
+    if let (Some(m), Some(s), Some(mi)) = (pc("matrix"), pc("system"), pc("mimalloc")) {
+        println!(
+            "producer/consumer: matrix / system = {:.2}, matrix / mimalloc = {:.2} (time)",
+            m / s,
+            m / mi
+        );
+    }
+    if let (Some(th), Some(pr)) = (
+        median_ns("cross_process_exchange", "matrix/2_threads"),
+        median_ns("cross_process_exchange", "matrix/2_processes"),
+    ) {
+        println!(
+            "cross-process: 2 processes reach {:.0}% of 2 threads' throughput",
+            100.0 * th / pr
+        );
+    }
+    for w in ["mixed_32_544_live10k", "pair_64"] {
+        let g = format!("peers_single_thread/{w}");
+        if let (Some(m), Some(a)) = (median_ns(&g, "matrix"), median_ns(&g, "atomic-matrix")) {
+            println!("{w:>22}: atomic-matrix / matrix = {:.1}x (time)", a / m);
+        }
+    }
+    for n in [1, 2] {
+        let g = "peers_small_objects_32_1024";
+        if let (Some(m), Some(r)) = (
+            median_ns(g, &format!("matrix/{n}")),
+            median_ns(g, &format!("rts-alloc/{n}")),
+        ) {
+            println!(
+                "small objects, {n} worker(s): rts-alloc / matrix = {:.2} (time)",
+                r / m
+            );
+        }
+    }
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("MATRIX_BENCH_CHILD") {
+        exchange_child(&spec);
+        return;
+    }
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20)
+        .configure_from_args();
+    let matrix = Matrix::create(1 << 30).expect("segment");
+    let (system, mimalloc) = (Peer("system", System), Peer("mimalloc", mimalloc::MiMalloc));
+    let all: [&(dyn BenchAlloc + Sync); 3] = [&matrix, &system, &mimalloc];
+    thread_scaling(&mut c, &all);
+    producer_consumer(&mut c, &all);
+    cross_process(&mut c);
+    peers(&mut c, &matrix);
+    c.final_summary();
+    print_ratios();
+}
