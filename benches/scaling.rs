@@ -294,7 +294,6 @@ impl RtsPeer {
             .create_new(true)
             .open(&path)
             .unwrap();
-        file.set_len(size as u64).unwrap();
         // SAFETY: `create` is called once for this new file.
         let first = unsafe { rts_alloc::Allocator::create(&file, size, workers as u32, 64 * 1024) }
             .expect("rts-alloc create");
@@ -334,22 +333,42 @@ impl BenchAlloc for RtsWorker<'_> {
     }
 }
 
-/// Where the peers are measured on their own ground.
-fn peers(c: &mut Criterion, matrix: &Matrix) {
-    // atomic-matrix: the same single-thread workloads as `bench`.
-    let am = AtomicMatrixPeer::new(256 << 20);
-    let w = Mixed::new();
+static PEER_CRASHES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// One single-thread workload for one allocator, in group `peers_single_thread`.
+fn single_thread(c: &mut Criterion, a: &dyn BenchAlloc, workload: &str) {
     let mut g = c.benchmark_group("peers_single_thread");
-    for a in [matrix as &dyn BenchAlloc, &am] {
-        g.bench_function(BenchmarkId::new("mixed_32_544_live10k", a.name()), |b| {
+    let w = Mixed::new();
+    g.bench_function(BenchmarkId::new(workload, a.name()), |b| {
+        if workload == "pair_64" {
+            b.iter(|| pair(a))
+        } else {
             let mut live = Vec::with_capacity(20_000);
             b.iter(|| w.run(a, &mut live))
-        });
-        g.bench_function(BenchmarkId::new("pair_64", a.name()), |b| {
-            b.iter(|| pair(a))
-        });
-    }
+        }
+    });
     g.finish();
+}
+
+/// Where the peers are measured on their own ground.
+fn peers(c: &mut Criterion, matrix: &Matrix) {
+    // The same single-thread workloads as `bench`; atomic-matrix runs each in
+    // a child process of this run, so that a crash is recorded, not fatal.
+    for workload in ["mixed_32_544_live10k", "pair_64"] {
+        single_thread(c, matrix, workload);
+        let status = Command::new(std::env::current_exe().unwrap())
+            .env("MATRIX_BENCH_ISOLATED", workload)
+            .args(std::env::args().skip(1))
+            .status()
+            .unwrap();
+        if !status.success() {
+            println!("atomic-matrix crashed on {workload}: {status}");
+            PEER_CRASHES
+                .lock()
+                .unwrap()
+                .push(format!("atomic-matrix crashed on {workload} ({status})"));
+        }
+    }
 
     // rts-alloc: small objects, 1 and 2 workers (threads).
     let small = Mixed::with(32..=1024, 1000, 7);
@@ -418,6 +437,9 @@ fn print_ratios() {
             100.0 * th / pr
         );
     }
+    for crash in PEER_CRASHES.lock().unwrap().iter() {
+        println!("{crash}");
+    }
     for w in ["mixed_32_544_live10k", "pair_64"] {
         let g = format!("peers_single_thread/{w}");
         if let (Some(m), Some(a)) = (median_ns(&g, "matrix"), median_ns(&g, "atomic-matrix")) {
@@ -441,6 +463,12 @@ fn print_ratios() {
 fn main() {
     if let Ok(spec) = std::env::var("MATRIX_BENCH_CHILD") {
         exchange_child(&spec);
+        return;
+    }
+    if let Ok(workload) = std::env::var("MATRIX_BENCH_ISOLATED") {
+        let mut c = Criterion::default().sample_size(20).configure_from_args();
+        let am = AtomicMatrixPeer::new(256 << 20);
+        single_thread(&mut c, &am, &workload);
         return;
     }
     let mut c = Criterion::default()

@@ -207,7 +207,7 @@ impl Matrix {
 
     /// The segment's counters, over all processes using it. The calling
     /// thread's pending counter changes (through any handle) are applied
-    /// first; other threads apply theirs every 128 operations and when they
+    /// first; other threads apply theirs every 1024 operations and when they
     /// exit.
     pub fn stats(&self) -> Stats {
         self.flush_counters();

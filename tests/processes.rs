@@ -313,6 +313,78 @@ fn kill_9_while_allocating_leaves_a_usable_heap() {
     unsafe { m.free(big).unwrap() };
 }
 
+/// Allocates small blocks (from its per-thread pages), frees most of them
+/// again into its own cache, publishes the offsets of the ones it keeps in
+/// the table, then waits to be killed.
+fn child_cache_then_die(id: Uuid, table_at: u64, maker: u64) {
+    let m = Matrix::open(id).unwrap();
+    let t = table(&m, Offset(table_at));
+    let mut rng = SmallRng::seed_from_u64(maker);
+    let blocks: Vec<_> = (0..5000)
+        .filter_map(|i| make_block(&m, &mut rng, maker, i))
+        .collect();
+    for (i, p) in blocks.into_iter().enumerate() {
+        if i % 10 == 0 && i / 10 < SLOTS {
+            t[i / 10].store(m.offset_of(p.as_ptr()).unwrap().get(), Release);
+        } else {
+            unsafe { m.free(p).unwrap() };
+        }
+    }
+    println!("ready");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn pages_of_a_killed_process_are_reclaimed() {
+    let m = Matrix::create(SEGMENT).unwrap();
+    let table_ptr = m.alloc(layout(SLOTS * 8, 8)).unwrap();
+    unsafe { table_ptr.as_ptr().write_bytes(0, SLOTS * 8) };
+    let table_at = m.offset_of(table_ptr.as_ptr()).unwrap();
+    let mut child = spawn(&[
+        "cache_then_die".into(),
+        m.id().to_string(),
+        table_at.get().to_string(),
+        "5".into(),
+    ]);
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let before = m.check().unwrap();
+    assert!(
+        before.pages > 0,
+        "the child's pages are still there: {before:?}"
+    );
+    let taken = m.reclaim_dead();
+    assert!(taken > 0, "no page of the dead process was taken over");
+    // The blocks the child kept are still valid; the parent frees them
+    // (remote frees into the reclaimed, now abandoned, pages).
+    for slot in table(&m, table_at) {
+        let off = slot.swap(0, AcqRel);
+        if off != 0 {
+            let q = m.resolve::<u8>(Offset(off)).unwrap();
+            assert_eq!(verify_block(q), 5);
+            unsafe { m.free(q).unwrap() };
+        }
+    }
+    unsafe { m.free(table_ptr).unwrap() };
+    // Everything the dead process's cache held comes back.
+    m.trim();
+    let after = m.check().unwrap();
+    assert_eq!(after.pages, 0, "{after:?}");
+    assert_eq!(after.used_blocks, 0, "{after:?}");
+    assert_eq!(
+        after.free_blocks, 1,
+        "the heap is one free block again: {after:?}"
+    );
+    println!("  took over {taken} pages of the dead process; all memory came back");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--child") {
@@ -322,11 +394,12 @@ fn main() {
             "exchange" => child_exchange(id, num(4), num(5), num(6)),
             "bootstrap" => child_bootstrap(id, num(4), num(5)),
             "churn" => child_churn(id, num(4)),
+            "cache_then_die" => child_cache_then_die(id, num(4), num(5)),
             role => panic!("unknown child role {role}"),
         }
         return;
     }
-    let tests: [(&str, fn()); 3] = [
+    let tests: [(&str, fn()); 4] = [
         (
             "processes_free_each_others_blocks",
             processes_free_each_others_blocks,
@@ -335,6 +408,10 @@ fn main() {
         (
             "kill_9_while_allocating_leaves_a_usable_heap",
             kill_9_while_allocating_leaves_a_usable_heap,
+        ),
+        (
+            "pages_of_a_killed_process_are_reclaimed",
+            pages_of_a_killed_process_are_reclaimed,
         ),
     ];
     // `-- --ignored` (or `--include-ignored`): the long soak, every scenario

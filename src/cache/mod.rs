@@ -15,8 +15,9 @@
 //! process. Pages of a process that died are recognised by their owner token
 //! (slot and slot generation) and taken over by `reclaim_dead`.
 //!
-//! Memory held by caches is the pages: `Stats::page_bytes`. A thread keeps at
-//! most its current page per class empty; the others go back at once.
+//! Memory held by caches is the pages: `Stats::page_bytes`. Besides its
+//! current page per class, a thread keeps at most `STASH_PAGES` empty pages
+//! for reuse by any class; `Matrix::trim` and thread exit give them back.
 
 mod page;
 
@@ -37,6 +38,8 @@ use std::sync::Arc;
 pub(crate) const SMALL_MAX: usize = 1024;
 /// Size classes: 16, 32, ..., `SMALL_MAX` bytes.
 pub(crate) const SMALL_CLASSES: usize = SMALL_MAX / 16;
+/// Empty pages a thread keeps for reuse (per segment): 512 KiB.
+const STASH_PAGES: usize = 8;
 
 #[inline]
 fn class_of(size: usize) -> usize {
@@ -83,6 +86,10 @@ pub(crate) struct Heap {
     current: [u32; SMALL_CLASSES],
     /// Head of the owned-page list of each class (page numbers).
     owned: [u32; SMALL_CLASSES],
+    /// Empty pages kept for reuse by any class, so that a thread that frees
+    /// everything and allocates again does not go back to the engine.
+    stash: [u32; STASH_PAGES],
+    stashed: usize,
     pub(crate) delta: Delta,
 }
 
@@ -96,6 +103,8 @@ impl Heap {
             shared,
             current: [NIL; SMALL_CLASSES],
             owned: [NIL; SMALL_CLASSES],
+            stash: [NIL; STASH_PAGES],
+            stashed: 0,
             delta,
         }
     }
@@ -188,6 +197,15 @@ impl Heap {
     }
 
     fn new_page(&mut self, class: usize) -> Option<Page> {
+        if self.stashed > 0 {
+            self.stashed -= 1;
+            let page = self.page(self.stash[self.stashed]);
+            // SAFETY: a stashed page is empty and ours: no live block points
+            // into it, so nothing but a double free can touch it.
+            unsafe { page.init(class as u32, block_size(class), self.token) };
+            self.link_owned(class, page);
+            return Some(page);
+        }
         let engine = self.engine();
         let a = engine.alloc(PAGE_SIZE, PAGE_SIZE).ok()?;
         let page = Page(engine.payload(a.pos));
@@ -201,14 +219,27 @@ impl Heap {
         Some(page)
     }
 
-    /// Gives an empty owned page back to the engine.
+    /// Lets go of an empty owned page: into the stash, or back to the engine.
     fn release(&mut self, class: usize, page: Page) {
         self.unlink_owned(class, page);
         let n = page_number(self.engine(), page);
         if self.current[class] == n {
             self.current[class] = NIL;
         }
-        release_page(self.engine(), page);
+        if self.stashed < STASH_PAGES {
+            self.stash[self.stashed] = n;
+            self.stashed += 1;
+        } else {
+            release_page(self.engine(), page);
+        }
+    }
+
+    /// Gives the stashed empty pages back to the engine.
+    fn drain_stash(&mut self) {
+        while self.stashed > 0 {
+            self.stashed -= 1;
+            release_page(self.engine(), self.page(self.stash[self.stashed]));
+        }
     }
 
     /// Takes a page of `class` that another thread abandoned.
@@ -275,6 +306,7 @@ impl Heap {
                 }
             }
         }
+        self.drain_stash();
         self.shared.engine.counters().flush(&mut self.delta);
     }
 }
@@ -364,6 +396,7 @@ pub(crate) fn trim(shared: &Arc<Shared>) {
                 }
             }
         }
+        heap.drain_stash();
         heap.shared.engine.counters().flush(&mut heap.delta);
     });
     for class in 0..SMALL_CLASSES {

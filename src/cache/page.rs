@@ -30,7 +30,7 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use std::sync::atomic::AtomicU16;
 
 /// Bytes per page; pages are aligned to it.
-pub(crate) const PAGE_SIZE: usize = 64 * 1024;
+pub(crate) const PAGE_SIZE: usize = 16 * 1024;
 /// "MTXP".
 const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"MTXP");
 pub(crate) const FREE: u16 = 0;

@@ -1,0 +1,44 @@
+//! Memory efficiency of the cached path on the benchmark's mixed workload:
+//! the peak bytes the segment had to provide against the peak live bytes
+//! users asked for (dhat's `max_bytes`).
+
+use matrix_alloc::Matrix;
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
+/// Random sizes 32..=544, 70% allocate / 30% free until 10,000 blocks are
+/// live, then free all: workload 1 of the benches.
+fn workload_1(m: &Matrix) {
+    let mut rng = SmallRng::seed_from_u64(42);
+    let mut live: Vec<NonNull<u8>> = Vec::new();
+    while live.len() < 10_000 {
+        if live.is_empty() || rng.gen_bool(0.7) {
+            live.push(
+                m.alloc(Layout::from_size_align(rng.gen_range(32..=544), 8).unwrap())
+                    .unwrap(),
+            );
+        } else {
+            let i = rng.gen::<usize>() % live.len();
+            // SAFETY (test): a live block of this segment, freed once.
+            unsafe { m.free(live.swap_remove(i)).unwrap() };
+        }
+    }
+    for p in live {
+        // SAFETY (test): as above.
+        unsafe { m.free(p).unwrap() };
+    }
+}
+
+#[test]
+fn peak_provided_is_within_a_quarter_of_peak_requested() {
+    let m = Matrix::anonymous(256 << 20).unwrap();
+    workload_1(&m);
+    let s = m.stats();
+    let ratio = s.max_block_bytes as f64 / s.max_bytes as f64;
+    println!(
+        "peak provided {} / peak requested {} = {ratio:.3}",
+        s.max_block_bytes, s.max_bytes
+    );
+    assert!(ratio <= 1.25, "peak provided / peak requested = {ratio:.3}");
+}
