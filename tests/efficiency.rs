@@ -20,12 +20,12 @@ fn workload_1(m: &Matrix) {
             );
         } else {
             let i = rng.gen::<usize>() % live.len();
-            // SAFETY (test): a live block of this segment, freed once.
+            // SAFETY: (test) a live block of this segment, freed once.
             unsafe { m.free(live.swap_remove(i)).unwrap() };
         }
     }
     for p in live {
-        // SAFETY (test): as above.
+        // SAFETY: (test) as above.
         unsafe { m.free(p).unwrap() };
     }
 }
