@@ -429,8 +429,8 @@ fn print_ratios() {
         );
     }
     if let (Some(th), Some(pr)) = (
-        median_ns("cross_process_exchange", "matrix/2_threads"),
-        median_ns("cross_process_exchange", "matrix/2_processes"),
+        median_ns("cross_process_exchange", "matrix_2_threads"),
+        median_ns("cross_process_exchange", "matrix_2_processes"),
     ) {
         println!(
             "cross-process: 2 processes reach {:.0}% of 2 threads' throughput",

@@ -167,3 +167,69 @@ fn soak_eight_threads_many_rounds() {
         stress(8, &m, if round % 3 == 0 { 20_000 } else { 600 });
     }
 }
+
+/// A thread's cache is bounded, shown in `stats()`, and handed back when the
+/// thread exits.
+#[test]
+fn thread_caches_are_bounded_shown_and_returned_on_exit() {
+    let m = Matrix::anonymous(64 << 20).unwrap();
+    let held = std::thread::scope(|s| {
+        s.spawn(|| {
+            // Allocate 4 MiB of small blocks over many classes, then free them.
+            let blocks: Vec<_> = (0..20_000)
+                .map(|i| m.alloc(layout(16 + (i % 64) * 16, 8)).unwrap())
+                .collect();
+            let during = m.stats().page_bytes;
+            assert!(during >= 4 << 20, "pages hold the live blocks: {during}");
+            for p in blocks {
+                unsafe { m.free(p).unwrap() };
+            }
+            // Empty pages go back at once, except the current page of each
+            // class and a small stash: bounded by (64 classes + 8) pages.
+            let after = m.stats().page_bytes;
+            assert!(
+                after <= (64 + 8) * (16 << 10) + (64 + 8) * 64,
+                "cache holds {after} bytes"
+            );
+            after
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(held > 0);
+    // The thread has exited (joined): its cache is back in the segment.
+    let s = m.stats();
+    assert_eq!(s.page_bytes, 0, "{s:?}");
+    let r = m.check().unwrap();
+    assert_eq!((r.pages, r.free_blocks), (0, 1), "{r:?}");
+}
+
+/// Blocks allocated by a thread that exited stay valid, and any thread can
+/// free them into the abandoned pages; trim() then returns those pages.
+#[test]
+fn blocks_outlive_their_thread_and_abandoned_pages_come_back() {
+    let m = Matrix::anonymous(16 << 20).unwrap();
+    let blocks: Vec<usize> = std::thread::scope(|s| {
+        s.spawn(|| {
+            (0..5000)
+                .map(|i| {
+                    let p = m.alloc(layout(40 + i % 300, 8)).unwrap();
+                    stamp(p, 40 + i % 300, i as u64);
+                    p.as_ptr() as usize
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+    });
+    assert!(
+        m.stats().page_bytes > 0,
+        "the exited thread's pages were abandoned, not lost"
+    );
+    for (i, p) in blocks.into_iter().enumerate() {
+        let p = NonNull::new(p as *mut u8).unwrap();
+        assert!(has_stamp(p, 40 + i % 300, i as u64));
+        unsafe { m.free(p).unwrap() };
+    }
+    assert_pristine(&m);
+}

@@ -521,16 +521,18 @@ pub(crate) fn reclaim_dead(engine: &Engine) -> usize {
 const MAX_HEAPS: usize = 4;
 
 struct Heaps {
-    /// Set while a heap is borrowed, so that re-entry (an allocation made
-    /// from inside the cache code) takes the uncached path instead of
-    /// aliasing the heap.
-    busy: bool,
     entries: [Option<Heap>; MAX_HEAPS],
 }
 
 impl Drop for Heaps {
     fn drop(&mut self) {
-        self.busy = true;
+        // From here on this thread takes the uncached path.
+        let _ = FAST.try_with(|f| {
+            f.set(Fast {
+                busy: true,
+                ..NO_HEAP
+            })
+        });
         for entry in self.entries.iter_mut() {
             if let Some(mut heap) = entry.take() {
                 heap.retire();
@@ -541,8 +543,31 @@ impl Drop for Heaps {
 
 thread_local! {
     static HEAPS: UnsafeCell<Heaps> = const {
-        UnsafeCell::new(Heaps { busy: false, entries: [const { None }; MAX_HEAPS] })
+        UnsafeCell::new(Heaps { entries: [const { None }; MAX_HEAPS] })
     };
+}
+
+/// This thread's fast path: the heap it used last and for which segment,
+/// and whether a heap is borrowed right now (re-entry, e.g. an allocation
+/// made from inside the cache code, then takes the uncached path instead of
+/// aliasing the heap). It has no destructor, so reading it is one plain
+/// thread-local load; `heap` points into `HEAPS`, whose entries do not move,
+/// and is reset whenever an entry is retired (`find`) or the thread exits.
+#[derive(Clone, Copy)]
+struct Fast {
+    shared: *const Shared,
+    heap: *mut Heap,
+    busy: bool,
+}
+
+const NO_HEAP: Fast = Fast {
+    shared: std::ptr::null(),
+    heap: std::ptr::null_mut(),
+    busy: false,
+};
+
+thread_local! {
+    static FAST: std::cell::Cell<Fast> = const { std::cell::Cell::new(NO_HEAP) };
 }
 
 /// Runs `f` on this thread's heap for `shared`, creating it if needed.
@@ -550,36 +575,75 @@ thread_local! {
 /// when the thread already caches `MAX_HEAPS` other live segments.
 #[inline]
 pub(crate) fn with_heap<R>(shared: &Arc<Shared>, f: impl FnOnce(&mut Heap) -> R) -> Option<R> {
-    HEAPS
+    FAST.with(|fast| {
+        let cur = fast.get();
+        if cur.busy {
+            return None;
+        }
+        fast.set(Fast { busy: true, ..cur });
+        let heap = if cur.shared == Arc::as_ptr(shared) {
+            cur.heap
+        } else {
+            find(shared, fast)
+        };
+        // SAFETY: `heap` is null or points to a live entry of this thread's
+        // `HEAPS` (see `Fast`); `busy` makes this the only reference to it.
+        let r = (!heap.is_null()).then(|| f(unsafe { &mut *heap }));
+        fast.set(Fast {
+            busy: false,
+            ..fast.get()
+        });
+        r
+    })
+}
+
+/// Slow path of `with_heap`: finds or makes the heap and remembers it.
+#[cold]
+#[inline(never)]
+fn find(shared: &Arc<Shared>, fast: &std::cell::Cell<Fast>) -> *mut Heap {
+    let heap = HEAPS
         .try_with(|cell| {
-            // SAFETY: the cell is this thread's; `busy` guarantees that no
-            // other `&mut` to it is live (re-entry bails out below).
+            // SAFETY: the cell is this thread's and `busy` is set, so no other
+            // reference into it is live.
             let heaps = unsafe { &mut *cell.get() };
-            if heaps.busy {
-                return None;
-            }
-            heaps.busy = true;
-            let r = heaps.find_or_make(shared).map(f);
-            heaps.busy = false;
-            r
+            heaps
+                .find_or_make(shared)
+                .map_or(std::ptr::null_mut(), |h| h as *mut Heap)
         })
-        .ok()
-        .flatten()
+        .unwrap_or(std::ptr::null_mut());
+    fast.set(Fast {
+        shared: if heap.is_null() {
+            std::ptr::null()
+        } else {
+            Arc::as_ptr(shared)
+        },
+        heap,
+        busy: true,
+    });
+    heap
 }
 
 /// Applies the pending counter changes of every heap of the calling thread
 /// (all handles, all segments), so that this thread's reads of the counters
 /// include everything it did.
 pub(crate) fn flush_thread() {
-    let _ = HEAPS.try_with(|cell| {
-        // SAFETY: as in `with_heap`.
-        let heaps = unsafe { &mut *cell.get() };
-        if heaps.busy {
+    let _ = FAST.try_with(|fast| {
+        let cur = fast.get();
+        if cur.busy {
             return;
         }
-        for heap in heaps.entries.iter_mut().flatten() {
-            heap.shared.engine.counters().flush(&mut heap.delta);
-        }
+        fast.set(Fast { busy: true, ..cur });
+        let _ = HEAPS.try_with(|cell| {
+            // SAFETY: as in `find`.
+            let heaps = unsafe { &mut *cell.get() };
+            for heap in heaps.entries.iter_mut().flatten() {
+                heap.shared.engine.counters().flush(&mut heap.delta);
+            }
+        });
+        fast.set(Fast {
+            busy: false,
+            ..fast.get()
+        });
     });
 }
 
