@@ -17,7 +17,9 @@
 //!
 //! Memory held by caches is the pages: `Stats::page_bytes`. Besides its
 //! current page per class, a thread keeps at most `STASH_PAGES` empty pages
-//! for reuse by any class; `Matrix::trim` and thread exit give them back.
+//! for reuse by any class, and the segment keeps at most `POOL_PAGES` empty
+//! pages for any thread of any process (one CAS to take one, instead of an
+//! engine allocation); `Matrix::trim` gives both back to the engine.
 
 mod page;
 
@@ -28,7 +30,7 @@ use crate::engine::words::{ListHead, NIL};
 use crate::engine::{Engine, PAGE_MARK, SLOTS};
 use crate::matrix::Shared;
 use crate::stats::Delta;
-use crate::sync::{AtomicU32, Ordering::*};
+use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use crate::Error;
 use std::cell::UnsafeCell;
 use std::ptr::NonNull;
@@ -197,9 +199,13 @@ impl Heap {
     }
 
     fn new_page(&mut self, class: usize) -> Option<Page> {
-        if self.stashed > 0 {
+        let reused = if self.stashed > 0 {
             self.stashed -= 1;
-            let page = self.page(self.stash[self.stashed]);
+            Some(self.page(self.stash[self.stashed]))
+        } else {
+            pop_pooled(self.engine())
+        };
+        if let Some(page) = reused {
             // SAFETY: a stashed page is empty and ours: no live block points
             // into it, so nothing but a double free can touch it.
             unsafe { page.init(class as u32, block_size(class), self.token) };
@@ -230,15 +236,15 @@ impl Heap {
             self.stash[self.stashed] = n;
             self.stashed += 1;
         } else {
-            release_page(self.engine(), page);
+            pool_or_release(self.engine(), page);
         }
     }
 
-    /// Gives the stashed empty pages back to the engine.
+    /// Moves the stashed empty pages to the shared pool (or the engine).
     fn drain_stash(&mut self) {
         while self.stashed > 0 {
             self.stashed -= 1;
-            release_page(self.engine(), self.page(self.stash[self.stashed]));
+            pool_or_release(self.engine(), self.page(self.stash[self.stashed]));
         }
     }
 
@@ -399,6 +405,9 @@ pub(crate) fn trim(shared: &Arc<Shared>) {
         heap.drain_stash();
         heap.shared.engine.counters().flush(&mut heap.delta);
     });
+    while let Some(page) = pop_pooled(engine) {
+        release_page(engine, page);
+    }
     for class in 0..SMALL_CLASSES {
         let mut keep = Vec::new();
         while let Some(page) = pop_abandoned(engine, class) {
@@ -436,12 +445,12 @@ fn release_page(engine: &Engine, page: Page) {
     }
 }
 
-/// The abandoned list of a class is a tagged stack of page numbers linked
-/// through the page table (never through page memory, which a stale popper
-/// might otherwise read after the page was adopted and released).
-fn push_abandoned(engine: &Engine, class: usize, page: Page) {
+/// Page lists (the abandoned list of each class, the page pool) are tagged
+/// stacks of page numbers linked through the page table, never through page
+/// memory, which a stale popper might otherwise read after the page was
+/// taken and released.
+fn push_page(engine: &Engine, head: &AtomicU64, page: Page) {
     let n = page_number(engine, page);
-    let head = &engine.control().abandoned[class];
     let Some(entry) = engine.page_entry(n as usize) else {
         return;
     };
@@ -456,8 +465,7 @@ fn push_abandoned(engine: &Engine, class: usize, page: Page) {
     }
 }
 
-fn pop_abandoned(engine: &Engine, class: usize) -> Option<Page> {
-    let head = &engine.control().abandoned[class];
+fn pop_page(engine: &Engine, head: &AtomicU64) -> Option<Page> {
     let mut cur = head.load(Acquire);
     loop {
         let h = ListHead::from(cur);
@@ -469,6 +477,38 @@ fn pop_abandoned(engine: &Engine, class: usize) -> Option<Page> {
             Err(v) => cur = v,
         }
     }
+}
+
+fn push_abandoned(engine: &Engine, class: usize, page: Page) {
+    push_page(engine, &engine.control().abandoned[class], page);
+}
+
+fn pop_abandoned(engine: &Engine, class: usize) -> Option<Page> {
+    pop_page(engine, &engine.control().abandoned[class])
+}
+
+/// Empty pages the pool keeps at most (4 MiB); beyond, they go back to the
+/// engine.
+const POOL_PAGES: u64 = 256;
+
+/// Puts an empty page in the shared pool, or gives it back to the engine
+/// when the pool is full.
+fn pool_or_release(engine: &Engine, page: Page) {
+    let ctrl = engine.control();
+    if ctrl.pooled.fetch_add(1, Relaxed) < POOL_PAGES {
+        page.header().owner.store(0, Relaxed);
+        push_page(engine, &ctrl.page_pool, page);
+    } else {
+        ctrl.pooled.fetch_sub(1, Relaxed);
+        release_page(engine, page);
+    }
+}
+
+fn pop_pooled(engine: &Engine) -> Option<Page> {
+    let ctrl = engine.control();
+    let page = pop_page(engine, &ctrl.page_pool)?;
+    ctrl.pooled.fetch_sub(1, Relaxed);
+    Some(page)
 }
 
 /// Takes over the pages of threads whose process died: rebuilds each
