@@ -238,9 +238,9 @@ struct AtomicMatrixPeer {
 }
 
 impl AtomicMatrixPeer {
-    fn new(size: usize) -> AtomicMatrixPeer {
-        let id = uuid::Uuid::new_v4().to_string();
-        let handler = atomic_matrix::prelude::AtomicMatrix::bootstrap(Some(id.clone()), size)
+    /// The peer's segment is `/dev/shm/matrix-{id}` (its naming).
+    fn new(id: &str, size: usize) -> AtomicMatrixPeer {
+        let handler = atomic_matrix::prelude::AtomicMatrix::bootstrap(Some(id.to_string()), size)
             .expect("atomic-matrix bootstrap");
         AtomicMatrixPeer {
             handler,
@@ -295,8 +295,11 @@ impl RtsPeer {
             .open(&path)
             .unwrap();
         // SAFETY: `create` is called once for this new file.
-        let first = unsafe { rts_alloc::Allocator::create(&file, size, workers as u32, 64 * 1024) }
-            .expect("rts-alloc create");
+        let first = unsafe { rts_alloc::Allocator::create(&file, size, workers as u32, 64 * 1024) };
+        let first = first.unwrap_or_else(|e| {
+            let _ = std::fs::remove_file(&path);
+            panic!("rts-alloc create: {e:?}")
+        });
         let mut all = vec![];
         for _ in 1..workers {
             all.push(rts_alloc::Allocator::join_from_existing(&first).expect("rts-alloc join"));
@@ -356,11 +359,14 @@ fn peers(c: &mut Criterion, matrix: &Matrix) {
     // a child process of this run, so that a crash is recorded, not fatal.
     for workload in ["mixed_32_544_live10k", "pair_64"] {
         single_thread(c, matrix, workload);
+        let id = uuid::Uuid::new_v4().to_string();
         let status = Command::new(std::env::current_exe().unwrap())
-            .env("MATRIX_BENCH_ISOLATED", workload)
+            .env("MATRIX_BENCH_ISOLATED", format!("{workload} {id}"))
             .args(std::env::args().skip(1))
             .status()
             .unwrap();
+        // A crashed child cannot remove its segment: do it here.
+        let _ = std::fs::remove_file(format!("/dev/shm/matrix-{id}"));
         if !status.success() {
             println!("atomic-matrix crashed on {workload}: {status}");
             PEER_CRASHES
@@ -465,10 +471,11 @@ fn main() {
         exchange_child(&spec);
         return;
     }
-    if let Ok(workload) = std::env::var("MATRIX_BENCH_ISOLATED") {
+    if let Ok(spec) = std::env::var("MATRIX_BENCH_ISOLATED") {
+        let (workload, id) = spec.split_once(' ').unwrap();
         let mut c = Criterion::default().sample_size(20).configure_from_args();
-        let am = AtomicMatrixPeer::new(256 << 20);
-        single_thread(&mut c, &am, &workload);
+        let am = AtomicMatrixPeer::new(id, 256 << 20);
+        single_thread(&mut c, &am, workload);
         return;
     }
     let mut c = Criterion::default()

@@ -90,11 +90,11 @@ pub(crate) struct Page(pub(crate) *mut u8);
 
 impl Page {
     pub(crate) fn header(self) -> &'static PageHeader {
+        // ('static is a convenience of this module's internals: no reference
+        // outlives the heap that made the `Page`.)
         // SAFETY: `Page` values are only made for page-aligned addresses of
         // pages inside a live mapping (by `cache`), which the thread heap
-        // keeps mapped while it holds them; the header is all integers and
-        // atomics. ('static is a convenience of this module's internals: no
-        // reference outlives the heap that made the `Page`.)
+        // keeps mapped while it holds them; the header is all integers and atomics.
         unsafe { &*(self.0 as *const PageHeader) }
     }
 
