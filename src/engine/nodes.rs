@@ -51,7 +51,7 @@
 //! one of the two sees the other, so two free neighbours are always merged by
 //! someone.
 
-use super::mapping::{map_floor, SL_COUNT};
+use super::mapping::{map_floor, FL_COUNT, SL_COUNT};
 use super::words::{BlockState, ClaimWord, HeaderWord, Hint, ListHead, NodeState, NIL};
 use super::Engine;
 use crate::sync::{AtomicU64, Ordering::*};
@@ -176,6 +176,13 @@ impl Engine {
         }
     }
 
+    /// Whether a list head names a node. A top that is neither `NIL` nor a
+    /// valid index (a stray write into the segment) counts as empty, as
+    /// `pop` treats it, so that no scan keeps finding a list it cannot pop.
+    fn holds_nodes(&self, head: &AtomicU64) -> bool {
+        ListHead::from(head.load(SeqCst)).top < self.node_capacity
+    }
+
     /// Clears the bits of a list found empty, then re-checks the list: a push
     /// that raced with the clear is either seen here (bits set again) or set
     /// its bits after the clear. `SeqCst` orders the clear before the re-check
@@ -191,7 +198,7 @@ impl Engine {
                 ctrl.fl_bitmap.fetch_or(1 << fl, SeqCst);
             }
         }
-        if ListHead::from(ctrl.heads[fl][sl].load(SeqCst)).top != NIL {
+        if self.holds_nodes(&ctrl.heads[fl][sl]) {
             self.set_bits(fl, sl);
         }
     }
@@ -204,7 +211,7 @@ impl Engine {
         for f in fl..ctrl.heads.len() {
             let first = if f == fl { sl } else { 0 };
             for s in first..SL_COUNT {
-                if ListHead::from(ctrl.heads[f][s].load(SeqCst)).top != NIL {
+                if self.holds_nodes(&ctrl.heads[f][s]) {
                     self.set_bits(f, s);
                     found = true;
                 }
@@ -213,18 +220,28 @@ impl Engine {
         found
     }
 
+    /// The first-level bitmap, with only the bits of classes that exist: the
+    /// segment is shared memory, so a bit beyond them (a stray write) must
+    /// not become an index.
+    fn fl_map(&self) -> u64 {
+        self.control().fl_bitmap.load(SeqCst) & ((1u64 << FL_COUNT) - 1)
+    }
+
+    /// The second-level bitmap of `fl` (`fl < FL_COUNT`), masked likewise.
+    fn sl_map(&self, fl: usize) -> u64 {
+        self.control().sl_bitmap[fl].load(SeqCst) & ((1u64 << SL_COUNT) - 1)
+    }
+
     /// The first non-empty list at or above `(fl, sl)` by the bitmaps.
     pub(super) fn find_list(&self, fl: usize, sl: usize) -> Option<(usize, usize)> {
-        let ctrl = self.control();
-        let sl_map = ctrl.sl_bitmap[fl].load(SeqCst) & (!0u64 << sl);
+        let sl_map = self.sl_map(fl) & (!0u64 << sl);
         if sl_map != 0 {
             return Some((fl, sl_map.trailing_zeros() as usize));
         }
-        let mut fl_map =
-            ctrl.fl_bitmap.load(SeqCst) & (!0u64).checked_shl(fl as u32 + 1).unwrap_or(0);
+        let mut fl_map = self.fl_map() & (!0u64).checked_shl(fl as u32 + 1).unwrap_or(0);
         while fl_map != 0 {
             let f = fl_map.trailing_zeros() as usize;
-            let sl_map = ctrl.sl_bitmap[f].load(SeqCst) & ((1u64 << SL_COUNT) - 1);
+            let sl_map = self.sl_map(f);
             if sl_map != 0 {
                 return Some((f, sl_map.trailing_zeros() as usize));
             }
@@ -585,11 +602,10 @@ impl Engine {
     /// one, in bytes (looking at up to 64 entries per list: an estimate
     /// under concurrency).
     pub(crate) fn largest_free(&self) -> u64 {
-        let ctrl = self.control();
-        let mut fl_map = ctrl.fl_bitmap.load(SeqCst);
+        let mut fl_map = self.fl_map();
         while fl_map != 0 {
             let fl = 63 - fl_map.leading_zeros() as usize;
-            let mut sl_map = ctrl.sl_bitmap[fl].load(SeqCst);
+            let mut sl_map = self.sl_map(fl);
             while sl_map != 0 {
                 let sl = 63 - sl_map.leading_zeros() as usize;
                 let best = self.largest_in_list(fl, sl);
