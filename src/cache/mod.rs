@@ -17,8 +17,8 @@
 //!
 //! Memory held by caches is the pages: `Stats::page_bytes`. Besides its
 //! current page per class, a thread keeps at most `STASH_PAGES` empty pages
-//! for reuse by any class, and the segment keeps at most `POOL_PAGES` empty
-//! pages for any thread of any process (one CAS to take one, instead of an
+//! for reuse by any class, and the segment keeps at most `pool_pages` empty
+//! pages (1/32 of the heap) for any thread of any process (one CAS to take one, instead of an
 //! engine allocation); `Matrix::trim` gives both back to the engine.
 
 mod page;
@@ -487,15 +487,19 @@ fn pop_abandoned(engine: &Engine, class: usize) -> Option<Page> {
     pop_page(engine, &engine.control().abandoned[class])
 }
 
-/// Empty pages the pool keeps at most (4 MiB); beyond, they go back to the
-/// engine.
-const POOL_PAGES: u64 = 256;
+/// Empty pages the pool keeps at most: 1/32 of the heap, and between 64 and
+/// 4096 pages (1 MiB to 64 MiB); beyond, they go back to the engine. Sized
+/// from the heap so that several threads' working sets fit in a large
+/// segment, without a small one holding much of itself in the pool.
+fn pool_pages(engine: &Engine) -> u64 {
+    (engine.capacity() / 32 / PAGE_SIZE as u64).clamp(64, 4096)
+}
 
 /// Puts an empty page in the shared pool, or gives it back to the engine
 /// when the pool is full.
 fn pool_or_release(engine: &Engine, page: Page) {
     let ctrl = engine.control();
-    if ctrl.pooled.fetch_add(1, Relaxed) < POOL_PAGES {
+    if ctrl.pooled.fetch_add(1, Relaxed) < pool_pages(engine) {
         page.header().owner.store(0, Relaxed);
         push_page(engine, &ctrl.page_pool, page);
     } else {
