@@ -361,9 +361,14 @@ impl Matrix {
                 }
                 Ok(())
             });
-            if let Some(result) = cached {
-                return result;
-            }
+            // No cache for this thread right now (teardown, re-entry): free
+            // it as any other thread would.
+            let requested = match cached {
+                Some(result) => return result,
+                None => cache::free_remote(page, i)?,
+            };
+            self.count(|d| d.on_free(requested));
+            return Ok(());
         }
         // SAFETY: forwarded contract.
         let requested = unsafe { self.free_uncounted(ptr) }?;

@@ -62,7 +62,7 @@ pub(crate) fn is_small(size: usize, align: usize) -> bool {
 
 /// `slot + 1` (16 bits) | slot generation (16 bits) | thread number (32 bits).
 /// 0 means "no owner".
-fn make_token(slot: usize, gen: u64, thread: u32) -> u64 {
+const fn make_token(slot: usize, gen: u64, thread: u32) -> u64 {
     (slot as u64 + 1) << 48 | (gen & 0xffff) << 32 | thread as u64
 }
 
@@ -75,6 +75,10 @@ fn owner_dead(engine: &Engine, token: u64) -> bool {
     }
     !engine.slot_alive_gen16(slot - 1, ((token >> 32) & 0xffff) as u16)
 }
+
+/// Owner of a page while `trim` or `reclaim_dead` sweeps it: the shared
+/// last slot, which is never considered dead, so no one else takes the page.
+const SWEEPER: u64 = make_token(SLOTS - 1, 0, 0);
 
 static THREAD_NUMBERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
@@ -411,11 +415,10 @@ pub(crate) fn trim(shared: &Arc<Shared>) {
     for class in 0..SMALL_CLASSES {
         let mut keep = Vec::new();
         while let Some(page) = pop_abandoned(engine, class) {
-            let mine = make_token(SLOTS - 1, 0, 0);
             if page
                 .header()
                 .owner
-                .compare_exchange(0, mine, AcqRel, Relaxed)
+                .compare_exchange(0, SWEEPER, AcqRel, Relaxed)
                 .is_err()
             {
                 continue;
@@ -541,9 +544,8 @@ pub(crate) fn reclaim_dead(engine: &Engine) -> usize {
             continue;
         }
         // One reclaimer wins the page; from here on it is ours alone.
-        let mine = make_token(SLOTS - 1, 0, 0);
         if h.owner
-            .compare_exchange(owner, mine, AcqRel, Relaxed)
+            .compare_exchange(owner, SWEEPER, AcqRel, Relaxed)
             .is_err()
         {
             continue;
