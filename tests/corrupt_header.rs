@@ -26,12 +26,7 @@ proptest! {
         let dir = TempDir::new("fuzz");
         let path = dir.path("seg");
         drop(Matrix::create_file(&path, SIZE).unwrap());
-        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        for (at, bytes) in &patches {
-            f.seek(SeekFrom::Start(*at)).unwrap();
-            f.write_all(bytes).unwrap();
-        }
-        drop(f);
+        corrupt(&path, &patches);
         let opened = std::panic::catch_unwind(|| Matrix::open_file(&path).map(|_| ()));
         prop_assert!(opened.is_ok(), "open panicked on patches {:?}", patches);
         if let Ok(Ok(())) = opened {

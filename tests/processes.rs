@@ -69,6 +69,28 @@ fn table(m: &Matrix, at: Offset) -> &[AtomicU64] {
     unsafe { std::slice::from_raw_parts(p.as_ptr(), SLOTS) }
 }
 
+/// Allocates an exchange table of `SLOTS` zeroed words in the segment.
+fn new_table(m: &Matrix) -> (NonNull<u8>, Offset) {
+    let p = m.alloc(layout(SLOTS * 8, 8)).unwrap();
+    // SAFETY: (test) a fresh allocation of that size.
+    unsafe { p.as_ptr().write_bytes(0, SLOTS * 8) };
+    (p, m.offset_of(p.as_ptr()).unwrap())
+}
+
+/// Empties the table: verifies and frees every block in it; returns their makers.
+fn drain_table(m: &Matrix, at: Offset) -> Vec<u64> {
+    let mut makers = Vec::new();
+    for slot in table(m, at) {
+        let off = slot.swap(0, AcqRel);
+        if off != 0 {
+            let q = m.resolve::<u8>(Offset(off)).unwrap();
+            makers.push(verify_block(q));
+            unsafe { m.free(q).unwrap() };
+        }
+    }
+    makers
+}
+
 // ---- child roles -------------------------------------------------------------
 
 /// Allocates, verifies and frees blocks, swapping them through the table so
@@ -172,9 +194,7 @@ fn finish(mut child: Child) -> String {
 
 fn processes_free_each_others_blocks() {
     let m = Matrix::create(SEGMENT).unwrap();
-    let table_ptr = m.alloc(layout(SLOTS * 8, 8)).unwrap();
-    unsafe { table_ptr.as_ptr().write_bytes(0, SLOTS * 8) };
-    let table_at = m.offset_of(table_ptr.as_ptr()).unwrap();
+    let (table_ptr, table_at) = new_table(&m);
     let children: Vec<_> = (1..=3u64)
         .map(|maker| {
             spawn(&[
@@ -215,14 +235,7 @@ fn processes_free_each_others_blocks() {
         foreign > 1000,
         "children freed only {foreign} foreign blocks"
     );
-    for slot in t {
-        let off = slot.swap(0, AcqRel);
-        if off != 0 {
-            let q = m.resolve::<u8>(Offset(off)).unwrap();
-            verify_block(q);
-            unsafe { m.free(q).unwrap() };
-        }
-    }
+    drain_table(&m, table_at);
     unsafe { m.free(table_ptr).unwrap() };
     assert_pristine(&m);
 }
@@ -338,9 +351,7 @@ fn child_cache_then_die(id: Uuid, table_at: u64, maker: u64) {
 
 fn pages_of_a_killed_process_are_reclaimed() {
     let m = Matrix::create(SEGMENT).unwrap();
-    let table_ptr = m.alloc(layout(SLOTS * 8, 8)).unwrap();
-    unsafe { table_ptr.as_ptr().write_bytes(0, SLOTS * 8) };
-    let table_at = m.offset_of(table_ptr.as_ptr()).unwrap();
+    let (table_ptr, table_at) = new_table(&m);
     let mut child = spawn(&[
         "cache_then_die".into(),
         m.id().to_string(),
@@ -364,14 +375,11 @@ fn pages_of_a_killed_process_are_reclaimed() {
     assert!(taken > 0, "no page of the dead process was taken over");
     // The blocks the child kept are still valid; the parent frees them
     // (remote frees into the reclaimed, now abandoned, pages).
-    for slot in table(&m, table_at) {
-        let off = slot.swap(0, AcqRel);
-        if off != 0 {
-            let q = m.resolve::<u8>(Offset(off)).unwrap();
-            assert_eq!(verify_block(q), 5);
-            unsafe { m.free(q).unwrap() };
-        }
-    }
+    let makers = drain_table(&m, table_at);
+    assert!(
+        makers.iter().all(|k| *k == 5),
+        "blocks of an unexpected maker: {makers:?}"
+    );
     unsafe { m.free(table_ptr).unwrap() };
     // Everything the dead process's cache held comes back.
     m.trim();
