@@ -3,7 +3,7 @@
 use crate::cache;
 use crate::engine::words::GRANULE;
 use crate::engine::{Engine, HeapReport};
-use crate::segment::{self, Segment};
+use crate::segment::{self, NamedPath, Segment};
 use crate::stats::Delta;
 use crate::{Error, Offset, Stats};
 use std::alloc::Layout;
@@ -18,7 +18,7 @@ use uuid::Uuid;
 enum Backing {
     /// A named segment under `/dev/shm`; `owner`: this handle created it and
     /// removes the name when dropped (unless told to keep it).
-    Named { path: PathBuf, owner: bool },
+    Named { path: NamedPath, owner: bool },
     /// A file at a path; never removed by the crate.
     File(PathBuf),
     /// Private anonymous memory.
@@ -40,7 +40,7 @@ enum Backing {
 /// [`Matrix::open`] and [`Matrix::bootstrap`] never remove the name. Removing
 /// the name does not unmap it: processes that have it open keep working.
 pub struct Matrix {
-    shared: Arc<Shared>,
+    shared: SharedRef,
     backing: Backing,
     keep: AtomicBool,
 }
@@ -52,11 +52,87 @@ pub(crate) struct Shared {
     // dropped first.
     pub(crate) engine: Engine,
     segment: Segment,
+    /// When this process mapped it (the start of its dhat profiles).
+    joined: std::time::Instant,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         self.engine.leave();
+    }
+}
+
+/// How a handle (and each thread cache made through it) holds the shared
+/// state: reference-counted, or leaked for the rest of the process by the
+/// allocation-free constructors that global allocators use.
+#[derive(Clone)]
+pub(crate) enum SharedRef {
+    Counted(Arc<Shared>),
+    Leaked(&'static Shared),
+}
+
+impl SharedRef {
+    pub(crate) fn as_ptr(&self) -> *const Shared {
+        match self {
+            SharedRef::Counted(a) => Arc::as_ptr(a),
+            SharedRef::Leaked(s) => *s,
+        }
+    }
+
+    /// Whether nothing but this reference keeps the state alive (a leaked
+    /// state is always kept).
+    pub(crate) fn is_last(&self) -> bool {
+        matches!(self, SharedRef::Counted(a) if Arc::strong_count(a) == 1)
+    }
+}
+
+impl std::ops::Deref for SharedRef {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        match self {
+            SharedRef::Counted(a) => a,
+            SharedRef::Leaked(s) => s,
+        }
+    }
+}
+
+/// Moves `shared` into memory of its own, mapped from the kernel (not the
+/// heap, so that a global allocator can do this on its first call), and
+/// never gives it back.
+fn leak(shared: Shared) -> Result<&'static Shared, Error> {
+    let len = size_of::<Shared>();
+    // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::Io(std::io::Error::last_os_error()));
+    }
+    let p = p as *mut Shared;
+    // SAFETY: `p` is page-aligned (enough for `Shared`), writable, at least
+    // `len` bytes, and ours alone; it is never unmapped, so `'static` holds.
+    unsafe {
+        p.write(shared);
+        Ok(&*p)
+    }
+}
+
+impl Shared {
+    fn join(segment: Segment) -> Shared {
+        let mut engine = segment.engine();
+        engine.join();
+        Shared {
+            engine,
+            segment,
+            joined: std::time::Instant::now(),
+        }
     }
 }
 
@@ -72,17 +148,28 @@ impl std::fmt::Debug for Matrix {
 
 impl Matrix {
     fn from_segment(segment: Segment, backing: Backing) -> Matrix {
-        let mut engine = segment.engine();
-        engine.join();
         Matrix {
-            shared: Arc::new(Shared { engine, segment }),
+            shared: SharedRef::Counted(Arc::new(Shared::join(segment))),
             backing,
             keep: AtomicBool::new(false),
         }
     }
 
+    fn from_segment_leaked(segment: Segment, backing: Backing) -> Result<Matrix, Error> {
+        Ok(Matrix {
+            shared: SharedRef::Leaked(leak(Shared::join(segment))?),
+            backing,
+            keep: AtomicBool::new(false),
+        })
+    }
+
     fn engine(&self) -> &Engine {
         &self.shared.engine
+    }
+
+    /// How long ago this process mapped the segment.
+    pub(crate) fn age(&self) -> std::time::Duration {
+        self.shared.joined.elapsed()
     }
 
     /// Creates a new named shared-memory segment of `size` bytes under
@@ -100,6 +187,16 @@ impl Matrix {
             seg,
             Backing::Named { path, owner: true },
         ))
+    }
+
+    /// Like [`Matrix::create_with_id`], but without allocating from the
+    /// heap, so that a global allocator can call it on its first call (see
+    /// `matrix-alloc-global`). The mapping is never unmapped, even after the
+    /// handle is dropped; the name is removed on drop as usual.
+    pub fn create_with_id_leaked(id: Uuid, size: usize) -> Result<Matrix, Error> {
+        let path = segment::named_path(&id);
+        let seg = Segment::create_file(&path, size as u64, id)?;
+        Matrix::from_segment_leaked(seg, Backing::Named { path, owner: true })
     }
 
     /// Opens the named segment `id` created by any process.
@@ -143,7 +240,7 @@ impl Matrix {
                 Err(e) => return Err(e),
             }
         }
-        Err(last.unwrap_or(Error::NotFound(path)))
+        Err(last.unwrap_or(Error::NotFound(path.to_path_buf())))
     }
 
     /// Creates a segment in a new regular file at `path` (which must not
@@ -167,12 +264,19 @@ impl Matrix {
         Ok(Matrix::from_segment(seg, Backing::Anonymous))
     }
 
+    /// Like [`Matrix::anonymous`], but without allocating from the heap (see
+    /// [`Matrix::create_with_id_leaked`]). The mapping is never unmapped.
+    pub fn anonymous_leaked(size: usize) -> Result<Matrix, Error> {
+        let seg = Segment::anonymous(size as u64, Uuid::new_v4())?;
+        Matrix::from_segment_leaked(seg, Backing::Anonymous)
+    }
+
     /// Removes the named segment `id`. Processes that have it mapped keep
     /// using it; the memory is released when the last of them unmaps it.
     pub fn remove(id: Uuid) -> Result<(), Error> {
         let path = segment::named_path(&id);
-        std::fs::remove_file(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::NotFound(path),
+        std::fs::remove_file(&*path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(path.to_path_buf()),
             _ => Error::Io(e),
         })
     }
@@ -190,7 +294,8 @@ impl Matrix {
     /// The file behind the segment, if any.
     pub fn path(&self) -> Option<&Path> {
         match &self.backing {
-            Backing::Named { path, .. } | Backing::File(path) => Some(path),
+            Backing::Named { path, .. } => Some(path),
+            Backing::File(path) => Some(path),
             Backing::Anonymous => None,
         }
     }
@@ -214,6 +319,19 @@ impl Matrix {
         self.engine()
             .counters()
             .snapshot(self.engine().capacity(), self.engine().largest_free())
+    }
+
+    /// Starts the peaks (`max_bytes`, `max_blocks`, `max_block_bytes`) afresh
+    /// from the current values and returns the counters as they are then:
+    /// the base of a profiling window, as dhat starts one (see
+    /// [`Stats::since`]). Other threads' batched changes join at their next
+    /// flush, so a window is exact for work done by the calling thread.
+    pub fn reset_peak(&self) -> Stats {
+        self.flush_counters();
+        self.engine().counters().reset_peak();
+        // Re-bases this thread's batch on the new peak.
+        self.flush_counters();
+        self.stats()
     }
 
     fn flush_counters(&self) {
@@ -465,7 +583,7 @@ impl Drop for Matrix {
     fn drop(&mut self) {
         if let Backing::Named { path, owner: true } = &self.backing {
             if !self.keep.load(Relaxed) {
-                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(&**path);
             }
         }
     }

@@ -59,6 +59,28 @@ pub struct Stats {
     pub page_bytes: u64,
 }
 
+impl Stats {
+    /// What happened since `base`, counted as dhat counts a profile that
+    /// started at `base`: totals and current values are differences, and the
+    /// peaks are measured above `base`'s live blocks.
+    ///
+    /// `base` must come from [`Matrix::reset_peak`](crate::Matrix::reset_peak)
+    /// (so that the peaks belong to the window), and the window must not
+    /// free blocks allocated before it (dhat does not see those frees). The
+    /// capacity and memory figures are `self`'s.
+    pub fn since(&self, base: &Stats) -> Stats {
+        Stats {
+            total_blocks: self.total_blocks.wrapping_sub(base.total_blocks),
+            total_bytes: self.total_bytes.wrapping_sub(base.total_bytes),
+            curr_blocks: self.curr_blocks.wrapping_sub(base.curr_blocks),
+            curr_bytes: self.curr_bytes.wrapping_sub(base.curr_bytes),
+            max_blocks: self.max_blocks.wrapping_sub(base.curr_blocks),
+            max_bytes: self.max_bytes.wrapping_sub(base.curr_bytes),
+            ..*self
+        }
+    }
+}
+
 /// Counter changes a thread has made but not yet applied to the segment.
 ///
 /// Applying every change at once would cost several shared atomic RMWs per
@@ -190,6 +212,16 @@ impl Counters {
     /// Small-object pages held (in bytes), for `Stats::page_bytes`.
     pub(crate) fn add_page_bytes(&self, bytes: i64) {
         apply(&self.page_bytes, bytes);
+    }
+
+    /// Starts the peaks afresh from the current values (see
+    /// `Matrix::reset_peak`).
+    pub(crate) fn reset_peak(&self) {
+        self.max_bytes.store(self.curr_bytes.load(Relaxed), Relaxed);
+        self.max_blocks
+            .store(self.curr_blocks.load(Relaxed), Relaxed);
+        self.max_block_bytes
+            .store(self.block_bytes.load(Relaxed), Relaxed);
     }
 
     pub(crate) fn snapshot(&self, capacity: u64, largest_free: u64) -> Stats {

@@ -2,6 +2,8 @@
 //! the peak bytes the segment had to provide against the peak live bytes
 //! users asked for (dhat's `max_bytes`).
 
+mod common;
+
 use matrix_alloc::Matrix;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::alloc::Layout;

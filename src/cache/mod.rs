@@ -28,13 +28,12 @@ use page::{Page, FREE, REMOTE};
 
 use crate::engine::words::{ListHead, NIL};
 use crate::engine::{Engine, PAGE_MARK, SLOTS};
-use crate::matrix::Shared;
+use crate::matrix::SharedRef;
 use crate::stats::Delta;
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use crate::Error;
 use std::cell::UnsafeCell;
 use std::ptr::NonNull;
-use std::sync::Arc;
 
 /// The largest request served from pages.
 pub(crate) const SMALL_MAX: usize = 1024;
@@ -86,7 +85,7 @@ static THREAD_NUMBERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU
 
 /// One thread's cache for one segment.
 pub(crate) struct Heap {
-    shared: Arc<Shared>,
+    shared: SharedRef,
     token: u64,
     /// The page each class allocates from (page number, or NIL).
     current: [u32; SMALL_CLASSES],
@@ -100,7 +99,7 @@ pub(crate) struct Heap {
 }
 
 impl Heap {
-    fn new(shared: Arc<Shared>) -> Heap {
+    fn new(shared: SharedRef) -> Heap {
         let (slot, gen) = shared.engine.slot_identity();
         let thread = THREAD_NUMBERS.fetch_add(1, Relaxed);
         let delta = shared.engine.counters().fresh_delta();
@@ -391,7 +390,7 @@ pub(crate) fn census(engine: &Engine) -> (u64, u64, u64) {
 
 /// Gives back what caches hold without use: the calling thread's empty
 /// pages, and abandoned pages whose blocks were all freed since.
-pub(crate) fn trim(shared: &Arc<Shared>) {
+pub(crate) fn trim(shared: &SharedRef) {
     let engine = &shared.engine;
     with_heap(shared, |heap| {
         for class in 0..SMALL_CLASSES {
@@ -525,18 +524,11 @@ fn pop_pooled(engine: &Engine) -> Option<Page> {
 /// memory and from `Matrix::reclaim_dead`.
 pub(crate) fn reclaim_dead(engine: &Engine) -> usize {
     let mut taken = 0;
-    // Collected first, so that the page table is not walked while pages are
-    // released.
-    let dead: Vec<usize> = engine
-        .marked_pages()
-        .filter(|n| {
-            owner_dead(
-                engine,
-                page_at(engine, *n as u32).header().owner.load(Acquire),
-            )
-        })
-        .collect();
-    for n in dead {
+    // Walking the page table while pages are released is fine: each entry
+    // is read once, atomically, and every candidate is re-checked below.
+    // (No allocation here: this runs on the out-of-memory path, also when
+    // the matrix is the global allocator.)
+    for n in engine.marked_pages() {
         let page = page_at(engine, n as u32);
         let h = page.header();
         let owner = h.owner.load(Acquire);
@@ -601,7 +593,7 @@ thread_local! {
 /// and is reset whenever an entry is retired (`find`) or the thread exits.
 #[derive(Clone, Copy)]
 struct Fast {
-    shared: *const Shared,
+    shared: *const crate::matrix::Shared,
     heap: *mut Heap,
     busy: bool,
 }
@@ -620,14 +612,14 @@ thread_local! {
 /// `None` when no heap can be had: during thread teardown, on re-entry, or
 /// when the thread already caches `MAX_HEAPS` other live segments.
 #[inline]
-pub(crate) fn with_heap<R>(shared: &Arc<Shared>, f: impl FnOnce(&mut Heap) -> R) -> Option<R> {
+pub(crate) fn with_heap<R>(shared: &SharedRef, f: impl FnOnce(&mut Heap) -> R) -> Option<R> {
     FAST.with(|fast| {
         let cur = fast.get();
         if cur.busy {
             return None;
         }
         fast.set(Fast { busy: true, ..cur });
-        let heap = if cur.shared == Arc::as_ptr(shared) {
+        let heap = if cur.shared == shared.as_ptr() {
             cur.heap
         } else {
             find(shared, fast)
@@ -646,7 +638,7 @@ pub(crate) fn with_heap<R>(shared: &Arc<Shared>, f: impl FnOnce(&mut Heap) -> R)
 /// Slow path of `with_heap`: finds or makes the heap and remembers it.
 #[cold]
 #[inline(never)]
-fn find(shared: &Arc<Shared>, fast: &std::cell::Cell<Fast>) -> *mut Heap {
+fn find(shared: &SharedRef, fast: &std::cell::Cell<Fast>) -> *mut Heap {
     let heap = HEAPS
         .try_with(|cell| {
             // SAFETY: the cell is this thread's and `busy` is set, so no other
@@ -661,7 +653,7 @@ fn find(shared: &Arc<Shared>, fast: &std::cell::Cell<Fast>) -> *mut Heap {
         shared: if heap.is_null() {
             std::ptr::null()
         } else {
-            Arc::as_ptr(shared)
+            shared.as_ptr()
         },
         heap,
         busy: true,
@@ -695,11 +687,11 @@ pub(crate) fn flush_thread() {
 
 impl Heaps {
     #[inline]
-    fn find_or_make(&mut self, shared: &Arc<Shared>) -> Option<&mut Heap> {
-        let at = self
-            .entries
-            .iter()
-            .position(|e| e.as_ref().is_some_and(|h| Arc::ptr_eq(&h.shared, shared)));
+    fn find_or_make(&mut self, shared: &SharedRef) -> Option<&mut Heap> {
+        let at = self.entries.iter().position(|e| {
+            e.as_ref()
+                .is_some_and(|h| h.shared.as_ptr() == shared.as_ptr())
+        });
         let at = match at {
             Some(i) => i,
             None => self.make(shared)?,
@@ -708,13 +700,10 @@ impl Heaps {
     }
 
     #[cold]
-    fn make(&mut self, shared: &Arc<Shared>) -> Option<usize> {
+    fn make(&mut self, shared: &SharedRef) -> Option<usize> {
         // Heaps of segments whose last `Matrix` is gone are retired first.
         for entry in self.entries.iter_mut() {
-            if entry
-                .as_ref()
-                .is_some_and(|h| Arc::strong_count(&h.shared) == 1)
-            {
+            if entry.as_ref().is_some_and(|h| h.shared.is_last()) {
                 if let Some(mut heap) = entry.take() {
                     heap.retire();
                 }

@@ -17,7 +17,7 @@ use memmap2::{MmapOptions, MmapRaw};
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Smallest segment accepted.
@@ -223,6 +223,35 @@ pub(crate) const SHM_DIR: &str = "/dev/shm";
 pub(crate) const NAME_PREFIX: &str = "matrix-alloc-";
 
 /// The path of the named segment with this id.
-pub(crate) fn named_path(id: &uuid::Uuid) -> PathBuf {
-    Path::new(SHM_DIR).join(format!("{NAME_PREFIX}{}", id.as_hyphenated()))
+pub(crate) fn named_path(id: &uuid::Uuid) -> NamedPath {
+    let mut buf = [0u8; NAMED_PATH_LEN];
+    let (dir, prefix) = (SHM_DIR.as_bytes(), NAME_PREFIX.as_bytes());
+    buf[..dir.len()].copy_from_slice(dir);
+    buf[dir.len()] = b'/';
+    let name = dir.len() + 1;
+    buf[name..name + prefix.len()].copy_from_slice(prefix);
+    id.as_hyphenated()
+        .encode_lower(&mut buf[name + prefix.len()..]);
+    NamedPath(buf)
+}
+
+const NAMED_PATH_LEN: usize = SHM_DIR.len() + 1 + NAME_PREFIX.len() + uuid::fmt::Hyphenated::LENGTH;
+
+/// The path of a named segment, held inline: making one does not allocate,
+/// which the allocation-free constructors rely on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NamedPath([u8; NAMED_PATH_LEN]);
+
+impl std::ops::Deref for NamedPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        use std::os::unix::ffi::OsStrExt;
+        Path::new(std::ffi::OsStr::from_bytes(&self.0))
+    }
+}
+
+impl std::fmt::Debug for NamedPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
 }

@@ -4,6 +4,24 @@
 #![allow(clippy::undocumented_unsafe_blocks)]
 
 use matrix_alloc::Matrix;
+
+/// With `--features global-alloc-tests`, every test binary runs with the
+/// matrix as its global allocator (its own private segment).
+#[cfg(feature = "global-alloc-tests")]
+#[global_allocator]
+static GLOBAL: matrix_alloc_global::MatrixGlobal = matrix_alloc_global::MatrixGlobal::new();
+
+/// Runs in every test binary that includes this module: its allocations do
+/// go through the matrix, and mapping the segment allocated nothing.
+#[cfg(feature = "global-alloc-tests")]
+#[test]
+fn global_allocator_is_the_matrix() {
+    let before = GLOBAL.stats().unwrap().total_blocks;
+    let v = std::hint::black_box(vec![1u8; 100]);
+    assert!(GLOBAL.stats().unwrap().total_blocks > before);
+    assert!(GLOBAL.matrix().unwrap().offset_of(v.as_ptr()).is_some());
+    assert_eq!(GLOBAL.early_bytes(), 0);
+}
 use std::alloc::Layout;
 use std::ptr::NonNull;
 
