@@ -149,7 +149,9 @@ impl Delta {
 
     #[inline]
     fn mark_peak(&mut self) {
-        if self.bytes >= self.seen_max {
+        // Signed: a thread's view can dip below zero while another thread
+        // has not yet applied the allocations this one frees.
+        if self.bytes as i64 >= self.seen_max as i64 {
             self.seen_max = self.bytes;
             self.peak = Some((self.bytes, self.blocks));
         }
@@ -166,7 +168,7 @@ impl Counters {
     /// Applies a thread's pending changes and re-bases it on the result.
     pub(crate) fn flush(&self, d: &mut Delta) {
         if let Some((bytes, blocks)) = d.peak.take() {
-            if bytes >= self.max_bytes.load(Relaxed) {
+            if bytes as i64 >= 0 && bytes >= self.max_bytes.load(Relaxed) {
                 self.max_bytes.fetch_max(bytes, Relaxed);
                 self.max_blocks.store(blocks, Relaxed);
             }
@@ -229,8 +231,8 @@ impl Counters {
         Stats {
             total_blocks: self.total_blocks.load(Relaxed),
             total_bytes: self.total_bytes.load(Relaxed),
-            curr_blocks: self.curr_blocks.load(Relaxed),
-            curr_bytes: self.curr_bytes.load(Relaxed),
+            curr_blocks: not_below_zero(self.curr_blocks.load(Relaxed)),
+            curr_bytes: not_below_zero(self.curr_bytes.load(Relaxed)),
             max_blocks: self.max_blocks.load(Relaxed),
             max_bytes: self.max_bytes.load(Relaxed),
             capacity,
@@ -243,6 +245,13 @@ impl Counters {
     }
 }
 
+/// A current count read as signed: it is below zero for a moment when
+/// blocks were freed by one thread and their allocation is still in another
+/// thread's batch; that reads as 0.
+fn not_below_zero(v: u64) -> u64 {
+    (v as i64).max(0) as u64
+}
+
 /// Adds a signed change to a counter; returns the new value.
 fn apply(counter: &AtomicU64, change: i64) -> u64 {
     if change >= 0 {
@@ -253,5 +262,30 @@ fn apply(counter: &AtomicU64, change: i64) -> u64 {
         counter
             .fetch_sub(change.unsigned_abs(), Relaxed)
             .wrapping_sub(change.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_below_zero_is_no_peak_and_reads_as_zero() {
+        let c = Counters::default();
+        // Thread B frees a block that thread A allocated but has not counted yet.
+        let mut a = c.fresh_delta();
+        let mut b = c.fresh_delta();
+        a.on_alloc(100);
+        b.on_free(100);
+        c.flush(&mut b);
+        let s = c.snapshot(0, 0);
+        assert_eq!((s.curr_blocks, s.curr_bytes, s.max_bytes), (0, 0, 0));
+        c.flush(&mut a);
+        let s = c.snapshot(0, 0);
+        assert_eq!((s.curr_blocks, s.curr_bytes), (0, 0));
+        assert_eq!(
+            (s.total_blocks, s.total_bytes, s.max_bytes, s.max_blocks),
+            (1, 100, 100, 1)
+        );
     }
 }
