@@ -1,0 +1,177 @@
+#![allow(dead_code)] // each includer uses part of it
+//! The dhat comparison: one workload, measured in two child processes of
+//! the running binary, one under `dhat::Alloc`, one under `MatrixGlobal`
+//! (see `chosen_alloc`). Each child also writes a dhat-format profile.
+
+use super::chosen_alloc::{self, Chosen, Under};
+use super::workload;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// dhat's six `HeapStats` numbers, and what the matrix had to provide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counts {
+    pub total_blocks: u64,
+    pub total_bytes: u64,
+    pub curr_blocks: u64,
+    pub curr_bytes: u64,
+    pub max_blocks: u64,
+    pub max_bytes: u64,
+    /// Peak heap bytes the matrix had to provide during the workload
+    /// (blocks with their headers, and the small-object pages); 0 for dhat.
+    pub provided: u64,
+}
+
+impl Counts {
+    fn line(&self) -> String {
+        format!(
+            "counts {} {} {} {} {} {} {}",
+            self.total_blocks,
+            self.total_bytes,
+            self.curr_blocks,
+            self.curr_bytes,
+            self.max_blocks,
+            self.max_bytes,
+            self.provided
+        )
+    }
+
+    fn parse(out: &str) -> Option<Counts> {
+        let line = out.lines().find_map(|l| l.strip_prefix("counts "))?;
+        let v: Vec<u64> = line
+            .split(' ')
+            .map(|w| w.parse().ok())
+            .collect::<Option<_>>()?;
+        let [total_blocks, total_bytes, curr_blocks, curr_bytes, max_blocks, max_bytes, provided] =
+            v[..]
+        else {
+            return None;
+        };
+        Some(Counts {
+            total_blocks,
+            total_bytes,
+            curr_blocks,
+            curr_bytes,
+            max_blocks,
+            max_bytes,
+            provided,
+        })
+    }
+
+    /// The six numbers of a dhat-format profile: summed over its program
+    /// points (dhat's `gb`/`gbk` at the global peak sum to `max_*`).
+    pub fn from_profile(json: &serde_json::Value) -> Option<Counts> {
+        let sum = |key: &str| -> Option<u64> {
+            json["pps"]
+                .as_array()?
+                .iter()
+                .map(|pp| pp[key].as_u64())
+                .sum()
+        };
+        Some(Counts {
+            total_blocks: sum("tbk")?,
+            total_bytes: sum("tb")?,
+            curr_blocks: sum("ebk")?,
+            curr_bytes: sum("eb")?,
+            max_blocks: sum("gbk")?,
+            max_bytes: sum("gb")?,
+            provided: 0,
+        })
+    }
+
+    pub fn requested(&self) -> [u64; 6] {
+        [
+            self.total_blocks,
+            self.total_bytes,
+            self.curr_blocks,
+            self.curr_bytes,
+            self.max_blocks,
+            self.max_bytes,
+        ]
+    }
+}
+
+/// The profile file a child writes into `dir`.
+pub fn profile_path(dir: &Path, under: Under) -> PathBuf {
+    dir.join(format!("{}-heap.json", under.name()))
+}
+
+/// In a child: runs the workload under this process's allocator, prints
+/// its counts and writes the profile into `dir`.
+pub fn child(alloc: &Chosen, words: usize, dir: &Path) {
+    let under = alloc.under();
+    let path = profile_path(dir, under);
+    let counts = match under {
+        Under::Dhat => {
+            let profiler = dhat::Profiler::builder().file_name(&path).build();
+            let report = workload::run(words);
+            let s = dhat::HeapStats::get();
+            // The profile is written with the report still live, so that
+            // its end state is the one measured.
+            drop(profiler);
+            drop(report);
+            Counts {
+                total_blocks: s.total_blocks,
+                total_bytes: s.total_bytes,
+                curr_blocks: s.curr_blocks as u64,
+                curr_bytes: s.curr_bytes as u64,
+                max_blocks: s.max_blocks as u64,
+                max_bytes: s.max_bytes as u64,
+                provided: 0,
+            }
+        }
+        Under::Matrix => {
+            let m = chosen_alloc::MATRIX
+                .matrix()
+                .expect("the segment is mapped");
+            let base = m.reset_peak();
+            let start = Instant::now();
+            let report = workload::run(words);
+            let after = m.stats();
+            let elapsed = start.elapsed();
+            let s = after.since(&base);
+            let json = s.to_dhat_json(elapsed, "matrix-alloc: the workload");
+            std::fs::write(&path, json).expect("profile written");
+            drop(report);
+            Counts {
+                total_blocks: s.total_blocks,
+                total_bytes: s.total_bytes,
+                curr_blocks: s.curr_blocks,
+                curr_bytes: s.curr_bytes,
+                max_blocks: s.max_blocks,
+                max_bytes: s.max_bytes,
+                provided: after.max_block_bytes - base.block_bytes,
+            }
+        }
+        other => panic!("the child runs under dhat or the matrix, not {other:?}"),
+    };
+    println!("{}", counts.line());
+}
+
+/// Runs this binary as a child under `under`; its counts.
+pub fn spawn(under: Under, words: usize, dir: &Path) -> Counts {
+    let out = Command::new(std::env::current_exe().expect("own path"))
+        .arg("--child")
+        .arg(dir)
+        .arg(words.to_string())
+        .env(chosen_alloc::VAR, under.name())
+        .output()
+        .expect("child started");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{} child failed: {}\n{}",
+        under.name(),
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Counts::parse(&stdout).unwrap_or_else(|| panic!("no counts in {stdout}"))
+}
+
+/// `Some((dir, words))` when this process is a child.
+pub fn child_args() -> Option<(PathBuf, usize)> {
+    let args: Vec<String> = std::env::args().collect();
+    let at = args.iter().position(|a| a == "--child")?;
+    Some((args.get(at + 1)?.into(), args.get(at + 2)?.parse().ok()?))
+}
