@@ -234,3 +234,68 @@ fn blocks_outlive_their_thread_and_abandoned_pages_come_back() {
     }
     assert_pristine(&m);
 }
+
+/// Full pages that other threads free into are found again by their owner
+/// (a few per slow allocation), and pages the owner frees into leave the
+/// full ring at once: a second round of the same allocations needs no new
+/// pages. Blocks stay disjoint throughout.
+#[test]
+fn full_pages_freed_into_are_reused() {
+    let m = Matrix::anonymous(64 << 20).unwrap();
+    const N: usize = 20_000;
+    std::thread::scope(|s| {
+        let owner = s.spawn(|| {
+            let round = |n: usize, tag: u64| -> Vec<usize> {
+                (0..n)
+                    .map(|i| {
+                        let p = m.alloc(layout(48, 8)).unwrap();
+                        stamp(p, 48, tag + i as u64);
+                        p.as_ptr() as usize
+                    })
+                    .collect()
+            };
+            let first = round(N, 0);
+            let pages = m.stats().page_bytes;
+            // Another thread frees every other block (remote frees into
+            // full pages); this thread frees a few more itself.
+            let (theirs, mine): (Vec<_>, Vec<_>) =
+                first.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+            std::thread::scope(|s2| {
+                s2.spawn(|| {
+                    for (i, p) in &theirs {
+                        let p = NonNull::new(**p as *mut u8).unwrap();
+                        assert!(has_stamp(p, 48, *i as u64));
+                        unsafe { m.free(p).unwrap() };
+                    }
+                });
+            });
+            for (i, p) in mine.iter().step_by(10) {
+                let p = NonNull::new(**p as *mut u8).unwrap();
+                assert!(has_stamp(p, 48, *i as u64));
+                unsafe { m.free(p).unwrap() };
+            }
+            // As many as were freed: all fit in the pages there are.
+            let freed = theirs.len() + mine.len().div_ceil(10);
+            let second = round(freed, 1 << 32);
+            assert_eq!(
+                m.stats().page_bytes,
+                pages,
+                "the second round reused the freed blocks"
+            );
+            let mut live: Vec<usize> = mine
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| k % 10 != 0)
+                .map(|(_, (_, p))| **p)
+                .collect();
+            live.extend(&second);
+            live.sort_unstable();
+            assert!(live.windows(2).all(|w| w[1] - w[0] >= 48), "blocks overlap");
+            for p in live {
+                unsafe { m.free(NonNull::new(p as *mut u8).unwrap()).unwrap() };
+            }
+        });
+        owner.join().unwrap();
+    });
+    assert_pristine(&m);
+}

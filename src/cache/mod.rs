@@ -22,9 +22,11 @@
 //! engine allocation); `Matrix::trim` gives both back to the engine.
 
 mod page;
+mod ring;
 
 pub(crate) use page::PAGE_SIZE;
 use page::{Page, FREE, REMOTE};
+use ring::Ring;
 
 use crate::engine::words::{ListHead, NIL};
 use crate::engine::{Engine, PAGE_MARK, SLOTS};
@@ -39,6 +41,8 @@ use std::ptr::NonNull;
 pub(crate) const SMALL_MAX: usize = 1024;
 /// Size classes: 16, 32, ..., `SMALL_MAX` bytes.
 pub(crate) const SMALL_CLASSES: usize = SMALL_MAX / 16;
+/// Full pages a slow allocation looks at for remote frees (`revisit_full`).
+const REVISIT_FULL: usize = 8;
 /// Empty pages a thread keeps for reuse (per segment): 512 KiB.
 const STASH_PAGES: usize = 8;
 
@@ -89,8 +93,10 @@ pub(crate) struct Heap {
     token: u64,
     /// The page each class allocates from (page number, or NIL).
     current: [u32; SMALL_CLASSES],
-    /// Head of the owned-page list of each class (page numbers).
-    owned: [u32; SMALL_CLASSES],
+    /// Per class, the owned pages that may have free blocks, and those that
+    /// were full when last looked at (see `ring`).
+    available: [Ring; SMALL_CLASSES],
+    full: [Ring; SMALL_CLASSES],
     /// Empty pages kept for reuse by any class, so that a thread that frees
     /// everything and allocates again does not go back to the engine.
     stash: [u32; STASH_PAGES],
@@ -107,7 +113,8 @@ impl Heap {
             token: make_token(slot, gen, thread),
             shared,
             current: [NIL; SMALL_CLASSES],
-            owned: [NIL; SMALL_CLASSES],
+            available: [Ring::EMPTY; SMALL_CLASSES],
+            full: [Ring::EMPTY; SMALL_CLASSES],
             stash: [NIL; STASH_PAGES],
             stashed: 0,
             delta,
@@ -146,23 +153,27 @@ impl Heap {
     }
 
     /// A page of `class` with a free block: the current page after
-    /// collecting its remote frees, another owned page, an abandoned page,
-    /// a new page, or (when the engine is out of memory) a page taken over
-    /// from a dead process.
+    /// collecting its remote frees, another page of the class's available
+    /// ring (full ones move to the full ring on the way), a full page that
+    /// other threads have freed into since, an abandoned page, a new page,
+    /// or (when the engine is out of memory) a page taken over from a dead
+    /// process.
     fn find_page(&mut self, class: usize) -> Option<Page> {
         let cur = self.current[class];
         if cur != NIL && (self.page(cur).collect() || self.page(cur).has_free()) {
             return Some(self.page(cur));
         }
-        let mut n = self.owned[class];
-        while n != NIL {
+        // Each turn returns or moves the head to the full ring: it ends.
+        while let Some(n) = self.available[class].head() {
             let page = self.page(n);
-            let next = page.header().next_owned.load(Relaxed);
             page.collect();
             if page.has_free() {
                 return Some(page);
             }
-            n = next;
+            self.set_full(class, page, true);
+        }
+        if let Some(page) = self.revisit_full(class) {
+            return Some(page);
         }
         if let Some(page) = self.adopt(class) {
             return Some(page);
@@ -174,31 +185,51 @@ impl Heap {
         self.adopt(class).or_else(|| self.new_page(class))
     }
 
-    fn link_owned(&mut self, class: usize, page: Page) {
-        let n = page_number(self.engine(), page);
-        let h = page.header();
-        h.prev_owned.store(NIL, Relaxed);
-        h.next_owned.store(self.owned[class], Relaxed);
-        if self.owned[class] != NIL {
-            self.page(self.owned[class])
-                .header()
-                .prev_owned
-                .store(n, Relaxed);
+    /// Looks at a few full pages, oldest first, for blocks that other
+    /// threads freed since (the owner's own frees move a page back at
+    /// once). Bounded, so that a slow allocation costs O(1) however many
+    /// full pages the thread owns; the ring turns, so every full page is
+    /// looked at again after a while.
+    fn revisit_full(&mut self, class: usize) -> Option<Page> {
+        for _ in 0..REVISIT_FULL {
+            let page = self.page(self.full[class].head()?);
+            if page.collect() {
+                self.set_full(class, page, false);
+                return Some(page);
+            }
+            self.full[class].rotate(&self.shared.engine);
         }
-        self.owned[class] = n;
+        None
     }
 
-    fn unlink_owned(&mut self, class: usize, page: Page) {
-        let h = page.header();
-        let (prev, next) = (h.prev_owned.load(Relaxed), h.next_owned.load(Relaxed));
-        if prev == NIL {
-            self.owned[class] = next;
+    /// Puts a page that just became ours on the class's available ring.
+    fn link(&mut self, class: usize, page: Page) {
+        page.header().full.store(0, Relaxed);
+        let n = page_number(self.engine(), page);
+        self.available[class].push(&self.shared.engine, n);
+    }
+
+    /// Takes an owned page off whichever ring it is on.
+    fn unlink(&mut self, class: usize, page: Page) {
+        let n = page_number(self.engine(), page);
+        let ring = match page.header().full.load(Relaxed) {
+            0 => &mut self.available[class],
+            _ => &mut self.full[class],
+        };
+        ring.remove(&self.shared.engine, n);
+    }
+
+    /// Moves an owned page to the full ring, or back.
+    fn set_full(&mut self, class: usize, page: Page, full: bool) {
+        self.unlink(class, page);
+        let n = page_number(self.engine(), page);
+        let ring = if full {
+            &mut self.full[class]
         } else {
-            self.page(prev).header().next_owned.store(next, Relaxed);
-        }
-        if next != NIL {
-            self.page(next).header().prev_owned.store(prev, Relaxed);
-        }
+            &mut self.available[class]
+        };
+        ring.push(&self.shared.engine, n);
+        page.header().full.store(full as u32, Relaxed);
     }
 
     fn new_page(&mut self, class: usize) -> Option<Page> {
@@ -212,7 +243,7 @@ impl Heap {
             // SAFETY: a stashed page is empty and ours: no live block points
             // into it, so nothing but a double free can touch it.
             unsafe { page.init(class as u32, block_size(class), self.token) };
-            self.link_owned(class, page);
+            self.link(class, page);
             return Some(page);
         }
         let engine = self.engine();
@@ -224,13 +255,13 @@ impl Heap {
         // unreachable until marked below.
         unsafe { page.init(class as u32, block_size(class), self.token) };
         engine.set_page(page_number(engine, page) as usize, true);
-        self.link_owned(class, page);
+        self.link(class, page);
         Some(page)
     }
 
     /// Lets go of an empty owned page: into the stash, or back to the engine.
     fn release(&mut self, class: usize, page: Page) {
-        self.unlink_owned(class, page);
+        self.unlink(class, page);
         let n = page_number(self.engine(), page);
         if self.current[class] == n {
             self.current[class] = NIL;
@@ -264,7 +295,7 @@ impl Heap {
                 continue; // cannot happen: abandoned pages have no owner
             }
             page.collect();
-            self.link_owned(class, page);
+            self.link(class, page);
             if page.has_free() {
                 return Some(page);
             }
@@ -286,15 +317,24 @@ impl Heap {
         if h.owner.load(Relaxed) == self.token {
             entry.store(FREE, Relaxed);
             let requested = s as u64 - 1;
-            if page.push_local(i) == 0 {
-                let class = h.class as usize;
-                if self.current[class] != page_number(self.engine(), page) {
-                    self.release(class, page);
-                }
+            let used = page.push_local(i);
+            if used == 0 || h.full.load(Relaxed) != 0 {
+                self.freed_into(page, used);
             }
             Ok(requested)
         } else {
             free_remote(page, i)
+        }
+    }
+
+    /// After an owner free that emptied `page` or freed into a full one.
+    #[cold]
+    fn freed_into(&mut self, page: Page, used: u32) {
+        let class = page.header().class as usize;
+        if used == 0 && self.current[class] != page_number(self.engine(), page) {
+            self.release(class, page);
+        } else if page.header().full.load(Relaxed) != 0 {
+            self.set_full(class, page, false);
         }
     }
 
@@ -303,13 +343,13 @@ impl Heap {
     fn retire(&mut self) {
         for class in 0..SMALL_CLASSES {
             self.current[class] = NIL;
-            while self.owned[class] != NIL {
-                let page = self.page(self.owned[class]);
+            while let Some(n) = self.available[class].head().or(self.full[class].head()) {
+                let page = self.page(n);
                 page.collect();
                 if page.used() == 0 {
                     self.release(class, page);
                 } else {
-                    self.unlink_owned(class, page);
+                    self.unlink(class, page);
                     page.header().owner.store(0, Release);
                     push_abandoned(self.engine(), class, page);
                 }
@@ -395,13 +435,29 @@ pub(crate) fn trim(shared: &SharedRef) {
     with_heap(shared, |heap| {
         for class in 0..SMALL_CLASSES {
             heap.current[class] = NIL;
-            let mut n = heap.owned[class];
-            while n != NIL {
-                let page = heap.page(n);
-                n = page.header().next_owned.load(Relaxed);
-                page.collect();
-                if page.used() == 0 {
-                    heap.release(class, page);
+            for full in [false, true] {
+                let ring = |h: &Heap| {
+                    if full {
+                        h.full[class]
+                    } else {
+                        h.available[class]
+                    }
+                };
+                // Visits each page once: released pages leave the ring,
+                // kept ones are rotated behind.
+                let mut left = ring(heap).len(heap.engine());
+                while left > 0 {
+                    left -= 1;
+                    let Some(n) = ring(heap).head() else { break };
+                    let page = heap.page(n);
+                    page.collect();
+                    if page.used() == 0 {
+                        heap.release(class, page);
+                    } else if full {
+                        heap.full[class].rotate(&heap.shared.engine);
+                    } else {
+                        heap.available[class].rotate(&heap.shared.engine);
+                    }
                 }
             }
         }

@@ -18,7 +18,7 @@
 //!   there (`REMOTE`); blocks at or above `bump` are `FREE` and in no list;
 //! - `used` == allocated blocks + `REMOTE` blocks not yet collected;
 //! - only the owner (the thread whose token is in `owner`) touches `local`,
-//!   `bump`, `used` and the owned-list links; anyone may push on `remote`.
+//!   `bump`, `used` and the ring links and `full`; anyone may push on `remote`.
 //!
 //! Orderings: a remote free stores `REMOTE` into `sizes` and the link into
 //! the block, then pushes with a `Release` CAS; the owner takes the whole list
@@ -53,9 +53,11 @@ pub(crate) struct PageHeader {
     local: AtomicU32,
     bump: AtomicU32,
     used: AtomicU32,
-    /// Owner's doubly-linked list of its pages of this class (page numbers).
+    /// Links of the owner's ring of its pages of this class (page numbers;
+    /// see `ring`), and which of the class's two rings it is on.
     pub(crate) next_owned: AtomicU32,
     pub(crate) prev_owned: AtomicU32,
+    pub(crate) full: AtomicU32,
 }
 
 const HEADER_BYTES: usize = size_of::<PageHeader>();
@@ -165,6 +167,7 @@ impl Page {
                 used: AtomicU32::new(0),
                 next_owned: AtomicU32::new(NIL),
                 prev_owned: AtomicU32::new(NIL),
+                full: AtomicU32::new(0),
             });
             std::ptr::write_bytes(self.0.add(HEADER_BYTES), 0, 2 * capacity as usize);
         }
