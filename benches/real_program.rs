@@ -76,6 +76,8 @@ fn main() {
 
 /// Runs the program in a child under `under`: (wall time, peak RSS in KiB,
 /// the program's checksum).
+// The child is reaped by `wait4` (for its rusage), not by `Child::wait`.
+#[allow(clippy::zombie_processes)]
 fn run_child(under: Under) -> (Duration, u64, u64) {
     let start = Instant::now();
     let child = Command::new(std::env::current_exe().unwrap())
