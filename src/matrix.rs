@@ -64,35 +64,58 @@ impl Drop for Shared {
 
 /// How a handle (and each thread cache made through it) holds the shared
 /// state: reference-counted, or leaked for the rest of the process by the
-/// allocation-free constructors that global allocators use.
+/// allocation-free constructors that global allocators use. The pointer is
+/// kept apart from the count so that the hot path reads it with one load.
 #[derive(Clone)]
-pub(crate) enum SharedRef {
-    Counted(Arc<Shared>),
-    Leaked(&'static Shared),
+pub(crate) struct SharedRef {
+    ptr: NonNull<Shared>,
+    /// `None` for a leaked state.
+    counted: Option<Arc<Shared>>,
 }
 
+// SAFETY: a `SharedRef` is an `Arc<Shared>` or a `&'static Shared`, both
+// of which are `Send` and `Sync` because `Shared` is `Sync` and `Send`.
+unsafe impl Send for SharedRef {}
+// SAFETY: as above.
+unsafe impl Sync for SharedRef {}
+
 impl SharedRef {
-    pub(crate) fn as_ptr(&self) -> *const Shared {
-        match self {
-            SharedRef::Counted(a) => Arc::as_ptr(a),
-            SharedRef::Leaked(s) => *s,
+    fn counted(shared: Shared) -> SharedRef {
+        let arc = Arc::new(shared);
+        SharedRef {
+            ptr: NonNull::from(&*arc),
+            counted: Some(arc),
         }
+    }
+
+    fn leaked(shared: &'static Shared) -> SharedRef {
+        SharedRef {
+            ptr: NonNull::from(shared),
+            counted: None,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn as_ptr(&self) -> *const Shared {
+        self.ptr.as_ptr()
     }
 
     /// Whether nothing but this reference keeps the state alive (a leaked
     /// state is always kept).
     pub(crate) fn is_last(&self) -> bool {
-        matches!(self, SharedRef::Counted(a) if Arc::strong_count(a) == 1)
+        self.counted
+            .as_ref()
+            .is_some_and(|a| Arc::strong_count(a) == 1)
     }
 }
 
 impl std::ops::Deref for SharedRef {
     type Target = Shared;
+    #[inline]
     fn deref(&self) -> &Shared {
-        match self {
-            SharedRef::Counted(a) => a,
-            SharedRef::Leaked(s) => s,
-        }
+        // SAFETY: `ptr` points to the `Arc`'s value, alive while `counted`
+        // holds it, or to a leaked `Shared` that lives until the process ends.
+        unsafe { self.ptr.as_ref() }
     }
 }
 
@@ -149,7 +172,7 @@ impl std::fmt::Debug for Matrix {
 impl Matrix {
     fn from_segment(segment: Segment, backing: Backing) -> Matrix {
         Matrix {
-            shared: SharedRef::Counted(Arc::new(Shared::join(segment))),
+            shared: SharedRef::counted(Shared::join(segment)),
             backing,
             keep: AtomicBool::new(false),
         }
@@ -157,7 +180,7 @@ impl Matrix {
 
     fn from_segment_leaked(segment: Segment, backing: Backing) -> Result<Matrix, Error> {
         Ok(Matrix {
-            shared: SharedRef::Leaked(leak(Shared::join(segment))?),
+            shared: SharedRef::leaked(leak(Shared::join(segment))?),
             backing,
             keep: AtomicBool::new(false),
         })

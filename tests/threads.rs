@@ -261,13 +261,14 @@ fn full_pages_freed_into_are_reused() {
             let (theirs, mine): (Vec<_>, Vec<_>) =
                 first.iter().enumerate().partition(|(i, _)| i % 2 == 0);
             std::thread::scope(|s2| {
-                s2.spawn(|| {
+                let freer = s2.spawn(|| {
                     for (i, p) in &theirs {
                         let p = NonNull::new(**p as *mut u8).unwrap();
                         assert!(has_stamp(p, 48, *i as u64));
                         unsafe { m.free(p).unwrap() };
                     }
                 });
+                join_all(vec![freer]);
             });
             for (i, p) in mine.iter().step_by(10) {
                 let p = NonNull::new(**p as *mut u8).unwrap();

@@ -34,7 +34,7 @@ use crate::matrix::SharedRef;
 use crate::stats::Delta;
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use crate::Error;
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
 use std::ptr::NonNull;
 
 /// The largest request served from pages.
@@ -318,7 +318,9 @@ impl Heap {
             entry.store(FREE, Relaxed);
             let requested = s as u64 - 1;
             let used = page.push_local(i);
-            if used == 0 || h.full.load(Relaxed) != 0 {
+            if h.full.load(Relaxed) != 0
+                || (used == 0 && self.current[h.class as usize] != page_number(self.engine(), page))
+            {
                 self.freed_into(page, used);
             }
             Ok(requested)
@@ -622,10 +624,8 @@ impl Drop for Heaps {
     fn drop(&mut self) {
         // From here on this thread takes the uncached path.
         let _ = FAST.try_with(|f| {
-            f.set(Fast {
-                busy: true,
-                ..NO_HEAP
-            })
+            f.busy.set(true);
+            f.forget();
         });
         for entry in self.entries.iter_mut() {
             if let Some(mut heap) = entry.take() {
@@ -644,57 +644,67 @@ thread_local! {
 /// This thread's fast path: the heap it used last and for which segment,
 /// and whether a heap is borrowed right now (re-entry, e.g. an allocation
 /// made from inside the cache code, then takes the uncached path instead of
-/// aliasing the heap). It has no destructor, so reading it is one plain
+/// aliasing the heap). It has no destructor, so reading it is a plain
 /// thread-local load; `heap` points into `HEAPS`, whose entries do not move,
 /// and is reset whenever an entry is retired (`find`) or the thread exits.
-#[derive(Clone, Copy)]
+/// Separate cells, so that each access is one load or store.
 struct Fast {
-    shared: *const crate::matrix::Shared,
-    heap: *mut Heap,
-    busy: bool,
+    shared: Cell<*const crate::matrix::Shared>,
+    heap: Cell<*mut Heap>,
+    busy: Cell<bool>,
 }
 
-const NO_HEAP: Fast = Fast {
-    shared: std::ptr::null(),
-    heap: std::ptr::null_mut(),
-    busy: false,
-};
+impl Fast {
+    fn forget(&self) {
+        self.shared.set(std::ptr::null());
+        self.heap.set(std::ptr::null_mut());
+    }
+}
 
 thread_local! {
-    static FAST: std::cell::Cell<Fast> = const { std::cell::Cell::new(NO_HEAP) };
+    static FAST: Fast = const {
+        Fast {
+            shared: Cell::new(std::ptr::null()),
+            heap: Cell::new(std::ptr::null_mut()),
+            busy: Cell::new(false),
+        }
+    };
 }
 
 /// Runs `f` on this thread's heap for `shared`, creating it if needed.
 /// `None` when no heap can be had: during thread teardown, on re-entry, or
 /// when the thread already caches `MAX_HEAPS` other live segments.
-#[inline]
+#[inline(always)]
 pub(crate) fn with_heap<R>(shared: &SharedRef, f: impl FnOnce(&mut Heap) -> R) -> Option<R> {
-    FAST.with(|fast| {
-        let cur = fast.get();
-        if cur.busy {
-            return None;
-        }
-        fast.set(Fast { busy: true, ..cur });
-        let heap = if cur.shared == shared.as_ptr() {
-            cur.heap
-        } else {
-            find(shared, fast)
-        };
-        // SAFETY: `heap` is null or points to a live entry of this thread's
-        // `HEAPS` (see `Fast`); `busy` makes this the only reference to it.
-        let r = (!heap.is_null()).then(|| f(unsafe { &mut *heap }));
-        fast.set(Fast {
-            busy: false,
-            ..fast.get()
-        });
-        r
-    })
+    // SAFETY: `FAST` is const-initialised and has no destructor, so its
+    // storage is a plain thread-local static that lives as long as the
+    // thread: the reference stays valid past `with` (taking it out keeps
+    // `LocalKey::with` small enough to inline into every caller).
+    let fast: &Fast = FAST.with(|fast| unsafe { &*(fast as *const Fast) });
+    if fast.busy.get() {
+        return None;
+    }
+    let heap = if fast.shared.get() == shared.as_ptr() {
+        fast.heap.get()
+    } else {
+        find(shared, fast)
+    };
+    if heap.is_null() {
+        return None;
+    }
+    fast.busy.set(true);
+    // SAFETY: `heap` points to a live entry of this thread's `HEAPS` (see
+    // `Fast`); `busy` makes this the only reference to it.
+    let r = f(unsafe { &mut *heap });
+    fast.busy.set(false);
+    Some(r)
 }
 
 /// Slow path of `with_heap`: finds or makes the heap and remembers it.
 #[cold]
 #[inline(never)]
-fn find(shared: &SharedRef, fast: &std::cell::Cell<Fast>) -> *mut Heap {
+fn find(shared: &SharedRef, fast: &Fast) -> *mut Heap {
+    fast.busy.set(true);
     let heap = HEAPS
         .try_with(|cell| {
             // SAFETY: the cell is this thread's and `busy` is set, so no other
@@ -705,15 +715,13 @@ fn find(shared: &SharedRef, fast: &std::cell::Cell<Fast>) -> *mut Heap {
                 .map_or(std::ptr::null_mut(), |h| h as *mut Heap)
         })
         .unwrap_or(std::ptr::null_mut());
-    fast.set(Fast {
-        shared: if heap.is_null() {
-            std::ptr::null()
-        } else {
-            shared.as_ptr()
-        },
-        heap,
-        busy: true,
-    });
+    fast.busy.set(false);
+    if heap.is_null() {
+        fast.forget();
+    } else {
+        fast.shared.set(shared.as_ptr());
+        fast.heap.set(heap);
+    }
     heap
 }
 
@@ -722,11 +730,10 @@ fn find(shared: &SharedRef, fast: &std::cell::Cell<Fast>) -> *mut Heap {
 /// include everything it did.
 pub(crate) fn flush_thread() {
     let _ = FAST.try_with(|fast| {
-        let cur = fast.get();
-        if cur.busy {
+        if fast.busy.get() {
             return;
         }
-        fast.set(Fast { busy: true, ..cur });
+        fast.busy.set(true);
         let _ = HEAPS.try_with(|cell| {
             // SAFETY: as in `find`.
             let heaps = unsafe { &mut *cell.get() };
@@ -734,10 +741,7 @@ pub(crate) fn flush_thread() {
                 heap.shared.engine.counters().flush(&mut heap.delta);
             }
         });
-        fast.set(Fast {
-            busy: false,
-            ..fast.get()
-        });
+        fast.busy.set(false);
     });
 }
 

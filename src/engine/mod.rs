@@ -269,6 +269,7 @@ impl Engine {
     }
 
     /// Start of the mapping.
+    #[inline]
     pub(crate) fn base_ptr(&self) -> *mut u8 {
         self.base
     }
@@ -315,12 +316,14 @@ impl Engine {
         self.publish(self.heap_start, size);
     }
 
+    #[inline]
     pub(crate) fn control(&self) -> &Control {
         // SAFETY: `ctrl` points into the live mapping (contract of `attach`)
         // and `Control` consists of atomics only.
         unsafe { &*self.ctrl }
     }
 
+    #[inline]
     pub(crate) fn counters(&self) -> &Counters {
         &self.control().counters
     }
@@ -369,6 +372,7 @@ impl Engine {
     }
 
     /// The page-table entry of page number `n` (byte offset / `PAGE_SIZE`).
+    #[inline]
     pub(crate) fn page_entry(&self, n: usize) -> Option<&AtomicU32> {
         // SAFETY: `n < pagemap_len`, and the table has that many entries
         // inside the mapping.
@@ -377,6 +381,7 @@ impl Engine {
 
     /// Whether page number `n` is a small-object page. `Acquire`: pairs with
     /// the `Release` marking, after which the page header is initialised.
+    #[inline]
     pub(crate) fn is_page(&self, n: usize) -> bool {
         self.page_entry(n)
             .is_some_and(|e| e.load(Acquire) & PAGE_MARK != 0)
