@@ -91,8 +91,8 @@ static THREAD_NUMBERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU
 pub(crate) struct Heap {
     shared: SharedRef,
     token: u64,
-    /// The page each class allocates from (page number, or NIL).
-    current: [u32; SMALL_CLASSES],
+    /// The page each class allocates from (its address, or null).
+    current: [*mut u8; SMALL_CLASSES],
     /// Per class, the owned pages that may have free blocks, and those that
     /// were full when last looked at (see `ring`).
     available: [Ring; SMALL_CLASSES],
@@ -112,7 +112,7 @@ impl Heap {
         Heap {
             token: make_token(slot, gen, thread),
             shared,
-            current: [NIL; SMALL_CLASSES],
+            current: [std::ptr::null_mut(); SMALL_CLASSES],
             available: [Ring::EMPTY; SMALL_CLASSES],
             full: [Ring::EMPTY; SMALL_CLASSES],
             stash: [NIL; STASH_PAGES],
@@ -134,8 +134,8 @@ impl Heap {
     pub(crate) fn alloc(&mut self, size: usize) -> Option<NonNull<u8>> {
         let class = class_of(size);
         let cur = self.current[class];
-        if cur != NIL {
-            let page = self.page(cur);
+        if !cur.is_null() {
+            let page = Page(cur);
             if let Some(i) = page.pop(size) {
                 return NonNull::new(page.block(i));
             }
@@ -147,7 +147,7 @@ impl Heap {
     #[inline(never)]
     fn alloc_slow(&mut self, class: usize, size: usize) -> Option<NonNull<u8>> {
         let page = self.find_page(class)?;
-        self.current[class] = page_number(self.engine(), page);
+        self.current[class] = page.0;
         let i = page.pop(size)?;
         NonNull::new(page.block(i))
     }
@@ -159,9 +159,9 @@ impl Heap {
     /// or (when the engine is out of memory) a page taken over from a dead
     /// process.
     fn find_page(&mut self, class: usize) -> Option<Page> {
-        let cur = self.current[class];
-        if cur != NIL && (self.page(cur).collect() || self.page(cur).has_free()) {
-            return Some(self.page(cur));
+        let cur = Page(self.current[class]);
+        if !cur.0.is_null() && (cur.collect() || cur.has_free()) {
+            return Some(cur);
         }
         // Each turn returns or moves the head to the full ring: it ends.
         while let Some(n) = self.available[class].head() {
@@ -263,8 +263,8 @@ impl Heap {
     fn release(&mut self, class: usize, page: Page) {
         self.unlink(class, page);
         let n = page_number(self.engine(), page);
-        if self.current[class] == n {
-            self.current[class] = NIL;
+        if self.current[class] == page.0 {
+            self.current[class] = std::ptr::null_mut();
         }
         if self.stashed < STASH_PAGES {
             self.stash[self.stashed] = n;
@@ -318,8 +318,7 @@ impl Heap {
             entry.store(FREE, Relaxed);
             let requested = s as u64 - 1;
             let used = page.push_local(i);
-            if h.full.load(Relaxed) != 0
-                || (used == 0 && self.current[h.class as usize] != page_number(self.engine(), page))
+            if h.full.load(Relaxed) != 0 || (used == 0 && self.current[h.class as usize] != page.0)
             {
                 self.freed_into(page, used);
             }
@@ -333,7 +332,7 @@ impl Heap {
     #[cold]
     fn freed_into(&mut self, page: Page, used: u32) {
         let class = page.header().class as usize;
-        if used == 0 && self.current[class] != page_number(self.engine(), page) {
+        if used == 0 && self.current[class] != page.0 {
             self.release(class, page);
         } else if page.header().full.load(Relaxed) != 0 {
             self.set_full(class, page, false);
@@ -344,7 +343,7 @@ impl Heap {
     /// engine, the others are abandoned for adoption; counters are flushed.
     fn retire(&mut self) {
         for class in 0..SMALL_CLASSES {
-            self.current[class] = NIL;
+            self.current[class] = std::ptr::null_mut();
             while let Some(n) = self.available[class].head().or(self.full[class].head()) {
                 let page = self.page(n);
                 page.collect();
@@ -436,7 +435,7 @@ pub(crate) fn trim(shared: &SharedRef) {
     let engine = &shared.engine;
     with_heap(shared, |heap| {
         for class in 0..SMALL_CLASSES {
-            heap.current[class] = NIL;
+            heap.current[class] = std::ptr::null_mut();
             for full in [false, true] {
                 let ring = |h: &Heap| {
                     if full {
