@@ -34,30 +34,26 @@ fn main() {
 
     println!("workload: {words} words (examples/support/workload.rs)\n");
     println!("{:<14} {:>16} {:>16}", "", "dhat", "matrix");
-    let names = [
-        "total_blocks",
-        "total_bytes",
-        "curr_blocks",
-        "curr_bytes",
-        "max_blocks",
-        "max_bytes",
-    ];
-    for ((name, d), m) in names.iter().zip(dhat.requested()).zip(matrix.requested()) {
+    for ((name, d), m) in compare::NAMES
+        .iter()
+        .zip(dhat.requested)
+        .zip(matrix.requested)
+    {
         let mark = if d == m { "" } else { "  <- differs" };
         println!("{name:<14} {d:>16} {m:>16}{mark}");
     }
     println!(
         "\nmatrix overhead: provided {} bytes at its peak / dhat max_bytes {} = {:.3}",
         matrix.provided,
-        dhat.max_bytes,
-        matrix.provided as f64 / dhat.max_bytes as f64
+        dhat.max_bytes(),
+        matrix.provided as f64 / dhat.max_bytes() as f64
     );
     println!(
         "profiles: {} and {}",
         compare::profile_path(&dir, Under::Dhat).display(),
         compare::profile_path(&dir, Under::Matrix).display()
     );
-    if dhat.requested() != matrix.requested() {
+    if dhat.requested != matrix.requested {
         std::process::exit(1);
     }
 }

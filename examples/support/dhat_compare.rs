@@ -9,15 +9,25 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-/// dhat's six `HeapStats` numbers, and what the matrix had to provide.
+/// dhat's six `HeapStats` numbers, in this order.
+pub const NAMES: [&str; 6] = [
+    "total_blocks",
+    "total_bytes",
+    "curr_blocks",
+    "curr_bytes",
+    "max_blocks",
+    "max_bytes",
+];
+
+/// The keys of those numbers in a dhat profile's program points (`gb`/`gbk`,
+/// at the global peak, sum to `max_*` over the points).
+const PROFILE_KEYS: [&str; 6] = ["tbk", "tb", "ebk", "eb", "gbk", "gb"];
+
+/// What a child measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Counts {
-    pub total_blocks: u64,
-    pub total_bytes: u64,
-    pub curr_blocks: u64,
-    pub curr_bytes: u64,
-    pub max_blocks: u64,
-    pub max_bytes: u64,
+    /// The six numbers of `NAMES`.
+    pub requested: [u64; 6],
     /// Peak heap bytes the matrix had to provide during the workload
     /// (blocks with their headers, and the small-object pages); 0 for dhat.
     pub provided: u64,
@@ -25,16 +35,13 @@ pub struct Counts {
 
 impl Counts {
     fn line(&self) -> String {
-        format!(
-            "counts {} {} {} {} {} {} {}",
-            self.total_blocks,
-            self.total_bytes,
-            self.curr_blocks,
-            self.curr_bytes,
-            self.max_blocks,
-            self.max_bytes,
-            self.provided
-        )
+        let all: Vec<String> = self
+            .requested
+            .iter()
+            .chain([&self.provided])
+            .map(u64::to_string)
+            .collect();
+        format!("counts {}", all.join(" "))
     }
 
     fn parse(out: &str) -> Option<Counts> {
@@ -43,52 +50,24 @@ impl Counts {
             .split(' ')
             .map(|w| w.parse().ok())
             .collect::<Option<_>>()?;
-        let [total_blocks, total_bytes, curr_blocks, curr_bytes, max_blocks, max_bytes, provided] =
-            v[..]
-        else {
-            return None;
-        };
         Some(Counts {
-            total_blocks,
-            total_bytes,
-            curr_blocks,
-            curr_bytes,
-            max_blocks,
-            max_bytes,
-            provided,
+            requested: v.get(..6)?.try_into().ok()?,
+            provided: *v.get(6)?,
         })
     }
 
-    /// The six numbers of a dhat-format profile: summed over its program
-    /// points (dhat's `gb`/`gbk` at the global peak sum to `max_*`).
-    pub fn from_profile(json: &serde_json::Value) -> Option<Counts> {
-        let sum = |key: &str| -> Option<u64> {
-            json["pps"]
-                .as_array()?
-                .iter()
-                .map(|pp| pp[key].as_u64())
-                .sum()
-        };
-        Some(Counts {
-            total_blocks: sum("tbk")?,
-            total_bytes: sum("tb")?,
-            curr_blocks: sum("ebk")?,
-            curr_bytes: sum("eb")?,
-            max_blocks: sum("gbk")?,
-            max_bytes: sum("gb")?,
-            provided: 0,
-        })
+    /// The six numbers of a dhat-format profile, summed over its program points.
+    pub fn from_profile(json: &serde_json::Value) -> Option<[u64; 6]> {
+        let pps = json["pps"].as_array()?;
+        let mut out = [0; 6];
+        for (slot, key) in out.iter_mut().zip(PROFILE_KEYS) {
+            *slot = pps.iter().map(|pp| pp[key].as_u64()).sum::<Option<u64>>()?;
+        }
+        Some(out)
     }
 
-    pub fn requested(&self) -> [u64; 6] {
-        [
-            self.total_blocks,
-            self.total_bytes,
-            self.curr_blocks,
-            self.curr_bytes,
-            self.max_blocks,
-            self.max_bytes,
-        ]
+    pub fn max_bytes(&self) -> u64 {
+        self.requested[5]
     }
 }
 
@@ -112,12 +91,14 @@ pub fn child(alloc: &Chosen, words: usize, dir: &Path) {
             drop(profiler);
             drop(report);
             Counts {
-                total_blocks: s.total_blocks,
-                total_bytes: s.total_bytes,
-                curr_blocks: s.curr_blocks as u64,
-                curr_bytes: s.curr_bytes as u64,
-                max_blocks: s.max_blocks as u64,
-                max_bytes: s.max_bytes as u64,
+                requested: [
+                    s.total_blocks,
+                    s.total_bytes,
+                    s.curr_blocks as u64,
+                    s.curr_bytes as u64,
+                    s.max_blocks as u64,
+                    s.max_bytes as u64,
+                ],
                 provided: 0,
             }
         }
@@ -135,12 +116,14 @@ pub fn child(alloc: &Chosen, words: usize, dir: &Path) {
             std::fs::write(&path, json).expect("profile written");
             drop(report);
             Counts {
-                total_blocks: s.total_blocks,
-                total_bytes: s.total_bytes,
-                curr_blocks: s.curr_blocks,
-                curr_bytes: s.curr_bytes,
-                max_blocks: s.max_blocks,
-                max_bytes: s.max_bytes,
+                requested: [
+                    s.total_blocks,
+                    s.total_bytes,
+                    s.curr_blocks,
+                    s.curr_bytes,
+                    s.max_blocks,
+                    s.max_bytes,
+                ],
                 provided: after.max_block_bytes - base.block_bytes,
             }
         }
