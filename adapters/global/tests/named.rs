@@ -51,6 +51,8 @@ fn inspect(id: &str) {
 
 fn inspected_while_running() {
     let id = GLOBAL.id().unwrap();
+    // Creating the named segment allocated nothing either.
+    assert_eq!(GLOBAL.early_bytes(), 0);
     let path = format!("/dev/shm/matrix-alloc-{id}");
     assert!(std::path::Path::new(&path).exists(), "{path}");
     let marker = std::hint::black_box(vec![1u8; MARKER]);
