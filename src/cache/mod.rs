@@ -318,7 +318,9 @@ impl Heap {
             entry.store(FREE, Relaxed);
             let requested = s as u64 - 1;
             let used = page.push_local(i);
-            if h.full.load(Relaxed) != 0 || (used == 0 && self.current[h.class as usize] != page.0)
+            // Emptied (and not the page in use), or back from full: rare.
+            if (used == 0 && self.current.get(h.class as usize) != Some(&page.0))
+                || h.full.load(Relaxed) != 0
             {
                 self.freed_into(page, used);
             }
