@@ -445,18 +445,31 @@ impl Matrix {
     #[inline]
     pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
         if cache::is_small(layout.size(), layout.align()) {
-            let counters = self.engine().counters();
-            let cached = cache::with_heap(&self.shared, |h| {
-                let p = h.alloc(layout.size())?;
-                if h.delta.on_alloc(layout.size() as u64) {
-                    counters.flush(&mut h.delta);
-                }
-                Some(p)
-            });
-            if let Some(Some(p)) = cached {
+            if let Some(p) = self.alloc_cached(layout.size()) {
                 return Ok(p);
             }
         }
+        self.alloc_slow(layout)
+    }
+
+    /// The fast path: this thread's page for the class, counted in its batch.
+    #[inline(always)]
+    fn alloc_cached(&self, size: usize) -> Option<NonNull<u8>> {
+        cache::with_heap(&self.shared, |h| {
+            let p = h.alloc(size)?;
+            if h.delta.on_alloc(size as u64) {
+                self.engine().counters().flush(&mut h.delta);
+            }
+            Some(p)
+        })
+        .flatten()
+    }
+
+    /// Everything else: large or over-aligned requests, and threads
+    /// without a cache. Kept out of line so that the fast path stays small.
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
         let p = self.alloc_uncounted(layout, false)?;
         self.count(|d| d.on_alloc(layout.size() as u64));
         Ok(p)
@@ -494,25 +507,35 @@ impl Matrix {
     #[inline]
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), Error> {
         if let Some((page, i)) = cache::locate(self.engine(), ptr.as_ptr()) {
-            let counters = self.engine().counters();
             let cached = cache::with_heap(&self.shared, |h| {
                 let requested = h.free(page, i)?;
                 if h.delta.on_free(requested) {
-                    counters.flush(&mut h.delta);
+                    self.engine().counters().flush(&mut h.delta);
                 }
                 Ok(())
             });
-            // No cache for this thread right now (teardown, re-entry): free
-            // it as any other thread would.
-            let requested = match cached {
-                Some(result) => return result,
-                None => cache::free_remote(page, i)?,
-            };
-            self.count(|d| d.on_free(requested));
-            return Ok(());
+            if let Some(result) = cached {
+                return result;
+            }
         }
         // SAFETY: forwarded contract.
-        let requested = unsafe { self.free_uncounted(ptr) }?;
+        unsafe { self.free_slow(ptr) }
+    }
+
+    /// Everything but a small block freed by a thread with a cache.
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_slow(&self, ptr: NonNull<u8>) -> Result<(), Error> {
+        let requested = match cache::locate(self.engine(), ptr.as_ptr()) {
+            // No cache for this thread right now (teardown, re-entry): free
+            // it as any other thread would.
+            Some((page, i)) => cache::free_remote(page, i)?,
+            // SAFETY: forwarded contract.
+            None => unsafe { self.free_uncounted(ptr) }?,
+        };
         self.count(|d| d.on_free(requested));
         Ok(())
     }

@@ -166,6 +166,7 @@ impl Delta {
 
 impl Counters {
     /// Applies a thread's pending changes and re-bases it on the result.
+    #[inline(never)]
     pub(crate) fn flush(&self, d: &mut Delta) {
         if let Some((bytes, blocks)) = d.peak.take() {
             if bytes as i64 >= 0 && bytes >= self.max_bytes.load(Relaxed) {

@@ -390,6 +390,7 @@ pub(crate) fn locate(engine: &Engine, ptr: *const u8) -> Option<(Page, u32)> {
 
 /// Frees block `i` of a page this thread does not own: marks it `REMOTE`
 /// and pushes it on the page's remote list. Returns the requested size.
+#[inline(never)]
 pub(crate) fn free_remote(page: Page, i: u32) -> Result<u64, Error> {
     let entry = page.size_entry(i);
     let s = entry.load(Relaxed);
