@@ -678,11 +678,14 @@ thread_local! {
 /// when the thread already caches `MAX_HEAPS` other live segments.
 #[inline(always)]
 pub(crate) fn with_heap<R>(shared: &SharedRef, f: impl FnOnce(&mut Heap) -> R) -> Option<R> {
-    // SAFETY: `FAST` is const-initialised and has no destructor, so its
-    // storage is a plain thread-local static that lives as long as the
-    // thread: the reference stays valid past `with` (taking it out keeps
-    // `LocalKey::with` small enough to inline into every caller).
-    let fast: &Fast = FAST.with(|fast| unsafe { &*(fast as *const Fast) });
+    // Taking the reference out of `with` keeps `LocalKey::with` small
+    // enough to inline into every caller.
+    let fast: &Fast = FAST.with(|fast| {
+        // SAFETY: `FAST` is const-initialised and has no destructor, so its
+        // storage is a plain thread-local static that lives as long as the
+        // thread: the reference stays valid past `with`.
+        unsafe { &*(fast as *const Fast) }
+    });
     if fast.busy.get() {
         return None;
     }
