@@ -197,39 +197,49 @@ impl Heap {
                 self.set_full(class, page, false);
                 return Some(page);
             }
-            self.full[class].rotate(&self.shared.engine);
+            let (engine, ring) = self.ring(class, true);
+            ring.rotate(engine);
         }
         None
     }
 
-    /// Puts a page that just became ours on the class's available ring.
-    fn link(&mut self, class: usize, page: Page) {
-        page.header().full.store(0, Relaxed);
-        let n = page_number(self.engine(), page);
-        self.available[class].push(&self.shared.engine, n);
-    }
-
-    /// Takes an owned page off whichever ring it is on.
-    fn unlink(&mut self, class: usize, page: Page) {
-        let n = page_number(self.engine(), page);
-        let ring = match page.header().full.load(Relaxed) {
-            0 => &mut self.available[class],
-            _ => &mut self.full[class],
-        };
-        ring.remove(&self.shared.engine, n);
-    }
-
-    /// Moves an owned page to the full ring, or back.
-    fn set_full(&mut self, class: usize, page: Page, full: bool) {
-        self.unlink(class, page);
-        let n = page_number(self.engine(), page);
+    /// The class's full ring, or its available ring, with the engine that
+    /// resolves the page numbers on it.
+    fn ring(&mut self, class: usize, full: bool) -> (&Engine, &mut Ring) {
         let ring = if full {
             &mut self.full[class]
         } else {
             &mut self.available[class]
         };
-        ring.push(&self.shared.engine, n);
+        (&self.shared.engine, ring)
+    }
+
+    /// Puts an owned page, on no ring yet, on the class's full or available
+    /// ring.
+    fn put(&mut self, class: usize, page: Page, full: bool) {
         page.header().full.store(full as u32, Relaxed);
+        let n = page_number(self.engine(), page);
+        let (engine, ring) = self.ring(class, full);
+        ring.push(engine, n);
+    }
+
+    /// Puts a page that just became ours on the class's available ring.
+    fn link(&mut self, class: usize, page: Page) {
+        self.put(class, page, false);
+    }
+
+    /// Takes an owned page off whichever ring it is on.
+    fn unlink(&mut self, class: usize, page: Page) {
+        let n = page_number(self.engine(), page);
+        let full = page.header().full.load(Relaxed) != 0;
+        let (engine, ring) = self.ring(class, full);
+        ring.remove(engine, n);
+    }
+
+    /// Moves an owned page to the full ring, or back.
+    fn set_full(&mut self, class: usize, page: Page, full: bool) {
+        self.unlink(class, page);
+        self.put(class, page, full);
     }
 
     fn new_page(&mut self, class: usize) -> Option<Page> {
@@ -440,27 +450,22 @@ pub(crate) fn trim(shared: &SharedRef) {
         for class in 0..SMALL_CLASSES {
             heap.current[class] = std::ptr::null_mut();
             for full in [false, true] {
-                let ring = |h: &Heap| {
-                    if full {
-                        h.full[class]
-                    } else {
-                        h.available[class]
-                    }
-                };
                 // Visits each page once: released pages leave the ring,
                 // kept ones are rotated behind.
-                let mut left = ring(heap).len(heap.engine());
+                let (engine, ring) = heap.ring(class, full);
+                let mut left = ring.len(engine);
                 while left > 0 {
                     left -= 1;
-                    let Some(n) = ring(heap).head() else { break };
+                    let Some(n) = heap.ring(class, full).1.head() else {
+                        break;
+                    };
                     let page = heap.page(n);
                     page.collect();
                     if page.used() == 0 {
                         heap.release(class, page);
-                    } else if full {
-                        heap.full[class].rotate(&heap.shared.engine);
                     } else {
-                        heap.available[class].rotate(&heap.shared.engine);
+                        let (engine, ring) = heap.ring(class, full);
+                        ring.rotate(engine);
                     }
                 }
             }
