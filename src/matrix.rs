@@ -517,25 +517,31 @@ impl Matrix {
             if let Some(result) = cached {
                 return result;
             }
+            // No cache for this thread right now (teardown, re-entry): free
+            // it as any other thread would.
+            return self.free_remote_counted(page, i);
         }
         // SAFETY: forwarded contract.
         unsafe { self.free_slow(ptr) }
     }
 
-    /// Everything but a small block freed by a thread with a cache.
+    /// A small block freed by a thread without a cache.
+    #[cold]
+    #[inline(never)]
+    fn free_remote_counted(&self, page: cache::Page, i: u32) -> Result<(), Error> {
+        let requested = cache::free_remote(page, i)?;
+        self.count(|d| d.on_free(requested));
+        Ok(())
+    }
+
+    /// An engine block (anything that is not in a page).
     ///
     /// # Safety
     /// As for [`Matrix::free`].
     #[cold]
     #[inline(never)]
     unsafe fn free_slow(&self, ptr: NonNull<u8>) -> Result<(), Error> {
-        let requested = match cache::locate(self.engine(), ptr.as_ptr()) {
-            // No cache for this thread right now (teardown, re-entry): free
-            // it as any other thread would.
-            Some((page, i)) => cache::free_remote(page, i)?,
-            // SAFETY: forwarded contract.
-            None => unsafe { self.free_uncounted(ptr) }?,
-        };
+        let requested = self.free_engine(ptr)?;
         self.count(|d| d.on_free(requested));
         Ok(())
     }
@@ -545,10 +551,16 @@ impl Matrix {
     /// # Safety
     /// As for [`Matrix::free`].
     unsafe fn free_uncounted(&self, ptr: NonNull<u8>) -> Result<u64, Error> {
-        if let Some((page, i)) = cache::locate(self.engine(), ptr.as_ptr()) {
-            return cache::with_heap(&self.shared, |h| h.free(page, i))
-                .unwrap_or_else(|| cache::free_remote(page, i));
+        match cache::locate(self.engine(), ptr.as_ptr()) {
+            Some((page, i)) => cache::with_heap(&self.shared, |h| h.free(page, i))
+                .unwrap_or_else(|| cache::free_remote(page, i)),
+            None => self.free_engine(ptr),
         }
+    }
+
+    /// Frees an engine block without counting the request; returns its
+    /// requested size.
+    fn free_engine(&self, ptr: NonNull<u8>) -> Result<u64, Error> {
         let pos = self
             .engine()
             .block_of(ptr.as_ptr())

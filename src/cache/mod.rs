@@ -24,8 +24,8 @@
 mod page;
 mod ring;
 
-pub(crate) use page::PAGE_SIZE;
-use page::{Page, FREE, REMOTE};
+pub(crate) use page::{Page, PAGE_SIZE};
+use page::{FREE, REMOTE};
 use ring::Ring;
 
 use crate::engine::words::{ListHead, NIL};
