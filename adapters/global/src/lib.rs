@@ -223,6 +223,20 @@ impl MatrixGlobal {
     }
 }
 
+impl MatrixGlobal {
+    /// The matrix and the pointer handed to `dealloc` or `realloc`; aborts
+    /// (after `what` on stderr) if this allocator never gave it out.
+    fn owner_of(&self, ptr: *mut u8, what: &str) -> (&Matrix, NonNull<u8>) {
+        match (self.made(), NonNull::new(ptr)) {
+            (Some(Ok(m)), Some(p)) => (m, p),
+            _ => {
+                write_stderr(&[what, "a pointer this allocator never gave out\n"]);
+                std::process::abort()
+            }
+        }
+    }
+}
+
 impl Default for MatrixGlobal {
     fn default() -> MatrixGlobal {
         MatrixGlobal::new()
@@ -256,14 +270,11 @@ unsafe impl GlobalAlloc for MatrixGlobal {
         if self.early.contains(ptr) {
             return; // arena memory is never reused
         }
-        let (Some(Ok(m)), Some(p)) = (self.made(), NonNull::new(ptr)) else {
-            fatal("matrix-alloc-global: dealloc of a pointer this allocator never gave out")
-        };
+        let (m, p) = self.owner_of(ptr, "matrix-alloc-global: dealloc: ");
         // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live block
         // of this allocator that is not used after this call.
         if let Err(e) = unsafe { m.free(p) } {
-            report("matrix-alloc-global: dealloc: ", &e);
-            std::process::abort();
+            fatal_error("matrix-alloc-global: dealloc: ", &e);
         }
     }
 
@@ -282,18 +293,13 @@ unsafe impl GlobalAlloc for MatrixGlobal {
                 return dst;
             }
         }
-        let (Some(Ok(m)), Some(p)) = (self.made(), NonNull::new(ptr)) else {
-            fatal("matrix-alloc-global: realloc of a pointer this allocator never gave out")
-        };
+        let (m, p) = self.owner_of(ptr, "matrix-alloc-global: realloc: ");
         // SAFETY: the caller's contract: `ptr` is a live block of ours, and
         // on success it is no longer used unless returned.
         match unsafe { m.realloc(p, new) } {
             Ok(q) => q.as_ptr(),
             Err(Error::OutOfMemory { .. }) => std::ptr::null_mut(),
-            Err(e) => {
-                report("matrix-alloc-global: realloc: ", &e);
-                std::process::abort();
-            }
+            Err(e) => fatal_error("matrix-alloc-global: realloc: ", &e),
         }
     }
 }
@@ -313,6 +319,12 @@ fn report(prefix: &str, e: &Error) {
         _ => "the segment is unusable",
     };
     write_stderr(&[prefix, what, "\n"]);
+}
+
+/// `report`, then abort.
+fn fatal_error(prefix: &str, e: &Error) -> ! {
+    report(prefix, e);
+    std::process::abort()
 }
 
 fn fatal(message: &str) -> ! {
