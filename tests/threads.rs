@@ -173,8 +173,9 @@ fn soak_eight_threads_many_rounds() {
 #[test]
 fn thread_caches_are_bounded_shown_and_returned_on_exit() {
     const PAGE: u64 = 16 << 10;
-    // Current page per class + the thread's stash + the segment's pool.
-    const BOUND: u64 = (64 + 8 + 256) * (PAGE + 64);
+    // Current page per class + the thread's stash (1/128 of a 64 MiB heap:
+    // 32 pages) + the segment's pool (1/32: 128 pages).
+    const BOUND: u64 = (64 + 32 + 128) * (PAGE + 64);
     let m = Matrix::anonymous(64 << 20).unwrap();
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -196,13 +197,86 @@ fn thread_caches_are_bounded_shown_and_returned_on_exit() {
     // The thread has exited (joined): no page is owned any more; what is
     // left are empty pages in the segment's pool, for any thread or process.
     let s = m.stats();
-    assert!(s.page_bytes <= 256 * (PAGE + 64), "{s:?}");
+    assert!(s.page_bytes <= 128 * (PAGE + 64), "{s:?}");
     assert_eq!(s.curr_blocks, 0);
     m.trim();
     let s = m.stats();
     assert_eq!(s.page_bytes, 0, "{s:?}");
     let r = m.check().unwrap();
     assert_eq!((r.pages, r.free_blocks), (0, 1), "{r:?}");
+}
+
+/// A thread that frees its whole working set and builds it again gets its
+/// own pages back (from its stash, not the shared pool), up to the stash
+/// limit; the pages it emptied beyond that go to the pool, where another
+/// thread finds them.
+#[test]
+fn emptied_pages_stay_with_their_thread_up_to_the_stash_limit() {
+    const PAGE: usize = 16 << 10;
+    // 1 GiB: a thread's stash holds 1/128 of the heap up to 256 pages, so
+    // 256; the pool 1/32, 2048 pages.
+    const STASH: usize = 256;
+    let m = Matrix::anonymous(1 << 30).unwrap();
+    let page_of = |p: &NonNull<u8>| p.as_ptr() as usize & !(PAGE - 1);
+    // 64-byte blocks until they span `n` pages; returns them and the pages.
+    let alloc_pages = |n: usize| {
+        let (mut blocks, mut pages) = (Vec::new(), std::collections::BTreeSet::new());
+        while pages.len() < n {
+            let p = m.alloc(layout(64, 8)).unwrap();
+            stamp(p, 64, blocks.len() as u64);
+            pages.insert(page_of(&p));
+            blocks.push(p);
+        }
+        (blocks, pages)
+    };
+    let free = |blocks: Vec<NonNull<u8>>| {
+        for (i, p) in blocks.into_iter().enumerate() {
+            assert!(has_stamp(p, 64, i as u64));
+            // SAFETY: each block was allocated above and is freed once.
+            unsafe { m.free(p).unwrap() };
+        }
+    };
+    // The other thread must not exit before the first has allocated again:
+    // its pages would be abandoned, and adopting them is the first
+    // thread's next choice before its stash.
+    let (emptied, taken, checked) = (Barrier::new(2), Barrier::new(2), Barrier::new(2));
+    std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let (blocks, first) = alloc_pages(3 * STASH);
+            free(blocks);
+            emptied.wait();
+            taken.wait(); // the other thread has taken pages meanwhile
+            let (blocks, again) = alloc_pages(STASH - 8);
+            checked.wait();
+            assert!(again.is_subset(&first), "the thread got its own pages back");
+            free(blocks);
+            first
+        });
+        let b = s.spawn(|| {
+            emptied.wait();
+            // Takes pages until one comes from the engine: the pool is empty.
+            let held = m.stats().page_bytes;
+            let (mut blocks, mut pages) = (Vec::new(), std::collections::BTreeSet::new());
+            while m.stats().page_bytes == held {
+                let p = m.alloc(layout(64, 8)).unwrap();
+                stamp(p, 64, blocks.len() as u64);
+                pages.insert(page_of(&p));
+                blocks.push(p);
+            }
+            taken.wait();
+            checked.wait();
+            free(blocks);
+            pages
+        });
+        let first = a.join().unwrap();
+        let pages = b.join().unwrap();
+        let pooled = pages.intersection(&first).count();
+        assert!(
+            pooled >= 2 * STASH - 8,
+            "{pooled} emptied pages reached the pool"
+        );
+    });
+    assert_pristine(&m);
 }
 
 /// Blocks allocated by a thread that exited stay valid, and any thread can

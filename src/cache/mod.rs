@@ -1,7 +1,7 @@
 //! Per-thread caches: small objects served from pages owned by one thread.
 //!
 //! Requests of at most `SMALL_MAX` bytes (alignment at most 16) are served
-//! from 64 KiB pages, each holding blocks of one size class (16-byte steps)
+//! from 16 KiB pages (`PAGE_SIZE`), each holding blocks of one size class (16-byte steps)
 //! and owned by one thread (its *token*). The owner allocates and frees with
 //! plain loads and stores on its page; any other thread or process frees by
 //! pushing onto the page's remote list, which the owner collects when its
@@ -16,10 +16,15 @@
 //! (slot and slot generation) and taken over by `reclaim_dead`.
 //!
 //! Memory held by caches is the pages: `Stats::page_bytes`. Besides its
-//! current page per class, a thread keeps at most `STASH_PAGES` empty pages
-//! for reuse by any class, and the segment keeps at most `pool_pages` empty
-//! pages (1/32 of the heap) for any thread of any process (one CAS to take one, instead of an
-//! engine allocation); `Matrix::trim` gives both back to the engine.
+//! current page per class, a thread keeps up to `stash_limit` empty pages
+//! (1/128 of the heap, between 8 and 256 pages: 128 KiB to 4 MiB) for reuse
+//! by any class, and the segment keeps at most `pool_pages` empty pages
+//! (1/32 of the heap) for any thread of any process (one CAS to take one,
+//! instead of an engine allocation); `Matrix::trim` gives both back to the
+//! engine. The thread's own stash comes first because the pool is shared:
+//! a workload that frees its whole live set and builds it again would
+//! otherwise move every page through the pool's contended cache lines, and
+//! get pages last touched by another core.
 
 mod page;
 mod ring;
@@ -43,8 +48,6 @@ pub(crate) const SMALL_MAX: usize = 1024;
 pub(crate) const SMALL_CLASSES: usize = SMALL_MAX / 16;
 /// Full pages a slow allocation looks at for remote frees (`revisit_full`).
 const REVISIT_FULL: usize = 8;
-/// Empty pages a thread keeps for reuse (per segment): 512 KiB.
-const STASH_PAGES: usize = 8;
 
 #[inline]
 fn class_of(size: usize) -> usize {
@@ -98,9 +101,11 @@ pub(crate) struct Heap {
     available: [Ring; SMALL_CLASSES],
     full: [Ring; SMALL_CLASSES],
     /// Empty pages kept for reuse by any class, so that a thread that frees
-    /// everything and allocates again does not go back to the engine.
-    stash: [u32; STASH_PAGES],
+    /// everything and allocates again does not go back to the pool or the
+    /// engine; most recently emptied first. At most `stash_limit`.
+    stash: Ring,
     stashed: usize,
+    stash_limit: usize,
     pub(crate) delta: Delta,
 }
 
@@ -109,14 +114,16 @@ impl Heap {
         let (slot, gen) = shared.engine.slot_identity();
         let thread = THREAD_NUMBERS.fetch_add(1, Relaxed);
         let delta = shared.engine.counters().fresh_delta();
+        let stash_limit = stash_limit(&shared.engine);
         Heap {
             token: make_token(slot, gen, thread),
             shared,
             current: [std::ptr::null_mut(); SMALL_CLASSES],
             available: [Ring::EMPTY; SMALL_CLASSES],
             full: [Ring::EMPTY; SMALL_CLASSES],
-            stash: [NIL; STASH_PAGES],
+            stash: Ring::EMPTY,
             stashed: 0,
+            stash_limit,
             delta,
         }
     }
@@ -243,12 +250,7 @@ impl Heap {
     }
 
     fn new_page(&mut self, class: usize) -> Option<Page> {
-        let reused = if self.stashed > 0 {
-            self.stashed -= 1;
-            Some(self.page(self.stash[self.stashed]))
-        } else {
-            pop_pooled(self.engine())
-        };
+        let reused = self.unstash().or_else(|| pop_pooled(self.engine()));
         if let Some(page) = reused {
             // SAFETY: a stashed page is empty and ours: no live block points
             // into it, so nothing but a double free can touch it.
@@ -276,19 +278,26 @@ impl Heap {
         if self.current[class] == page.0 {
             self.current[class] = std::ptr::null_mut();
         }
-        if self.stashed < STASH_PAGES {
-            self.stash[self.stashed] = n;
+        if self.stashed < self.stash_limit {
+            self.stash.push_front(&self.shared.engine, n);
             self.stashed += 1;
         } else {
             pool_or_release(self.engine(), page);
         }
     }
 
+    /// Takes the most recently stashed empty page.
+    fn unstash(&mut self) -> Option<Page> {
+        let n = self.stash.head()?;
+        self.stash.remove(&self.shared.engine, n);
+        self.stashed -= 1;
+        Some(self.page(n))
+    }
+
     /// Moves the stashed empty pages to the shared pool (or the engine).
     fn drain_stash(&mut self) {
-        while self.stashed > 0 {
-            self.stashed -= 1;
-            pool_or_release(self.engine(), self.page(self.stash[self.stashed]));
+        while let Some(page) = self.unstash() {
+            pool_or_release(self.engine(), page);
         }
     }
 
@@ -560,6 +569,14 @@ fn pop_abandoned(engine: &Engine, class: usize) -> Option<Page> {
 /// segment, without a small one holding much of itself in the pool.
 fn pool_pages(engine: &Engine) -> u64 {
     (engine.capacity() / 32 / PAGE_SIZE as u64).clamp(64, 4096)
+}
+
+/// Empty pages one thread keeps for itself: 1/128 of the heap, between 8
+/// and 256 pages (128 KiB to 4 MiB). Enough for a thread that frees and
+/// rebuilds a working set of a few MiB to stay off the shared pool, while
+/// the threads of a small segment cannot hide much of it from each other.
+fn stash_limit(engine: &Engine) -> usize {
+    (engine.capacity() / 128 / PAGE_SIZE as u64).clamp(8, 256) as usize
 }
 
 /// Puts an empty page in the shared pool, or gives it back to the engine

@@ -5,7 +5,7 @@
 //! pages that were full when last looked at (`full`), so that finding a page
 //! with room does not walk every full page again and again (a program with
 //! a large live set owns thousands of them). A page's `full` flag says which
-//! list it is on.
+//! list it is on. The heap's stash of empty pages is a ring too.
 
 use super::page_at;
 use crate::engine::words::NIL;
@@ -40,6 +40,12 @@ impl Ring {
         h.prev_owned.store(last, Relaxed);
         page_at(engine, last).header().next_owned.store(n, Relaxed);
         head.prev_owned.store(n, Relaxed);
+    }
+
+    /// Adds page `n` at the front: it becomes the head.
+    pub(crate) fn push_front(&mut self, engine: &Engine, n: u32) {
+        self.push(engine, n);
+        self.head = n;
     }
 
     /// Takes page `n` (which is on this ring) off it.
