@@ -2,33 +2,41 @@
 //! side in one run.
 //!
 //! Dimensions: workload (mixed random sizes with a live set / 64-byte pair)
-//! × allocator. One thread; thread scaling and cross-process workloads come
-//! with the per-thread caches. After criterion's own report, the ratios of
-//! the medians (matrix / peer) are printed.
+//! × allocator. One thread; thread scaling and cross-process workloads are
+//! in `scaling.rs`.
+//!
+//! The machines this runs on are shared, and a neighbour's load can slow
+//! one allocator's turn by half. So the allocators take turns: `ROUNDS`
+//! rounds, each measuring every allocator once, and each allocator's figure
+//! is the lowest of its round medians (load only ever adds time). After
+//! criterion's own report, every round's medians and the ratios are printed.
 //!
 //! Run: `cargo bench --bench bench`
 
 mod common;
 
 use common::{median_ns, BenchAlloc, Mixed, Peer};
-use criterion::{black_box, Criterion};
+use criterion::{black_box, BenchmarkId, Criterion};
 use matrix_alloc::Matrix;
 use std::alloc::{Layout, System};
 use std::time::Duration;
 
-fn bench_mixed<A: BenchAlloc>(c: &mut Criterion, a: &A, w: &Mixed) {
+/// Rounds of turns (see the module comment).
+const ROUNDS: usize = 5;
+
+fn bench_mixed(c: &mut Criterion, id: BenchmarkId, a: &dyn BenchAlloc, w: &Mixed) {
     let mut g = c.benchmark_group("mixed_32_544_live10k");
     g.throughput(criterion::Throughput::Elements(w.op_count() as u64));
     let mut live = Vec::with_capacity(20_000);
-    g.bench_function(a.name(), |b| b.iter(|| w.run(a, &mut live)));
+    g.bench_function(id, |b| b.iter(|| w.run(a, &mut live)));
     g.finish();
 }
 
-fn bench_pair<A: BenchAlloc>(c: &mut Criterion, a: &A) {
+fn bench_pair(c: &mut Criterion, id: BenchmarkId, a: &dyn BenchAlloc) {
     let mut g = c.benchmark_group("pair_64");
     g.throughput(criterion::Throughput::Elements(1));
     let layout = Layout::from_size_align(64, 8).unwrap();
-    g.bench_function(a.name(), |b| {
+    g.bench_function(id, |b| {
         b.iter(|| {
             let p = a.alloc(layout);
             // SAFETY: p was just allocated with `layout`.
@@ -38,40 +46,54 @@ fn bench_pair<A: BenchAlloc>(c: &mut Criterion, a: &A) {
     g.finish();
 }
 
-fn print_ratios(mixed_ops: usize) {
-    println!("\nratios of medians, matrix / peer (below 1.0: the matrix is faster)");
-    for (group, per_op_div) in [("mixed_32_544_live10k", mixed_ops as f64), ("pair_64", 1.0)] {
-        let Some(m) = median_ns(group, "matrix") else {
-            continue;
-        };
-        let mut line = format!("{group:>22}: matrix {:8.1} ns/op", m / per_op_div);
-        for peer in ["system", "mimalloc"] {
-            if let Some(p) = median_ns(group, peer) {
-                line += &format!(
-                    " | {peer} {:8.1} ns/op, ratio {:5.2}",
-                    p / per_op_div,
-                    m / p
-                );
-            }
+/// Runs `ROUNDS` rounds of `bench` over the allocators; returns each
+/// allocator's round medians (ns per iteration), in the allocators' order.
+fn rounds(
+    c: &mut Criterion,
+    group: &str,
+    allocators: &[&dyn BenchAlloc],
+    mut bench: impl FnMut(&mut Criterion, BenchmarkId, &dyn BenchAlloc),
+) -> Vec<Vec<f64>> {
+    let mut medians = vec![Vec::new(); allocators.len()];
+    for round in 0..ROUNDS {
+        for (a, m) in allocators.iter().zip(&mut medians) {
+            bench(c, BenchmarkId::new(a.name(), round), *a);
+            m.extend(median_ns(group, &format!("{}/{round}", a.name())));
         }
-        println!("{line}");
     }
+    medians
+}
+
+fn print_ratios(group: &str, names: &[&str], medians: &[Vec<f64>], per_op_div: f64) {
+    let best: Vec<f64> = medians
+        .iter()
+        .map(|m| m.iter().copied().fold(f64::INFINITY, f64::min) / per_op_div)
+        .collect();
+    for (name, m) in names.iter().zip(medians) {
+        let rounds: Vec<String> = m.iter().map(|t| format!("{:.1}", t / per_op_div)).collect();
+        println!("{group:>22} {name:>9}: rounds {} ns/op", rounds.join(" "));
+    }
+    let mut line = format!("{group:>22}: matrix {:6.1} ns/op", best[0]);
+    for (name, b) in names.iter().zip(&best).skip(1) {
+        line += &format!(" | {name} {b:6.1} ns/op, ratio {:5.2}", best[0] / b);
+    }
+    println!("{line}");
 }
 
 fn main() {
     let mut c = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(1))
         .configure_from_args();
     let matrix = Matrix::create(256 << 20).expect("segment");
-    let w = Mixed::new();
-    bench_mixed(&mut c, &matrix, &w);
     let (system, mimalloc) = (Peer("system", System), Peer("mimalloc", mimalloc::MiMalloc));
-    bench_mixed(&mut c, &system, &w);
-    bench_mixed(&mut c, &mimalloc, &w);
-    bench_pair(&mut c, &matrix);
-    bench_pair(&mut c, &system);
-    bench_pair(&mut c, &mimalloc);
+    let allocators: [&dyn BenchAlloc; 3] = [&matrix, &system, &mimalloc];
+    let names = allocators.map(|a| a.name());
+    let w = Mixed::new();
+    let mixed = rounds(&mut c, "mixed_32_544_live10k", &allocators, |c, id, a| {
+        bench_mixed(c, id, a, &w)
+    });
+    let pair = rounds(&mut c, "pair_64", &allocators, bench_pair);
     assert_eq!(
         matrix
             .check()
@@ -80,5 +102,7 @@ fn main() {
         0
     );
     c.final_summary();
-    print_ratios(w.op_count());
+    println!("\nlowest round median per allocator, ns/op; ratio = matrix / peer (below 1.0: the matrix is faster)");
+    print_ratios("mixed_32_544_live10k", &names, &mixed, w.op_count() as f64);
+    print_ratios("pair_64", &names, &pair, 1.0);
 }

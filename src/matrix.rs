@@ -442,7 +442,7 @@ impl Matrix {
 
     /// Allocates a block for `layout`. A zero size gets a minimal block of
     /// its own. Every power-of-two alignment is honoured.
-    #[inline]
+    #[inline(always)]
     pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
         if cache::is_small(layout.size(), layout.align()) {
             if let Some(p) = self.alloc_cached(layout.size()) {
@@ -504,44 +504,49 @@ impl Matrix {
     ///   freed since. Violations are detected as far as a header check can
     ///   (see the errors), but a pointer into the middle of a live block, or a
     ///   stale pointer to a block that was since reallocated, cannot always be.
-    #[inline]
+    #[inline(always)]
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), Error> {
-        if let Some((page, i)) = cache::locate(self.engine(), ptr.as_ptr()) {
-            let cached = cache::with_heap(&self.shared, |h| {
-                let requested = h.free(page, i)?;
+        if self.free_cached(ptr) {
+            return Ok(());
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.free_checked(ptr) }
+    }
+
+    /// The fast path: a live block of one of this thread's pages, counted
+    /// in its batch. `false` (nothing done) for anything else.
+    #[inline(always)]
+    fn free_cached(&self, ptr: NonNull<u8>) -> bool {
+        let Some((page, i)) = cache::locate(self.engine(), ptr.as_ptr()) else {
+            return false;
+        };
+        cache::with_heap(
+            &self.shared,
+            #[inline(always)]
+            |h| {
+                // SAFETY: `locate` found block `i` of `page` at `ptr`.
+                let Some(requested) = (unsafe { h.free_owned(page, i, ptr.as_ptr()) }) else {
+                    return false;
+                };
                 if h.delta.on_free(requested) {
                     self.engine().counters().flush(&mut h.delta);
                 }
-                Ok(())
-            });
-            if let Some(result) = cached {
-                return result;
-            }
-            // No cache for this thread right now (teardown, re-entry): free
-            // it as any other thread would.
-            return self.free_remote_counted(page, i);
-        }
-        // SAFETY: forwarded contract.
-        unsafe { self.free_slow(ptr) }
+                true
+            },
+        )
+        .unwrap_or(false)
     }
 
-    /// A small block freed by a thread without a cache.
-    #[cold]
-    #[inline(never)]
-    fn free_remote_counted(&self, page: cache::Page, i: u32) -> Result<(), Error> {
-        let requested = cache::free_remote(page, i)?;
-        self.count(|d| d.on_free(requested));
-        Ok(())
-    }
-
-    /// An engine block (anything that is not in a page).
+    /// Everything else: other threads' small blocks, engine blocks, threads
+    /// without a cache, and the errors.
     ///
     /// # Safety
     /// As for [`Matrix::free`].
     #[cold]
     #[inline(never)]
-    unsafe fn free_slow(&self, ptr: NonNull<u8>) -> Result<(), Error> {
-        let requested = self.free_engine(ptr)?;
+    unsafe fn free_checked(&self, ptr: NonNull<u8>) -> Result<(), Error> {
+        // SAFETY: forwarded contract.
+        let requested = unsafe { self.free_uncounted(ptr) }?;
         self.count(|d| d.on_free(requested));
         Ok(())
     }

@@ -92,7 +92,7 @@ impl Stats {
 /// `curr_bytes` after each of its operations and keeps the latest point at
 /// which it reached the known maximum (dhat's `>=` rule). With one thread at
 /// work this gives exactly dhat's `max_bytes` and `max_blocks`.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub(crate) struct Delta {
     total_blocks: u64,
     total_bytes: u64,
@@ -107,7 +107,25 @@ pub(crate) struct Delta {
     seen_max: u64,
     /// The latest local peak not yet applied: (bytes, blocks).
     peak: Option<(u64, u64)>,
-    ops: u32,
+    /// Operations until the next flush (a countdown: one decrement and a
+    /// zero test per operation).
+    left: u32,
+}
+
+impl Default for Delta {
+    fn default() -> Delta {
+        Delta {
+            total_blocks: 0,
+            total_bytes: 0,
+            blocks: 0,
+            bytes: 0,
+            base_blocks: 0,
+            base_bytes: 0,
+            seen_max: 0,
+            peak: None,
+            left: FLUSH_EVERY,
+        }
+    }
 }
 
 /// How many operations a thread batches before applying its counter changes.
@@ -159,8 +177,10 @@ impl Delta {
 
     #[inline]
     fn tick(&mut self) -> bool {
-        self.ops += 1;
-        self.ops >= FLUSH_EVERY
+        // Wrapping: a delta that has hit zero is flushed (which restarts
+        // the countdown) before its next operation.
+        self.left = self.left.wrapping_sub(1);
+        self.left == 0
     }
 }
 

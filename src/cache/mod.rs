@@ -143,8 +143,8 @@ impl Heap {
         let cur = self.current[class];
         if !cur.is_null() {
             let page = Page(cur);
-            if let Some(i) = page.pop(size) {
-                return NonNull::new(page.block(i));
+            if let Some(p) = page.pop(size) {
+                return Some(p);
             }
         }
         self.alloc_slow(class, size)
@@ -155,8 +155,7 @@ impl Heap {
     fn alloc_slow(&mut self, class: usize, size: usize) -> Option<NonNull<u8>> {
         let page = self.find_page(class)?;
         self.current[class] = page.0;
-        let i = page.pop(size)?;
-        NonNull::new(page.block(i))
+        page.pop(size)
     }
 
     /// A page of `class` with a free block: the current page after
@@ -324,33 +323,49 @@ impl Heap {
     /// Frees block `i` of `page`, which `ptr` pointed to. Returns the
     /// requested size. Sequential double frees are detected; two threads
     /// freeing the same block at once (a race in the caller) may not be.
-    #[inline]
     pub(crate) fn free(&mut self, page: Page, i: u32) -> Result<u64, Error> {
-        let entry = page.size_entry(i);
-        let s = entry.load(Relaxed);
-        if s == FREE || s == REMOTE {
-            return Err(Error::DoubleFree);
+        let block = page.block(i);
+        // SAFETY: block `i` of `page` is at `block`, and the caller's `i`
+        // comes from `locate`, so it is below the capacity.
+        if let Some(requested) = unsafe { self.free_owned(page, i, block) } {
+            return Ok(requested);
         }
+        // Not allocated, or another thread's page: `free_remote` tells
+        // which, and frees the block in the second case.
+        free_remote(page, i)
+    }
+
+    /// The fast path of `free`: frees block `i` if it is allocated and
+    /// `page` is this thread's, and returns its requested size; else changes
+    /// nothing and returns `None`.
+    ///
+    /// # Safety
+    /// `i` and `block` are the index and address of one block of `page`, as
+    /// `locate` finds them (so `i` is below the page's capacity).
+    #[inline(always)]
+    pub(crate) unsafe fn free_owned(&mut self, page: Page, i: u32, block: *mut u8) -> Option<u64> {
+        // SAFETY: `i < capacity` (the caller's contract).
+        let entry = unsafe { page.size_entry_unchecked(i) };
+        let s = entry.load(Relaxed);
         let h = page.header();
         // Only this thread can make, or unmake, its own token the owner.
-        if h.owner.load(Relaxed) == self.token {
-            entry.store(FREE, Relaxed);
-            let requested = s as u64 - 1;
-            let used = page.push_local(i);
-            // Emptied (and not the page in use), or back from full: rare.
-            if (used == 0 && self.current.get(h.class as usize) != Some(&page.0))
-                || h.full.load(Relaxed) != 0
-            {
-                self.freed_into(page, used);
-            }
-            Ok(requested)
-        } else {
-            free_remote(page, i)
+        if s == FREE || s == REMOTE || h.owner.load(Relaxed) != self.token {
+            return None;
         }
+        entry.store(FREE, Relaxed);
+        let used = page.push_local(i, block);
+        // Emptied (and not the page in use), or back from full: rare.
+        if (used == 0 && self.current.get(h.class as usize) != Some(&page.0))
+            || h.full.load(Relaxed) != 0
+        {
+            self.freed_into(page, used);
+        }
+        Some(s as u64 - 1)
     }
 
     /// After an owner free that emptied `page` or freed into a full one.
     #[cold]
+    #[inline(never)]
     fn freed_into(&mut self, page: Page, used: u32) {
         let class = page.header().class as usize;
         if used == 0 && self.current[class] != page.0 {
@@ -648,8 +663,8 @@ impl Drop for Heaps {
     fn drop(&mut self) {
         // From here on this thread takes the uncached path.
         let _ = FAST.try_with(|f| {
-            f.busy.set(true);
-            f.forget();
+            f.heap.set(std::ptr::null_mut());
+            f.shared.set(BUSY);
         });
         for entry in self.entries.iter_mut() {
             if let Some(mut heap) = entry.take() {
@@ -665,18 +680,22 @@ thread_local! {
     };
 }
 
-/// This thread's fast path: the heap it used last and for which segment,
-/// and whether a heap is borrowed right now (re-entry, e.g. an allocation
+/// This thread's fast path: the heap it used last and for which segment.
+/// `shared` is `BUSY` while a heap is borrowed (re-entry, e.g. an allocation
 /// made from inside the cache code, then takes the uncached path instead of
-/// aliasing the heap). It has no destructor, so reading it is a plain
+/// aliasing the heap) and after the thread's heaps are torn down; so the one
+/// comparison of `shared` in `with_heap` checks both the segment and that
+/// no heap is borrowed. It has no destructor, so reading it is a plain
 /// thread-local load; `heap` points into `HEAPS`, whose entries do not move,
 /// and is reset whenever an entry is retired (`find`) or the thread exits.
 /// Separate cells, so that each access is one load or store.
 struct Fast {
     shared: Cell<*const crate::matrix::Shared>,
     heap: Cell<*mut Heap>,
-    busy: Cell<bool>,
 }
+
+/// `Fast::shared` while a heap is borrowed: an address no `Shared` has.
+const BUSY: *const crate::matrix::Shared = NonNull::dangling().as_ptr();
 
 impl Fast {
     fn forget(&self) {
@@ -690,7 +709,6 @@ thread_local! {
         Fast {
             shared: Cell::new(std::ptr::null()),
             heap: Cell::new(std::ptr::null_mut()),
-            busy: Cell::new(false),
         }
     };
 }
@@ -708,41 +726,44 @@ pub(crate) fn with_heap<R>(shared: &SharedRef, f: impl FnOnce(&mut Heap) -> R) -
         // thread: the reference stays valid past `with`.
         unsafe { &*(fast as *const Fast) }
     });
-    if fast.busy.get() {
-        return None;
-    }
+    // `shared` is never `BUSY`, so a match also says no heap is borrowed;
+    // and a remembered segment always has its heap.
     let heap = if fast.shared.get() == shared.as_ptr() {
         fast.heap.get()
     } else {
-        find(shared, fast)
+        let heap = find(shared, fast);
+        if heap.is_null() {
+            return None;
+        }
+        heap
     };
-    if heap.is_null() {
-        return None;
-    }
-    fast.busy.set(true);
+    fast.shared.set(BUSY);
     // SAFETY: `heap` points to a live entry of this thread's `HEAPS` (see
-    // `Fast`); `busy` makes this the only reference to it.
+    // `Fast`); `BUSY` makes this the only reference to it.
     let r = f(unsafe { &mut *heap });
-    fast.busy.set(false);
+    fast.shared.set(shared.as_ptr());
     Some(r)
 }
 
-/// Slow path of `with_heap`: finds or makes the heap and remembers it.
+/// Slow path of `with_heap`: finds or makes the heap and remembers it
+/// (null while a heap is borrowed, or when there is none).
 #[cold]
 #[inline(never)]
 fn find(shared: &SharedRef, fast: &Fast) -> *mut Heap {
-    fast.busy.set(true);
+    if fast.shared.get() == BUSY {
+        return std::ptr::null_mut();
+    }
+    fast.shared.set(BUSY);
     let heap = HEAPS
         .try_with(|cell| {
-            // SAFETY: the cell is this thread's and `busy` is set, so no other
-            // reference into it is live.
+            // SAFETY: the cell is this thread's and `BUSY` is set, so no
+            // other reference into it is live.
             let heaps = unsafe { &mut *cell.get() };
             heaps
                 .find_or_make(shared)
                 .map_or(std::ptr::null_mut(), |h| h as *mut Heap)
         })
         .unwrap_or(std::ptr::null_mut());
-    fast.busy.set(false);
     if heap.is_null() {
         fast.forget();
     } else {
@@ -757,10 +778,11 @@ fn find(shared: &SharedRef, fast: &Fast) -> *mut Heap {
 /// include everything it did.
 pub(crate) fn flush_thread() {
     let _ = FAST.try_with(|fast| {
-        if fast.busy.get() {
+        let remembered = fast.shared.get();
+        if remembered == BUSY {
             return;
         }
-        fast.busy.set(true);
+        fast.shared.set(BUSY);
         let _ = HEAPS.try_with(|cell| {
             // SAFETY: as in `find`.
             let heaps = unsafe { &mut *cell.get() };
@@ -768,7 +790,7 @@ pub(crate) fn flush_thread() {
                 heap.shared.engine.counters().flush(&mut heap.delta);
             }
         });
-        fast.busy.set(false);
+        fast.shared.set(remembered);
     });
 }
 

@@ -27,6 +27,7 @@
 
 use crate::engine::words::{ListHead, NIL};
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
+use std::ptr::NonNull;
 use std::sync::atomic::AtomicU16;
 
 /// Bytes per page; pages are aligned to it.
@@ -86,6 +87,15 @@ fn divide(n: u32, recip: u32) -> u32 {
     ((n as u64 * recip as u64) >> 32) as u32
 }
 
+/// The link of a free block: its first four bytes.
+#[inline]
+fn link_at(block: *mut u8) -> &'static AtomicU32 {
+    // SAFETY: a block is at least 16 bytes and 16-aligned, inside a mapped
+    // page; while free its first four bytes are the link, written only by
+    // whoever frees it.
+    unsafe { &*(block as *const AtomicU32) }
+}
+
 /// A page, by its address in this process.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) struct Page(pub(crate) *mut u8);
@@ -112,6 +122,17 @@ impl Page {
         &self.sizes()[i as usize]
     }
 
+    /// `size_entry` without the bounds check.
+    ///
+    /// # Safety
+    /// `i < capacity`.
+    #[inline]
+    pub(crate) unsafe fn size_entry_unchecked(self, i: u32) -> &'static AtomicU16 {
+        // SAFETY: `capacity` entries follow the header inside the page, and
+        // the caller guarantees `i < capacity`.
+        unsafe { &*(self.0.add(HEADER_BYTES) as *const AtomicU16).add(i as usize) }
+    }
+
     pub(crate) fn block(self, i: u32) -> *mut u8 {
         let h = self.header();
         // SAFETY: `i < capacity`, so the block lies inside the page.
@@ -122,9 +143,7 @@ impl Page {
     }
 
     fn link(self, i: u32) -> &'static AtomicU32 {
-        // SAFETY: a block is at least 16 bytes and 16-aligned; while free its
-        // first four bytes are the link, written only by whoever frees it.
-        unsafe { &*(self.block(i) as *const AtomicU32) }
+        link_at(self.block(i))
     }
 
     /// The index of the block that `ptr` points to the start of.
@@ -175,31 +194,44 @@ impl Page {
 
     // ---- owner-only operations ----------------------------------------------
 
-    /// Takes a free block for an allocation of `requested` bytes (owner only).
+    /// Takes a free block for an allocation of `requested` bytes (owner
+    /// only); returns its address.
     #[inline]
-    pub(crate) fn pop(self, requested: usize) -> Option<u32> {
+    pub(crate) fn pop(self, requested: usize) -> Option<NonNull<u8>> {
         let h = self.header();
         let mut i = h.local.load(Relaxed);
-        if i != NIL {
-            h.local.store(self.link(i).load(Relaxed), Relaxed);
+        // A link lives in block memory, which a program that writes to a
+        // block after freeing it could have changed: an index out of range
+        // drops the rest of the list (those blocks leak) instead of
+        // reaching outside the page.
+        if i != NIL && i >= h.capacity {
+            h.local.store(NIL, Relaxed);
+            i = NIL;
+        }
+        let block = if i != NIL {
+            let block = self.block(i);
+            h.local.store(link_at(block).load(Relaxed), Relaxed);
+            block
         } else {
             i = h.bump.load(Relaxed);
             if i >= h.capacity {
                 return None;
             }
             h.bump.store(i + 1, Relaxed);
-        }
-        self.size_entry(i).store(requested as u16 + 1, Relaxed);
+            self.block(i)
+        };
+        // SAFETY: `i < capacity`, checked above on both paths.
+        unsafe { self.size_entry_unchecked(i) }.store(requested as u16 + 1, Relaxed);
         h.used.store(h.used.load(Relaxed) + 1, Relaxed);
-        Some(i)
+        NonNull::new(block)
     }
 
-    /// Returns block `i`, already marked `FREE`, to the owner's list.
-    /// Returns the blocks still in use.
+    /// Returns block `i` at `block`, already marked `FREE`, to the owner's
+    /// list. Returns the blocks still in use.
     #[inline]
-    pub(crate) fn push_local(self, i: u32) -> u32 {
+    pub(crate) fn push_local(self, i: u32, block: *mut u8) -> u32 {
         let h = self.header();
-        self.link(i).store(h.local.load(Relaxed), Relaxed);
+        link_at(block).store(h.local.load(Relaxed), Relaxed);
         h.local.store(i, Relaxed);
         let used = h.used.load(Relaxed) - 1;
         h.used.store(used, Relaxed);
@@ -313,6 +345,38 @@ mod tests {
                 assert_eq!(divide(n, r), n / d, "{n} / {d}");
             }
         }
+    }
+
+    /// A freed block's link overwritten with an index past the page (a
+    /// program writing to a block after freeing it) does not make `pop`
+    /// reach outside the page: the rest of the list is dropped, and blocks
+    /// come from the never-used part.
+    #[test]
+    fn a_corrupted_link_stays_inside_the_page() {
+        let layout = std::alloc::Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).unwrap();
+        // SAFETY: non-zero size.
+        let mem = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!mem.is_null());
+        let page = Page(mem);
+        // SAFETY: the buffer is ours, PAGE_SIZE bytes, page-aligned.
+        unsafe { page.init(3, 64, 1) };
+        let a = page.pop(64).unwrap();
+        let b = page.pop(64).unwrap();
+        let index = |p: NonNull<u8>| page.index_of(p.as_ptr()).unwrap();
+        for p in [a, b] {
+            page.size_entry(index(p)).store(FREE, Relaxed);
+            page.push_local(index(p), p.as_ptr());
+        }
+        // `b` is the head; its link names `a`. Overwrite it.
+        // SAFETY: `b` is a free block of the page, at least 4 bytes.
+        unsafe { (b.as_ptr() as *mut u32).write(123_456) };
+        assert_eq!(page.pop(64), Some(b));
+        let c = page.pop(64).unwrap();
+        assert_eq!(index(c), 2, "from the never-used part");
+        let end = mem as usize + PAGE_SIZE;
+        assert!((c.as_ptr() as usize) + 64 <= end);
+        // SAFETY: allocated above with `layout`.
+        unsafe { std::alloc::dealloc(mem, layout) };
     }
 
     #[test]
