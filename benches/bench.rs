@@ -24,19 +24,21 @@ use std::time::Duration;
 /// Rounds of turns (see the module comment).
 const ROUNDS: usize = 5;
 
-fn bench_mixed(c: &mut Criterion, id: BenchmarkId, a: &dyn BenchAlloc, w: &Mixed) {
+fn bench_mixed<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A, w: &Mixed) {
     let mut g = c.benchmark_group("mixed_32_544_live10k");
     g.throughput(criterion::Throughput::Elements(w.op_count() as u64));
     let mut live = Vec::with_capacity(20_000);
-    g.bench_function(id, |b| b.iter(|| w.run(a, &mut live)));
+    g.bench_function(BenchmarkId::new(a.name(), round), |b| {
+        b.iter(|| w.run(a, &mut live))
+    });
     g.finish();
 }
 
-fn bench_pair(c: &mut Criterion, id: BenchmarkId, a: &dyn BenchAlloc) {
+fn bench_pair<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A) {
     let mut g = c.benchmark_group("pair_64");
     g.throughput(criterion::Throughput::Elements(1));
     let layout = Layout::from_size_align(64, 8).unwrap();
-    g.bench_function(id, |b| {
+    g.bench_function(BenchmarkId::new(a.name(), round), |b| {
         b.iter(|| {
             let p = a.alloc(layout);
             // SAFETY: p was just allocated with `layout`.
@@ -46,22 +48,16 @@ fn bench_pair(c: &mut Criterion, id: BenchmarkId, a: &dyn BenchAlloc) {
     g.finish();
 }
 
-/// Runs `ROUNDS` rounds of `bench` over the allocators; returns each
-/// allocator's round medians (ns per iteration), in the allocators' order.
-fn rounds(
-    c: &mut Criterion,
-    group: &str,
-    allocators: &[&dyn BenchAlloc],
-    mut bench: impl FnMut(&mut Criterion, BenchmarkId, &dyn BenchAlloc),
-) -> Vec<Vec<f64>> {
-    let mut medians = vec![Vec::new(); allocators.len()];
-    for round in 0..ROUNDS {
-        for (a, m) in allocators.iter().zip(&mut medians) {
-            bench(c, BenchmarkId::new(a.name(), round), *a);
-            m.extend(median_ns(group, &format!("{}/{round}", a.name())));
-        }
-    }
-    medians
+/// Each allocator's round medians (ns per iteration), in `names` order.
+fn round_medians(group: &str, names: &[&str]) -> Vec<Vec<f64>> {
+    names
+        .iter()
+        .map(|name| {
+            (0..ROUNDS)
+                .filter_map(|round| median_ns(group, &format!("{name}/{round}")))
+                .collect()
+        })
+        .collect()
 }
 
 fn print_ratios(group: &str, names: &[&str], medians: &[Vec<f64>], per_op_div: f64) {
@@ -87,13 +83,21 @@ fn main() {
         .configure_from_args();
     let matrix = Matrix::create(256 << 20).expect("segment");
     let (system, mimalloc) = (Peer("system", System), Peer("mimalloc", mimalloc::MiMalloc));
-    let allocators: [&dyn BenchAlloc; 3] = [&matrix, &system, &mimalloc];
-    let names = allocators.map(|a| a.name());
+    let names = [matrix.name(), system.name(), mimalloc.name()];
     let w = Mixed::new();
-    let mixed = rounds(&mut c, "mixed_32_544_live10k", &allocators, |c, id, a| {
-        bench_mixed(c, id, a, &w)
-    });
-    let pair = rounds(&mut c, "pair_64", &allocators, bench_pair);
+    // Generic calls, not `dyn`: the matrix's fast path inlines into the
+    // loop as it does in a program that uses it directly (through the
+    // `GlobalAlloc` adapter it is one call, as mimalloc's is here).
+    for round in 0..ROUNDS {
+        bench_mixed(&mut c, round, &matrix, &w);
+        bench_mixed(&mut c, round, &system, &w);
+        bench_mixed(&mut c, round, &mimalloc, &w);
+    }
+    for round in 0..ROUNDS {
+        bench_pair(&mut c, round, &matrix);
+        bench_pair(&mut c, round, &system);
+        bench_pair(&mut c, round, &mimalloc);
+    }
     assert_eq!(
         matrix
             .check()
@@ -103,6 +107,10 @@ fn main() {
     );
     c.final_summary();
     println!("\nlowest round median per allocator, ns/op; ratio = matrix / peer (below 1.0: the matrix is faster)");
-    print_ratios("mixed_32_544_live10k", &names, &mixed, w.op_count() as f64);
-    print_ratios("pair_64", &names, &pair, 1.0);
+    for (group, per_op_div) in [
+        ("mixed_32_544_live10k", w.op_count() as f64),
+        ("pair_64", 1.0),
+    ] {
+        print_ratios(group, &names, &round_medians(group, &names), per_op_div);
+    }
 }

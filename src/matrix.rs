@@ -2,7 +2,7 @@
 
 use crate::cache;
 use crate::engine::words::GRANULE;
-use crate::engine::{Engine, HeapReport};
+use crate::engine::{Engine, HeapReport, PageTable};
 use crate::segment::{self, NamedPath, Segment};
 use crate::stats::Delta;
 use crate::{Error, Offset, Stats};
@@ -41,6 +41,8 @@ enum Backing {
 /// the name does not unmap it: processes that have it open keep working.
 pub struct Matrix {
     shared: SharedRef,
+    /// A copy of the engine's page table (see `PageTable`).
+    pages: PageTable,
     backing: Backing,
     keep: AtomicBool,
 }
@@ -171,19 +173,21 @@ impl std::fmt::Debug for Matrix {
 
 impl Matrix {
     fn from_segment(segment: Segment, backing: Backing) -> Matrix {
-        Matrix {
-            shared: SharedRef::counted(Shared::join(segment)),
-            backing,
-            keep: AtomicBool::new(false),
-        }
+        Matrix::with_shared(SharedRef::counted(Shared::join(segment)), backing)
     }
 
     fn from_segment_leaked(segment: Segment, backing: Backing) -> Result<Matrix, Error> {
-        Ok(Matrix {
-            shared: SharedRef::leaked(leak(Shared::join(segment))?),
+        let shared = SharedRef::leaked(leak(Shared::join(segment))?);
+        Ok(Matrix::with_shared(shared, backing))
+    }
+
+    fn with_shared(shared: SharedRef, backing: Backing) -> Matrix {
+        Matrix {
+            pages: shared.engine.page_table(),
+            shared,
             backing,
             keep: AtomicBool::new(false),
-        })
+        }
     }
 
     fn engine(&self) -> &Engine {
@@ -517,7 +521,7 @@ impl Matrix {
     /// in its batch. `false` (nothing done) for anything else.
     #[inline(always)]
     fn free_cached(&self, ptr: NonNull<u8>) -> bool {
-        let Some((page, i)) = cache::locate(self.engine(), ptr.as_ptr()) else {
+        let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) else {
             return false;
         };
         cache::with_heap(
@@ -556,7 +560,7 @@ impl Matrix {
     /// # Safety
     /// As for [`Matrix::free`].
     unsafe fn free_uncounted(&self, ptr: NonNull<u8>) -> Result<u64, Error> {
-        match cache::locate(self.engine(), ptr.as_ptr()) {
+        match cache::locate(&self.pages, ptr.as_ptr()) {
             Some((page, i)) => cache::with_heap(&self.shared, |h| h.free(page, i))
                 .unwrap_or_else(|| cache::free_remote(page, i)),
             None => self.free_engine(ptr),
@@ -584,7 +588,7 @@ impl Matrix {
     /// As for [`Matrix::free`]; on success the old pointer must no longer be
     /// used unless it equals the returned one.
     pub unsafe fn realloc(&self, ptr: NonNull<u8>, new: Layout) -> Result<NonNull<u8>, Error> {
-        let old_req = match cache::locate(self.engine(), ptr.as_ptr()) {
+        let old_req = match cache::locate(&self.pages, ptr.as_ptr()) {
             Some((page, i)) => {
                 let old_req = cache::requested(page, i)?;
                 if new.align() <= 16 && cache::resize_in_place(page, i, new.size()) {
@@ -633,7 +637,7 @@ impl Matrix {
 
     /// Payload bytes usable in the block at `ptr` (at least what was asked).
     pub fn usable_size(&self, ptr: NonNull<u8>) -> Option<usize> {
-        if let Some((page, i)) = cache::locate(self.engine(), ptr.as_ptr()) {
+        if let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) {
             return cache::requested(page, i).ok().map(|_| cache::usable(page));
         }
         let pos = self.engine().block_of(ptr.as_ptr())?;

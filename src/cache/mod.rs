@@ -34,7 +34,7 @@ use page::{FREE, REMOTE};
 use ring::Ring;
 
 use crate::engine::words::{ListHead, NIL};
-use crate::engine::{Engine, PAGE_MARK, SLOTS};
+use crate::engine::{Engine, PageTable, PAGE_MARK, SLOTS};
 use crate::matrix::SharedRef;
 use crate::stats::Delta;
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
@@ -412,13 +412,14 @@ fn page_number(engine: &Engine, page: Page) -> u32 {
 
 /// The page and block index `ptr` points to, if it is a small block.
 #[inline]
-pub(crate) fn locate(engine: &Engine, ptr: *const u8) -> Option<(Page, u32)> {
-    let off = (ptr as usize).checked_sub(engine.base_ptr() as usize)?;
+pub(crate) fn locate(table: &PageTable, ptr: *const u8) -> Option<(Page, u32)> {
+    let off = (ptr as usize).checked_sub(table.base() as usize)?;
     let n = off / PAGE_SIZE;
-    if !engine.is_page(n) {
+    if !table.is_page(n) {
         return None;
     }
-    let page = page_at(engine, n as u32);
+    // SAFETY: a marked page lies inside the mapping.
+    let page = Page(unsafe { table.base().add(n * PAGE_SIZE) });
     Some((page, page.index_of(ptr)?))
 }
 

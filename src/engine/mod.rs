@@ -158,6 +158,46 @@ pub(crate) const fn align_up(x: u64, a: u64) -> u64 {
     (x + a - 1) & !(a - 1)
 }
 
+/// Where the page table is, and the mapping it maps. `Matrix` keeps a copy,
+/// so that finding the page of a freed pointer is one load away from the
+/// handle instead of two (handle → engine → table); it is on the critical
+/// path of every free.
+#[derive(Clone, Copy)]
+pub(crate) struct PageTable {
+    base: *mut u8,
+    entries: *const AtomicU32,
+    len: usize,
+}
+
+// SAFETY: as for `Engine`: pointers into a mapping that outlives every copy
+// (the `Matrix` that holds one also holds the mapping), used through atomics.
+unsafe impl Send for PageTable {}
+// SAFETY: as above.
+unsafe impl Sync for PageTable {}
+
+impl PageTable {
+    /// Start of the mapping.
+    #[inline]
+    pub(crate) fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    #[inline]
+    fn entry(&self, n: usize) -> Option<&AtomicU32> {
+        // SAFETY: `n < len`, and the table has that many entries inside the
+        // mapping.
+        (n < self.len).then(|| unsafe { &*self.entries.add(n) })
+    }
+
+    /// Whether page number `n` is a small-object page. `Acquire`: pairs with
+    /// the `Release` marking, after which the page header is initialised.
+    #[inline]
+    pub(crate) fn is_page(&self, n: usize) -> bool {
+        self.entry(n)
+            .is_some_and(|e| e.load(Acquire) & PAGE_MARK != 0)
+    }
+}
+
 /// A process-local view of the engine inside one mapped segment.
 ///
 /// It holds raw pointers into the mapping and is only handed out by
@@ -169,8 +209,7 @@ pub(crate) struct Engine {
     node_capacity: u32,
     heap_start: u32,
     heap_end: u32,
-    pagemap: *const AtomicU32,
-    pagemap_len: usize,
+    pages: PageTable,
     /// This handle's slot in `Control::slots`.
     slot: usize,
 }
@@ -200,10 +239,12 @@ impl Engine {
             node_capacity: layout.node_capacity as u32,
             heap_start: (layout.heap_offset >> GRANULE_LOG) as u32,
             heap_end: ((layout.heap_offset + layout.heap_size) >> GRANULE_LOG) as u32,
-            // SAFETY: in bounds of the mapping (caller's contract).
-            pagemap: unsafe { base.add(layout.pagemap_offset as usize) } as *const AtomicU32,
-            pagemap_len: (layout.heap_offset + layout.heap_size).div_ceil(PAGE_SIZE as u64)
-                as usize,
+            pages: PageTable {
+                base,
+                // SAFETY: in bounds of the mapping (caller's contract).
+                entries: unsafe { base.add(layout.pagemap_offset as usize) } as *const AtomicU32,
+                len: (layout.heap_offset + layout.heap_size).div_ceil(PAGE_SIZE as u64) as usize,
+            },
             slot: SLOTS - 1,
         }
     }
@@ -374,17 +415,18 @@ impl Engine {
     /// The page-table entry of page number `n` (byte offset / `PAGE_SIZE`).
     #[inline]
     pub(crate) fn page_entry(&self, n: usize) -> Option<&AtomicU32> {
-        // SAFETY: `n < pagemap_len`, and the table has that many entries
-        // inside the mapping.
-        (n < self.pagemap_len).then(|| unsafe { &*self.pagemap.add(n) })
+        self.pages.entry(n)
     }
 
-    /// Whether page number `n` is a small-object page. `Acquire`: pairs with
-    /// the `Release` marking, after which the page header is initialised.
+    /// Whether page number `n` is a small-object page.
     #[inline]
     pub(crate) fn is_page(&self, n: usize) -> bool {
-        self.page_entry(n)
-            .is_some_and(|e| e.load(Acquire) & PAGE_MARK != 0)
+        self.pages.is_page(n)
+    }
+
+    /// The page table, to copy into a handle (see `PageTable`).
+    pub(crate) fn page_table(&self) -> PageTable {
+        self.pages
     }
 
     /// Marks (or unmarks) page number `n` as a small-object page.
@@ -400,7 +442,7 @@ impl Engine {
 
     /// Numbers of all pages marked in the page table (slow path: recovery).
     pub(crate) fn marked_pages(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.pagemap_len).filter(move |n| self.is_page(*n))
+        (0..self.pages.len).filter(move |n| self.is_page(*n))
     }
 
     /// Payload address of the block at `pos`.
