@@ -7,28 +7,26 @@
 //!
 //! The machines this runs on are shared, and a neighbour's load can slow
 //! one allocator's turn by half. So the allocators take turns: `ROUNDS`
-//! rounds, each measuring every allocator once, and each allocator's figure
-//! is the lowest of its round medians (load only ever adds time). After
-//! criterion's own report, every round's medians and the ratios are printed.
+//! rounds (in `common`), each measuring every allocator once, and each
+//! allocator's figure is the lowest of its round medians (load only ever
+//! adds time). After criterion's own report, every round's medians and the
+//! ratios are printed.
 //!
 //! Run: `cargo bench --bench bench`
 
 mod common;
 
-use common::{median_ns, BenchAlloc, Mixed, Peer};
-use criterion::{black_box, BenchmarkId, Criterion};
+use common::{round_medians, round_name, BenchAlloc, Mixed, Peer, ROUNDS};
+use criterion::{black_box, Criterion};
 use matrix_alloc::Matrix;
 use std::alloc::{Layout, System};
 use std::time::Duration;
-
-/// Rounds of turns (see the module comment).
-const ROUNDS: usize = 5;
 
 fn bench_mixed<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A, w: &Mixed) {
     let mut g = c.benchmark_group("mixed_32_544_live10k");
     g.throughput(criterion::Throughput::Elements(w.op_count() as u64));
     let mut live = Vec::with_capacity(20_000);
-    g.bench_function(BenchmarkId::new(a.name(), round), |b| {
+    g.bench_function(round_name(a.name(), round), |b| {
         b.iter(|| w.run(a, &mut live))
     });
     g.finish();
@@ -38,7 +36,7 @@ fn bench_pair<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A) {
     let mut g = c.benchmark_group("pair_64");
     g.throughput(criterion::Throughput::Elements(1));
     let layout = Layout::from_size_align(64, 8).unwrap();
-    g.bench_function(BenchmarkId::new(a.name(), round), |b| {
+    g.bench_function(round_name(a.name(), round), |b| {
         b.iter(|| {
             let p = a.alloc(layout);
             // SAFETY: p was just allocated with `layout`.
@@ -48,24 +46,13 @@ fn bench_pair<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A) {
     g.finish();
 }
 
-/// Each allocator's round medians (ns per iteration), in `names` order.
-fn round_medians(group: &str, names: &[&str]) -> Vec<Vec<f64>> {
-    names
-        .iter()
-        .map(|name| {
-            (0..ROUNDS)
-                .filter_map(|round| median_ns(group, &format!("{name}/{round}")))
-                .collect()
-        })
-        .collect()
-}
-
-fn print_ratios(group: &str, names: &[&str], medians: &[Vec<f64>], per_op_div: f64) {
+fn print_ratios(group: &str, names: &[&str], per_op_div: f64) {
+    let medians: Vec<Vec<f64>> = names.iter().map(|n| round_medians(group, n, "")).collect();
     let best: Vec<f64> = medians
         .iter()
         .map(|m| m.iter().copied().fold(f64::INFINITY, f64::min) / per_op_div)
         .collect();
-    for (name, m) in names.iter().zip(medians) {
+    for (name, m) in names.iter().zip(&medians) {
         let rounds: Vec<String> = m.iter().map(|t| format!("{:.1}", t / per_op_div)).collect();
         println!("{group:>22} {name:>9}: rounds {} ns/op", rounds.join(" "));
     }
@@ -111,6 +98,6 @@ fn main() {
         ("mixed_32_544_live10k", w.op_count() as f64),
         ("pair_64", 1.0),
     ] {
-        print_ratios(group, &names, &round_medians(group, &names), per_op_div);
+        print_ratios(group, &names, per_op_div);
     }
 }

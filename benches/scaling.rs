@@ -6,11 +6,14 @@
 //! × threads or processes (1, 2, 8) × allocator (matrix, System, mimalloc,
 //! atomic-matrix 0.4.1, rts-alloc 5).
 //!
+//! The thread-scaling and small-object groups take turns over `ROUNDS`
+//! rounds, and each figure is the lowest round median (see `bench.rs`).
+//!
 //! Run: `cargo bench --bench scaling`; the last lines print the ratios.
 
 mod common;
 
-use common::{median_ns, pair, BenchAlloc, Mixed, Peer};
+use common::{best_median, median_ns, pair, round_name, BenchAlloc, Mixed, Peer, ROUNDS};
 use criterion::{BenchmarkId, Criterion};
 use matrix_alloc::{Matrix, Offset};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -48,26 +51,28 @@ fn thread_scaling(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
     let w = Mixed::new();
     for (group, pairs_per_iter) in [("threads_mixed", 0usize), ("threads_pair_64", 1000)] {
         let mut g = c.benchmark_group(group);
-        for a in allocators {
-            for threads in [1, 2, 8] {
-                g.bench_with_input(
-                    BenchmarkId::new(a.name(), threads),
-                    &threads,
-                    |b, &threads| {
-                        b.iter_custom(|iters| {
-                            timed_threads(threads, |_| {
-                                let mut live = Vec::with_capacity(20_000);
-                                for _ in 0..iters {
-                                    if pairs_per_iter == 0 {
-                                        w.run(*a, &mut live);
-                                    } else {
-                                        (0..pairs_per_iter).for_each(|_| pair(*a));
+        for round in 0..ROUNDS {
+            for a in allocators {
+                for threads in [1, 2, 8] {
+                    g.bench_with_input(
+                        BenchmarkId::new(round_name(a.name(), round), threads),
+                        &threads,
+                        |b, &threads| {
+                            b.iter_custom(|iters| {
+                                timed_threads(threads, |_| {
+                                    let mut live = Vec::with_capacity(20_000);
+                                    for _ in 0..iters {
+                                        if pairs_per_iter == 0 {
+                                            w.run(*a, &mut live);
+                                        } else {
+                                            (0..pairs_per_iter).for_each(|_| pair(*a));
+                                        }
                                     }
-                                }
+                                })
                             })
-                        })
-                    },
-                );
+                        },
+                    );
+                }
             }
         }
         g.finish();
@@ -381,41 +386,43 @@ fn peers(c: &mut Criterion, matrix: &Matrix) {
     let mut g = c.benchmark_group("peers_small_objects_32_1024");
     for workers in [1usize, 2] {
         let rts = RtsPeer::new(workers, 256 << 20);
-        g.bench_with_input(
-            BenchmarkId::new("rts-alloc", workers),
-            &workers,
-            |b, &workers| {
-                b.iter_custom(|iters| {
-                    timed_threads(workers, |_| {
-                        let worker = rts.workers.lock().unwrap().pop().unwrap();
-                        let mut live = Vec::with_capacity(2000);
-                        (0..iters).for_each(|_| small.run(&RtsWorker(&worker), &mut live));
-                        rts.workers.lock().unwrap().push(worker);
+        for round in 0..ROUNDS {
+            g.bench_with_input(
+                BenchmarkId::new(round_name("rts-alloc", round), workers),
+                &workers,
+                |b, &workers| {
+                    b.iter_custom(|iters| {
+                        timed_threads(workers, |_| {
+                            let worker = rts.workers.lock().unwrap().pop().unwrap();
+                            let mut live = Vec::with_capacity(2000);
+                            (0..iters).for_each(|_| small.run(&RtsWorker(&worker), &mut live));
+                            rts.workers.lock().unwrap().push(worker);
+                        })
                     })
-                })
-            },
-        );
-        g.bench_with_input(
-            BenchmarkId::new("matrix", workers),
-            &workers,
-            |b, &workers| {
-                b.iter_custom(|iters| {
-                    timed_threads(workers, |_| {
-                        let mut live = Vec::with_capacity(2000);
-                        (0..iters).for_each(|_| small.run(matrix, &mut live));
+                },
+            );
+            g.bench_with_input(
+                BenchmarkId::new(round_name("matrix", round), workers),
+                &workers,
+                |b, &workers| {
+                    b.iter_custom(|iters| {
+                        timed_threads(workers, |_| {
+                            let mut live = Vec::with_capacity(2000);
+                            (0..iters).for_each(|_| small.run(matrix, &mut live));
+                        })
                     })
-                })
-            },
-        );
+                },
+            );
+        }
     }
     g.finish();
 }
 
 fn print_ratios() {
-    println!("\nratios of medians (time; below 1.0 means the first is faster)");
+    println!("\nratios of medians, the lowest of the rounds where there are rounds (time; below 1.0 means the first is faster)");
     for group in ["threads_mixed", "threads_pair_64"] {
         for a in ["matrix", "system", "mimalloc"] {
-            let t = |n: u32| median_ns(group, &format!("{a}/{n}"));
+            let t = |n: u32| best_median(group, a, &format!("/{n}"));
             if let (Some(t1), Some(t2), Some(t8)) = (t(1), t(2), t(8)) {
                 // Each thread does the same work: throughput scaling = n * t1 / tn.
                 println!(
@@ -455,8 +462,8 @@ fn print_ratios() {
     for n in [1, 2] {
         let g = "peers_small_objects_32_1024";
         if let (Some(m), Some(r)) = (
-            median_ns(g, &format!("matrix/{n}")),
-            median_ns(g, &format!("rts-alloc/{n}")),
+            best_median(g, "matrix", &format!("/{n}")),
+            best_median(g, "rts-alloc", &format!("/{n}")),
         ) {
             println!(
                 "small objects, {n} worker(s): rts-alloc / matrix = {:.2} (time)",
@@ -480,7 +487,7 @@ fn main() {
     }
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(1))
         .sample_size(20)
         .configure_from_args();
     let matrix = Matrix::create(1 << 30).expect("segment");

@@ -117,6 +117,31 @@ pub fn pair<A: BenchAlloc + ?Sized>(a: &A) {
     unsafe { a.free(black_box(p), layout) };
 }
 
+/// Turns each allocator takes (see `bench.rs`): the machines these run on
+/// are shared, and a neighbour's load can slow one turn by half; load only
+/// ever adds time, so each figure is the lowest of its turns' medians.
+pub const ROUNDS: usize = 4;
+
+/// The benchmark name of `name`'s turn in `round`.
+pub fn round_name(name: &str, round: usize) -> String {
+    format!("{name}-r{round}")
+}
+
+/// The medians (ns) of `name`'s turns, `suffix` being the rest of the
+/// benchmark id after the name (e.g. `/2` for a parameter).
+pub fn round_medians(group: &str, name: &str, suffix: &str) -> Vec<f64> {
+    (0..ROUNDS)
+        .filter_map(|r| median_ns(group, &format!("{}{suffix}", round_name(name, r))))
+        .collect()
+}
+
+/// The lowest of `round_medians`.
+pub fn best_median(group: &str, name: &str, suffix: &str) -> Option<f64> {
+    round_medians(group, name, suffix)
+        .into_iter()
+        .reduce(f64::min)
+}
+
 /// Reads criterion's median estimate (ns) for one benchmark.
 pub fn median_ns(group: &str, name: &str) -> Option<f64> {
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
