@@ -459,13 +459,17 @@ impl Matrix {
     /// The fast path: this thread's page for the class, counted in its batch.
     #[inline(always)]
     fn alloc_cached(&self, size: usize) -> Option<NonNull<u8>> {
-        cache::with_heap(&self.shared, |h| {
-            let p = h.alloc(size)?;
-            if h.delta.on_alloc(size as u64) {
-                self.engine().counters().flush(&mut h.delta);
-            }
-            Some(p)
-        })
+        cache::with_heap(
+            &self.shared,
+            #[inline(always)]
+            |h| {
+                let p = h.alloc(size)?;
+                if h.delta.on_alloc(size as u64) {
+                    self.engine().counters().flush(&mut h.delta);
+                }
+                Some(p)
+            },
+        )
         .flatten()
     }
 
@@ -510,26 +514,30 @@ impl Matrix {
     ///   stale pointer to a block that was since reallocated, cannot always be.
     #[inline(always)]
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), Error> {
-        if self.free_cached(ptr) {
+        let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) else {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_engine_counted(ptr) };
+        };
+        // SAFETY: `locate` found block `i` of `page` at `ptr`.
+        if unsafe { self.free_cached(page, i, ptr.as_ptr()) } {
             return Ok(());
         }
-        // SAFETY: forwarded contract.
-        unsafe { self.free_checked(ptr) }
+        self.free_small_slow(page, i)
     }
 
-    /// The fast path: a live block of one of this thread's pages, counted
-    /// in its batch. `false` (nothing done) for anything else.
+    /// The fast path: the owner frees a live block of one of its pages,
+    /// counted in its batch. `false` (nothing done) for anything else.
+    ///
+    /// # Safety
+    /// As for `Heap::free_owned`.
     #[inline(always)]
-    fn free_cached(&self, ptr: NonNull<u8>) -> bool {
-        let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) else {
-            return false;
-        };
+    unsafe fn free_cached(&self, page: cache::Page, i: u32, block: *mut u8) -> bool {
         cache::with_heap(
             &self.shared,
             #[inline(always)]
             |h| {
-                // SAFETY: `locate` found block `i` of `page` at `ptr`.
-                let Some(requested) = (unsafe { h.free_owned(page, i, ptr.as_ptr()) }) else {
+                // SAFETY: forwarded contract.
+                let Some(requested) = (unsafe { h.free_owned(page, i, block) }) else {
                     return false;
                 };
                 if h.delta.on_free(requested) {
@@ -541,16 +549,28 @@ impl Matrix {
         .unwrap_or(false)
     }
 
-    /// Everything else: other threads' small blocks, engine blocks, threads
-    /// without a cache, and the errors.
+    /// A small block the fast path left: another thread's (or process's),
+    /// a thread without a cache, or an error. Takes the page found
+    /// by `free` instead of looking it up again: for a remote free in a
+    /// producer/consumer loop, each look at the page header can be a miss
+    /// on a line the owner keeps writing.
+    #[cold]
+    #[inline(never)]
+    fn free_small_slow(&self, page: cache::Page, i: u32) -> Result<(), Error> {
+        let requested = cache::with_heap(&self.shared, |h| h.free(page, i))
+            .unwrap_or_else(|| cache::free_remote(page, i))?;
+        self.count(|d| d.on_free(requested));
+        Ok(())
+    }
+
+    /// An engine block (anything that is not in a page).
     ///
     /// # Safety
     /// As for [`Matrix::free`].
     #[cold]
     #[inline(never)]
-    unsafe fn free_checked(&self, ptr: NonNull<u8>) -> Result<(), Error> {
-        // SAFETY: forwarded contract.
-        let requested = unsafe { self.free_uncounted(ptr) }?;
+    unsafe fn free_engine_counted(&self, ptr: NonNull<u8>) -> Result<(), Error> {
+        let requested = self.free_engine(ptr)?;
         self.count(|d| d.on_free(requested));
         Ok(())
     }

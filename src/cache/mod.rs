@@ -49,19 +49,21 @@ pub(crate) const SMALL_CLASSES: usize = SMALL_MAX / 16;
 /// Full pages a slow allocation looks at for remote frees (`revisit_full`).
 const REVISIT_FULL: usize = 8;
 
+/// The class of a request of `size` bytes (`size <= SMALL_MAX`); 0 for 0.
 #[inline]
 fn class_of(size: usize) -> usize {
-    size.max(1).div_ceil(16) - 1
+    size.saturating_sub(1) >> 4
 }
 
 fn block_size(class: usize) -> u32 {
     (class as u32 + 1) * 16
 }
 
-/// Whether a request goes to the caches.
+/// Whether a request goes to the caches: 1 to `SMALL_MAX` bytes, aligned
+/// to at most 16. (A zero-size request gets an engine block of its own.)
 #[inline]
 pub(crate) fn is_small(size: usize, align: usize) -> bool {
-    size <= SMALL_MAX && align <= 16
+    size.wrapping_sub(1) < SMALL_MAX && align <= 16
 }
 
 // ---- owner tokens --------------------------------------------------------------
@@ -139,11 +141,10 @@ impl Heap {
     /// Allocates a small block (`is_small`); the request is not counted here.
     #[inline]
     pub(crate) fn alloc(&mut self, size: usize) -> Option<NonNull<u8>> {
-        let class = class_of(size);
+        let class = class_of(size) % SMALL_CLASSES;
         let cur = self.current[class];
         if !cur.is_null() {
-            let page = Page(cur);
-            if let Some(p) = page.pop(size) {
+            if let Some(p) = Page(cur).pop(size) {
                 return Some(p);
             }
         }
@@ -335,9 +336,8 @@ impl Heap {
         free_remote(page, i)
     }
 
-    /// The fast path of `free`: frees block `i` if it is allocated and
-    /// `page` is this thread's, and returns its requested size; else changes
-    /// nothing and returns `None`.
+    /// Frees block `i` if it is allocated and `page` is this thread's, and
+    /// returns its requested size; else changes nothing and returns `None`.
     ///
     /// # Safety
     /// `i` and `block` are the index and address of one block of `page`, as
@@ -355,7 +355,7 @@ impl Heap {
         entry.store(FREE, Relaxed);
         let used = page.push_local(i, block);
         // Emptied (and not the page in use), or back from full: rare.
-        if (used == 0 && self.current.get(h.class as usize) != Some(&page.0))
+        if (used == 0 && self.current[h.class as usize % SMALL_CLASSES] != page.0)
             || h.full.load(Relaxed) != 0
         {
             self.freed_into(page, used);
