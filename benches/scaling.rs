@@ -6,7 +6,8 @@
 //! × threads or processes (1, 2, 8) × allocator (matrix, System, mimalloc,
 //! atomic-matrix 0.4.1, rts-alloc 5).
 //!
-//! The thread-scaling and small-object groups take turns over `ROUNDS`
+//! The thread-scaling, producer/consumer and small-object groups take
+//! turns over `ROUNDS`
 //! rounds, and each figure is the lowest round median (see `bench.rs`).
 //!
 //! Run: `cargo bench --bench scaling`; the last lines print the ratios.
@@ -118,22 +119,24 @@ fn producer_consumer(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)])
     let mut g = c.benchmark_group("producer_consumer_64");
     g.throughput(criterion::Throughput::Elements(1));
     let layout = Layout::from_size_align(64, 8).unwrap();
-    for a in allocators {
-        g.bench_function(a.name(), |b| {
-            b.iter_custom(|iters| {
-                let ring = Ring::new(4096);
-                timed_threads(2, |t| {
-                    for _ in 0..iters {
-                        if t == 0 {
-                            ring.push(a.alloc(layout) as usize);
-                        } else {
-                            // SAFETY: every pointer was allocated with `layout`, once.
-                            unsafe { a.free(ring.pop() as *mut u8, layout) };
+    for round in 0..ROUNDS {
+        for a in allocators {
+            g.bench_function(round_name(a.name(), round), |b| {
+                b.iter_custom(|iters| {
+                    let ring = Ring::new(4096);
+                    timed_threads(2, |t| {
+                        for _ in 0..iters {
+                            if t == 0 {
+                                ring.push(a.alloc(layout) as usize);
+                            } else {
+                                // SAFETY: every pointer was allocated with `layout`, once.
+                                unsafe { a.free(ring.pop() as *mut u8, layout) };
+                            }
                         }
-                    }
+                    })
                 })
-            })
-        });
+            });
+        }
     }
     g.finish();
 }
@@ -433,7 +436,7 @@ fn print_ratios() {
             }
         }
     }
-    let pc = |a: &str| median_ns("producer_consumer_64", a);
+    let pc = |a: &str| best_median("producer_consumer_64", a, "");
     if let (Some(m), Some(s), Some(mi)) = (pc("matrix"), pc("system"), pc("mimalloc")) {
         println!(
             "producer/consumer: matrix / system = {:.2}, matrix / mimalloc = {:.2} (time)",
