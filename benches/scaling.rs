@@ -7,8 +7,8 @@
 //! atomic-matrix 0.4.1, rts-alloc 5).
 //!
 //! The thread-scaling, producer/consumer and small-object groups take
-//! turns over `ROUNDS`
-//! rounds, and each figure is the lowest round median (see `bench.rs`).
+//! turns over `ROUNDS` rounds, and each figure is the lowest round median
+//! (see `bench.rs`).
 //!
 //! Run: `cargo bench --bench scaling`; the last lines print the ratios.
 
