@@ -557,10 +557,16 @@ impl Matrix {
     #[cold]
     #[inline(never)]
     fn free_small_slow(&self, page: cache::Page, i: u32) -> Result<(), Error> {
-        let requested = cache::with_heap(&self.shared, |h| h.free(page, i))
-            .unwrap_or_else(|| cache::free_remote(page, i))?;
+        let requested = self.free_small_uncounted(page, i)?;
         self.count(|d| d.on_free(requested));
         Ok(())
+    }
+
+    /// Frees block `i` of `page` (this thread's or not) without counting;
+    /// returns the requested size.
+    fn free_small_uncounted(&self, page: cache::Page, i: u32) -> Result<u64, Error> {
+        cache::with_heap(&self.shared, |h| h.free(page, i))
+            .unwrap_or_else(|| cache::free_remote(page, i))
     }
 
     /// An engine block (anything that is not in a page).
@@ -581,8 +587,7 @@ impl Matrix {
     /// As for [`Matrix::free`].
     unsafe fn free_uncounted(&self, ptr: NonNull<u8>) -> Result<u64, Error> {
         match cache::locate(&self.pages, ptr.as_ptr()) {
-            Some((page, i)) => cache::with_heap(&self.shared, |h| h.free(page, i))
-                .unwrap_or_else(|| cache::free_remote(page, i)),
+            Some((page, i)) => self.free_small_uncounted(page, i),
             None => self.free_engine(ptr),
         }
     }
