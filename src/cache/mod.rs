@@ -401,9 +401,15 @@ impl Heap {
 
 #[inline]
 fn page_at(engine: &Engine, n: u32) -> Page {
+    page_in(engine.base_ptr(), n as usize)
+}
+
+/// Page number `n` of the mapping at `base`.
+#[inline]
+fn page_in(base: *mut u8, n: usize) -> Page {
     // SAFETY: page numbers come from the page table or from pages this
     // thread made, so they lie inside the mapping.
-    Page(unsafe { engine.base_ptr().add(n as usize * PAGE_SIZE) })
+    Page(unsafe { base.add(n * PAGE_SIZE) })
 }
 
 fn page_number(engine: &Engine, page: Page) -> u32 {
@@ -418,8 +424,7 @@ pub(crate) fn locate(table: &PageTable, ptr: *const u8) -> Option<(Page, u32)> {
     if !table.is_page(n) {
         return None;
     }
-    // SAFETY: a marked page lies inside the mapping.
-    let page = Page(unsafe { table.base().add(n * PAGE_SIZE) });
+    let page = page_in(table.base(), n);
     Some((page, page.index_of(ptr)?))
 }
 

@@ -203,12 +203,12 @@ impl PageTable {
 /// It holds raw pointers into the mapping and is only handed out by
 /// [`crate::Matrix`], which keeps the mapping alive for as long as the engine.
 pub(crate) struct Engine {
-    base: *mut u8,
     ctrl: *const Control,
     nodes: *const Node,
     node_capacity: u32,
     heap_start: u32,
     heap_end: u32,
+    /// The page table, and the start of the mapping (`base_ptr`).
     pages: PageTable,
     /// This handle's slot in `Control::slots`.
     slot: usize,
@@ -231,7 +231,6 @@ impl Engine {
     ///   aligned as `Layout::for_segment` produces).
     pub(crate) unsafe fn attach(base: *mut u8, layout: &Layout) -> Engine {
         Engine {
-            base,
             // SAFETY: offsets are in bounds of the mapping (caller's contract).
             ctrl: unsafe { base.add(layout.control_offset as usize) } as *const Control,
             // SAFETY: as above.
@@ -312,7 +311,7 @@ impl Engine {
     /// Start of the mapping.
     #[inline]
     pub(crate) fn base_ptr(&self) -> *mut u8 {
-        self.base
+        self.pages.base
     }
 
     /// This handle's slot.
@@ -383,7 +382,7 @@ impl Engine {
         debug_assert!(pos >= self.heap_start && pos < self.heap_end);
         // SAFETY: `pos` is inside the heap, which lies in the mapping; it is
         // 16-byte aligned because the heap starts page-aligned.
-        unsafe { &*(self.base.add((pos as usize) << GRANULE_LOG) as *const [AtomicU64; 2]) }
+        unsafe { &*(self.pages.base.add((pos as usize) << GRANULE_LOG) as *const [AtomicU64; 2]) }
     }
 
     /// The 8-byte word just below position `end` (the footer of a free block
@@ -391,7 +390,7 @@ impl Engine {
     fn word_below(&self, end: u32) -> &AtomicU64 {
         debug_assert!(end > self.heap_start && end <= self.heap_end);
         // SAFETY: the word lies in the heap (`end > heap_start`) and is 8-byte aligned.
-        unsafe { &*(self.base.add(((end as usize) << GRANULE_LOG) - 8) as *const AtomicU64) }
+        unsafe { &*(self.pages.base.add(((end as usize) << GRANULE_LOG) - 8) as *const AtomicU64) }
     }
 
     /// The node at index `n`. Callers guarantee `n < node_capacity`.
@@ -404,7 +403,7 @@ impl Engine {
     /// Granule position of the block whose payload starts at byte `ptr`,
     /// if `ptr` is a possible payload address of this heap.
     pub(crate) fn block_of(&self, ptr: *const u8) -> Option<u32> {
-        let off = (ptr as usize).checked_sub(self.base as usize)?;
+        let off = (ptr as usize).checked_sub(self.pages.base as usize)?;
         if off % GRANULE != 0 {
             return None;
         }
@@ -448,6 +447,6 @@ impl Engine {
     /// Payload address of the block at `pos`.
     pub(crate) fn payload(&self, pos: u32) -> *mut u8 {
         // SAFETY: `pos + 1 <= heap_end`, inside the mapping.
-        unsafe { self.base.add(((pos as usize) + 1) << GRANULE_LOG) }
+        unsafe { self.pages.base.add(((pos as usize) + 1) << GRANULE_LOG) }
     }
 }
