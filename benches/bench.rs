@@ -16,7 +16,7 @@
 
 mod common;
 
-use common::{round_medians, round_name, BenchAlloc, Mixed, Peer, ROUNDS};
+use common::{round_medians, round_name, BenchAlloc, GlobalMatrix, Mixed, Peer, ROUNDS};
 use criterion::{black_box, Criterion};
 use matrix_alloc::Matrix;
 use std::alloc::{Layout, System};
@@ -46,7 +46,9 @@ fn bench_pair<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A) {
     g.finish();
 }
 
-fn print_ratios(group: &str, names: &[&str], per_op_div: f64) {
+/// Prints every round, then each of the matrix's rows (`ours` of them,
+/// first in `names`) against each peer.
+fn print_ratios(group: &str, names: &[&str], ours: usize, per_op_div: f64) {
     let medians: Vec<Vec<f64>> = names.iter().map(|n| round_medians(group, n, "")).collect();
     let best: Vec<f64> = medians
         .iter()
@@ -54,13 +56,15 @@ fn print_ratios(group: &str, names: &[&str], per_op_div: f64) {
         .collect();
     for (name, m) in names.iter().zip(&medians) {
         let rounds: Vec<String> = m.iter().map(|t| format!("{:.1}", t / per_op_div)).collect();
-        println!("{group:>22} {name:>9}: rounds {} ns/op", rounds.join(" "));
+        println!("{group:>22} {name:>13}: rounds {} ns/op", rounds.join(" "));
     }
-    let mut line = format!("{group:>22}: matrix {:6.1} ns/op", best[0]);
-    for (name, b) in names.iter().zip(&best).skip(1) {
-        line += &format!(" | {name} {b:6.1} ns/op, ratio {:5.2}", best[0] / b);
+    for (name, mine) in names.iter().zip(&best).take(ours) {
+        let mut line = format!("{group:>22}: {name:>13} {mine:6.1} ns/op");
+        for (peer, b) in names.iter().zip(&best).skip(ours) {
+            line += &format!(" | {peer} {b:6.1} ns/op, ratio {:5.2}", mine / b);
+        }
+        println!("{line}");
     }
-    println!("{line}");
 }
 
 fn main() {
@@ -70,18 +74,22 @@ fn main() {
         .configure_from_args();
     let matrix = Matrix::create(256 << 20).expect("segment");
     let (system, mimalloc) = (Peer("system", System), Peer("mimalloc", mimalloc::MiMalloc));
-    let names = [matrix.name(), system.name(), mimalloc.name()];
+    let global = GlobalMatrix::new(256 << 20);
+    let names = [matrix.name(), global.name(), system.name(), mimalloc.name()];
     let w = Mixed::new();
     // Generic calls, not `dyn`: the matrix's fast path inlines into the
-    // loop as it does in a program that uses it directly (through the
-    // `GlobalAlloc` adapter it is one call, as mimalloc's is here).
+    // loop as it does in a program that uses it directly; `matrix-global`
+    // is the same matrix code through the `GlobalAlloc` adapter, one call
+    // per operation, as mimalloc's is here.
     for round in 0..ROUNDS {
         bench_mixed(&mut c, round, &matrix, &w);
+        bench_mixed(&mut c, round, &global, &w);
         bench_mixed(&mut c, round, &system, &w);
         bench_mixed(&mut c, round, &mimalloc, &w);
     }
     for round in 0..ROUNDS {
         bench_pair(&mut c, round, &matrix);
+        bench_pair(&mut c, round, &global);
         bench_pair(&mut c, round, &system);
         bench_pair(&mut c, round, &mimalloc);
     }
@@ -98,6 +106,6 @@ fn main() {
         ("mixed_32_544_live10k", w.op_count() as f64),
         ("pair_64", 1.0),
     ] {
-        print_ratios(group, &names, per_op_div);
+        print_ratios(group, &names, 2, per_op_div);
     }
 }

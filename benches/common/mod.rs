@@ -16,13 +16,20 @@ pub trait BenchAlloc {
     unsafe fn free(&self, ptr: *mut u8, layout: Layout);
 }
 
+/// The matrix through its own API, as a program that holds a `Matrix` (or
+/// uses it as an `Allocator`) calls it: the fast paths inline into the
+/// caller. (`inline(always)`: LLVM would otherwise keep this wrapper a call
+/// of its own, which a direct caller does not pay; `GlobalMatrix` below is
+/// the out-of-line path.)
 impl BenchAlloc for Matrix {
     fn name(&self) -> &'static str {
         "matrix"
     }
+    #[inline(always)]
     fn alloc(&self, layout: Layout) -> *mut u8 {
         Matrix::alloc(self, layout).map_or(std::ptr::null_mut(), |p| p.as_ptr())
     }
+    #[inline(always)]
     unsafe fn free(&self, ptr: *mut u8, _: Layout) {
         // SAFETY: forwarded contract; the pointer came from `alloc`.
         unsafe { Matrix::free(self, std::ptr::NonNull::new_unchecked(ptr)).unwrap() }
@@ -43,6 +50,33 @@ impl<A: GlobalAlloc> BenchAlloc for Peer<A> {
     unsafe fn free(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded contract.
         unsafe { self.1.dealloc(ptr, layout) }
+    }
+}
+
+/// The matrix as `#[global_allocator]` sees it: `MatrixGlobal`, one call
+/// per operation that does not inline into the caller (as `__rust_alloc`
+/// does not), like mimalloc's calls here.
+pub struct GlobalMatrix(pub matrix_alloc_global::MatrixGlobal);
+
+impl GlobalMatrix {
+    pub fn new(size: usize) -> GlobalMatrix {
+        GlobalMatrix(matrix_alloc_global::MatrixGlobal::new().size(size))
+    }
+}
+
+impl BenchAlloc for GlobalMatrix {
+    fn name(&self) -> &'static str {
+        "matrix-global"
+    }
+    #[inline(never)]
+    fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: layouts here have non-zero size.
+        unsafe { self.0.alloc(layout) }
+    }
+    #[inline(never)]
+    unsafe fn free(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.dealloc(ptr, layout) }
     }
 }
 

@@ -29,6 +29,7 @@
 mod page;
 mod ring;
 
+use page::colour_offset;
 pub(crate) use page::{Page, PAGE_SIZE};
 use page::{FREE, REMOTE};
 use ring::Ring;
@@ -252,21 +253,32 @@ impl Heap {
     fn new_page(&mut self, class: usize) -> Option<Page> {
         let reused = self.unstash().or_else(|| pop_pooled(self.engine()));
         if let Some(page) = reused {
+            let offset = colour_offset(page_number(self.engine(), page) as usize);
             // SAFETY: a stashed page is empty and ours: no live block points
             // into it, so nothing but a double free can touch it.
-            unsafe { page.init(class as u32, block_size(class), self.token) };
+            unsafe { page.init(class as u32, block_size(class), self.token, offset) };
             self.link(class, page);
             return Some(page);
         }
         let engine = self.engine();
         let a = engine.alloc(PAGE_SIZE, PAGE_SIZE).ok()?;
-        let page = Page(engine.payload(a.pos));
+        let start = engine.payload(a.pos);
+        let n = (start as usize - engine.base_ptr() as usize) / PAGE_SIZE;
+        let page = page_in(engine.base_ptr(), n);
         engine.counters().add_block_bytes(a.block_bytes);
         engine.counters().add_page_bytes(a.block_bytes as i64);
-        // SAFETY: the engine just gave us these PAGE_SIZE bytes; the page is
+        // SAFETY: the engine just gave us these PAGE_SIZE bytes (from
+        // `start`, a multiple of `PAGE_SIZE` into the mapping); the page is
         // unreachable until marked below.
-        unsafe { page.init(class as u32, block_size(class), self.token) };
-        engine.set_page(page_number(engine, page) as usize, true);
+        unsafe {
+            page.init(
+                class as u32,
+                block_size(class),
+                self.token,
+                colour_offset(n),
+            )
+        };
+        engine.set_page(n, true);
         self.link(class, page);
         Some(page)
     }
@@ -360,7 +372,7 @@ impl Heap {
         {
             self.freed_into(page, used);
         }
-        Some(s as u64 - 1)
+        Some(page.requested_of(s))
     }
 
     /// After an owner free that emptied `page` or freed into a full one.
@@ -404,12 +416,19 @@ fn page_at(engine: &Engine, n: u32) -> Page {
     page_in(engine.base_ptr(), n as usize)
 }
 
-/// Page number `n` of the mapping at `base`.
+/// Page number `n` of the mapping at `base` (its header, see `colour_offset`).
 #[inline]
 fn page_in(base: *mut u8, n: usize) -> Page {
     // SAFETY: page numbers come from the page table or from pages this
     // thread made, so they lie inside the mapping.
-    Page(unsafe { base.add(n * PAGE_SIZE) })
+    Page(unsafe { base.add(n * PAGE_SIZE + colour_offset(n)) })
+}
+
+/// The first byte of `page`: where its engine block starts.
+fn page_start(engine: &Engine, page: Page) -> *mut u8 {
+    let n = page_number(engine, page) as usize;
+    // SAFETY: as in `page_in`.
+    unsafe { engine.base_ptr().add(n * PAGE_SIZE) }
 }
 
 fn page_number(engine: &Engine, page: Page) -> u32 {
@@ -439,14 +458,14 @@ pub(crate) fn free_remote(page: Page, i: u32) -> Result<u64, Error> {
     }
     entry.store(REMOTE, Relaxed);
     page.push_remote(i);
-    Ok(s as u64 - 1)
+    Ok(page.requested_of(s))
 }
 
 /// Requested size of the live block `i` of `page`.
 pub(crate) fn requested(page: Page, i: u32) -> Result<u64, Error> {
     match page.size_entry(i).load(Relaxed) {
         FREE | REMOTE => Err(Error::DoubleFree),
-        s => Ok(s as u64 - 1),
+        s => Ok(page.requested_of(s)),
     }
 }
 
@@ -454,7 +473,7 @@ pub(crate) fn requested(page: Page, i: u32) -> Result<u64, Error> {
 pub(crate) fn resize_in_place(page: Page, i: u32, new_size: usize) -> bool {
     let same = is_small(new_size, 1) && class_of(new_size) as u32 == page.header().class;
     if same {
-        page.size_entry(i).store(new_size as u16 + 1, Relaxed);
+        page.size_entry(i).store(page.entry_for(new_size), Relaxed);
     }
     same
 }
@@ -534,7 +553,7 @@ pub(crate) fn trim(shared: &SharedRef) {
 fn release_page(engine: &Engine, page: Page) {
     let n = page_number(engine, page);
     engine.set_page(n as usize, false);
-    if let Some(pos) = engine.block_of(page.0) {
+    if let Some(pos) = engine.block_of(page_start(engine, page)) {
         if let Ok((_, bytes)) = engine.free(pos) {
             engine.counters().sub_block_bytes(bytes);
             engine.counters().add_page_bytes(-(bytes as i64));

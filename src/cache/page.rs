@@ -2,14 +2,16 @@
 //! page-aligned) holding blocks of one size class.
 //!
 //! ```text
-//! [PageHeader | sizes: [AtomicU16; capacity] | pad | block 0 | block 1 | ...]
+//! [colour | PageHeader | sizes: [AtomicU8; capacity] | pad | block 0 | block 1 | ...]
 //! ```
 //!
-//! `sizes[i]` is the requested size of block `i` plus one while it is
-//! allocated, `FREE` (0) while it is free in the owner's hands, and `REMOTE`
+//! `sizes[i]` says what block `i` is: allocated, with its slack (block size
+//! minus requested size, below 16 since a class spans 16 bytes) plus one, so
+//! 1 to 16; `FREE` (0) while it is free in the owner's hands; or `REMOTE`
 //! while it is freed by another thread and on its way through the remote
-//! list. Free blocks hold the index of the next free block in their first
-//! four bytes.
+//! list. One byte per block keeps the entries a page's blocks touch in few
+//! cache lines. Free blocks hold the index of the next free block in their
+//! first four bytes. The colour (see `colour_offset`) is unused.
 //!
 //! Invariants, with `local` the owner's free list, `remote` the remote list
 //! and `bump` the first never-used index:
@@ -28,14 +30,14 @@
 use crate::engine::words::{ListHead, NIL};
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU16;
+use std::sync::atomic::AtomicU8;
 
 /// Bytes per page; pages are aligned to it.
 pub(crate) const PAGE_SIZE: usize = 16 * 1024;
 /// "MTXP".
 const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"MTXP");
-pub(crate) const FREE: u16 = 0;
-pub(crate) const REMOTE: u16 = u16::MAX;
+pub(crate) const FREE: u8 = 0;
+pub(crate) const REMOTE: u8 = u8::MAX;
 
 #[repr(C)]
 pub(crate) struct PageHeader {
@@ -63,12 +65,27 @@ pub(crate) struct PageHeader {
 
 const HEADER_BYTES: usize = size_of::<PageHeader>();
 
-/// Blocks per page and offset of block 0 for blocks of `block_size` bytes.
-pub(crate) fn geometry(block_size: usize) -> (u32, u32) {
-    let mut capacity = (PAGE_SIZE - HEADER_BYTES) / (block_size + 2);
+/// Page colours: the header of page `n` sits `colour(n) * 64` bytes into
+/// the page. Pages are aligned to `PAGE_SIZE`, so without this every header
+/// (and the start of every size array) would fall into the same few sets of
+/// the L1 and L2 caches, and a workload spread over more than a dozen pages
+/// would miss on nearly every header access.
+pub(crate) const COLOURS: usize = 16;
+
+/// Bytes between the page start and the header of page number `n`.
+#[inline]
+pub(crate) fn colour_offset(n: usize) -> usize {
+    (n % COLOURS) * 64
+}
+
+/// Blocks per page and offset of block 0 from the header, for blocks of
+/// `block_size` bytes with the header `offset` bytes into the page.
+pub(crate) fn geometry(block_size: usize, offset: usize) -> (u32, u32) {
+    let room = PAGE_SIZE - offset;
+    let mut capacity = (room - HEADER_BYTES) / (block_size + 1);
     loop {
-        let data = (HEADER_BYTES + 2 * capacity).next_multiple_of(16);
-        if data + capacity * block_size <= PAGE_SIZE {
+        let data = (HEADER_BYTES + capacity).next_multiple_of(16);
+        if data + capacity * block_size <= room {
             return (capacity as u32, data as u32);
         }
         capacity -= 1;
@@ -96,7 +113,8 @@ fn link_at(block: *mut u8) -> &'static AtomicU32 {
     unsafe { &*(block as *const AtomicU32) }
 }
 
-/// A page, by its address in this process.
+/// A page, by the address of its header in this process (`colour_offset`
+/// bytes past the page start).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) struct Page(pub(crate) *mut u8);
 
@@ -110,15 +128,15 @@ impl Page {
         unsafe { &*(self.0 as *const PageHeader) }
     }
 
-    fn sizes(self) -> &'static [AtomicU16] {
+    fn sizes(self) -> &'static [AtomicU8] {
         let cap = self.header().capacity as usize;
         // SAFETY: `capacity` entries follow the header inside the page.
-        unsafe { std::slice::from_raw_parts(self.0.add(HEADER_BYTES) as *const AtomicU16, cap) }
+        unsafe { std::slice::from_raw_parts(self.0.add(HEADER_BYTES) as *const AtomicU8, cap) }
     }
 
     /// The atomic size entry of block `i` (`i < capacity`).
     #[inline]
-    pub(crate) fn size_entry(self, i: u32) -> &'static AtomicU16 {
+    pub(crate) fn size_entry(self, i: u32) -> &'static AtomicU8 {
         &self.sizes()[i as usize]
     }
 
@@ -127,10 +145,26 @@ impl Page {
     /// # Safety
     /// `i < capacity`.
     #[inline]
-    pub(crate) unsafe fn size_entry_unchecked(self, i: u32) -> &'static AtomicU16 {
+    pub(crate) unsafe fn size_entry_unchecked(self, i: u32) -> &'static AtomicU8 {
         // SAFETY: `capacity` entries follow the header inside the page, and
         // the caller guarantees `i < capacity`.
-        unsafe { &*(self.0.add(HEADER_BYTES) as *const AtomicU16).add(i as usize) }
+        unsafe { &*(self.0.add(HEADER_BYTES) as *const AtomicU8).add(i as usize) }
+    }
+
+    /// The size entry of a block allocated for `requested` bytes, a size of
+    /// this page's class.
+    #[inline]
+    pub(crate) fn entry_for(self, requested: usize) -> u8 {
+        let slack = self.header().block_size as usize - requested;
+        debug_assert!(slack < 16, "{requested} is not of this page's class");
+        slack as u8 + 1
+    }
+
+    /// The requested size of an allocated block whose size entry is `entry`
+    /// (neither `FREE` nor `REMOTE`).
+    #[inline]
+    pub(crate) fn requested_of(self, entry: u8) -> u64 {
+        (self.header().block_size + 1 - entry as u32) as u64
     }
 
     pub(crate) fn block(self, i: u32) -> *mut u8 {
@@ -164,11 +198,11 @@ impl Page {
     /// Formats a fresh page for `class` owned by `owner`.
     ///
     /// # Safety
-    /// The caller owns the `PAGE_SIZE` bytes at `self` (just allocated from
-    /// the engine) and no one else can reach the page before it is marked in
-    /// the page map.
-    pub(crate) unsafe fn init(self, class: u32, block_size: u32, owner: u64) {
-        let (capacity, data) = geometry(block_size as usize);
+    /// The caller owns the `PAGE_SIZE` bytes of the page, whose start is
+    /// `offset` bytes before `self` (just allocated from the engine), and no
+    /// one else can reach the page before it is marked in the page map.
+    pub(crate) unsafe fn init(self, class: u32, block_size: u32, owner: u64, offset: usize) {
+        let (capacity, data) = geometry(block_size as usize, offset);
         let h = self.0 as *mut PageHeader;
         // SAFETY: the caller owns the memory; plain writes before publication.
         unsafe {
@@ -188,7 +222,7 @@ impl Page {
                 prev_owned: AtomicU32::new(NIL),
                 full: AtomicU32::new(0),
             });
-            std::ptr::write_bytes(self.0.add(HEADER_BYTES), 0, 2 * capacity as usize);
+            std::ptr::write_bytes(self.0.add(HEADER_BYTES), 0, capacity as usize);
         }
     }
 
@@ -221,7 +255,7 @@ impl Page {
             self.block(i)
         };
         // SAFETY: `i < capacity`, checked above on both paths.
-        unsafe { self.size_entry_unchecked(i) }.store(requested as u16 + 1, Relaxed);
+        unsafe { self.size_entry_unchecked(i) }.store(self.entry_for(requested), Relaxed);
         h.used.store(h.used.load(Relaxed) + 1, Relaxed);
         NonNull::new(block)
     }
@@ -328,7 +362,7 @@ impl Page {
             .iter()
             .map(|s| s.load(Relaxed))
             .filter(|s| *s != FREE && *s != REMOTE)
-            .fold((0, 0), |(n, b), s| (n + 1, b + s as u64 - 1))
+            .fold((0, 0), |(n, b), s| (n + 1, b + self.requested_of(s)))
     }
 }
 
@@ -359,7 +393,7 @@ mod tests {
         assert!(!mem.is_null());
         let page = Page(mem);
         // SAFETY: the buffer is ours, PAGE_SIZE bytes, page-aligned.
-        unsafe { page.init(3, 64, 1) };
+        unsafe { page.init(3, 64, 1, 0) };
         let a = page.pop(64).unwrap();
         let b = page.pop(64).unwrap();
         let index = |p: NonNull<u8>| page.index_of(p.as_ptr()).unwrap();
@@ -383,12 +417,16 @@ mod tests {
     fn geometry_fits_the_page() {
         for class in 0..crate::cache::SMALL_CLASSES {
             let bs = (class + 1) * 16;
-            let (cap, data) = geometry(bs);
-            assert!(cap > 0 && data as usize % 16 == 0);
-            assert!(data as usize >= HEADER_BYTES + 2 * cap as usize);
-            assert!(data as usize + cap as usize * bs <= PAGE_SIZE);
-            // Nearly all of the page is used.
-            assert!(PAGE_SIZE - (data as usize + cap as usize * bs) < bs + 2 * 16);
+            for n in 0..COLOURS {
+                let offset = colour_offset(n);
+                let (cap, data) = geometry(bs, offset);
+                assert!(cap > 0 && data as usize % 16 == 0);
+                assert!(data as usize >= HEADER_BYTES + cap as usize);
+                let end = offset + data as usize + cap as usize * bs;
+                assert!(end <= PAGE_SIZE);
+                // Nearly all of the page past the colour is used.
+                assert!(PAGE_SIZE - end < bs + 16);
+            }
         }
     }
 }
