@@ -347,7 +347,9 @@ impl BenchAlloc for RtsWorker<'_> {
 static PEER_CRASHES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// One single-thread workload for one allocator, in group `peers_single_thread`.
-fn single_thread(c: &mut Criterion, a: &dyn BenchAlloc, workload: &str) {
+/// Generic, as in `bench`: each allocator's calls inline into the loop
+/// as far as its code allows.
+fn single_thread<A: BenchAlloc>(c: &mut Criterion, a: &A, workload: &str) {
     let mut g = c.benchmark_group("peers_single_thread");
     let w = Mixed::new();
     g.bench_function(BenchmarkId::new(workload, a.name()), |b| {

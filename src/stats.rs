@@ -103,10 +103,13 @@ pub(crate) struct Delta {
     /// Their values at the last flush, to tell this thread's changes apart.
     base_blocks: u64,
     base_bytes: u64,
-    /// The highest `curr_bytes` known to this thread.
+    /// The highest `curr_bytes` known to this thread; while `peak_blocks`
+    /// is set, a local peak not yet applied.
     seen_max: u64,
-    /// The latest local peak not yet applied: (bytes, blocks).
-    peak: Option<(u64, u64)>,
+    /// Live blocks at that local peak, or `NO_PEAK`. (Two fields, not an
+    /// `Option` of a pair: a new peak is two stores, on every allocation
+    /// that reaches it.)
+    peak_blocks: u64,
     /// Operations until the next flush (a countdown: one decrement and a
     /// zero test per operation).
     left: u32,
@@ -122,11 +125,15 @@ impl Default for Delta {
             base_blocks: 0,
             base_bytes: 0,
             seen_max: 0,
-            peak: None,
+            peak_blocks: NO_PEAK,
             left: FLUSH_EVERY,
         }
     }
 }
+
+/// `Delta::peak_blocks` when there is no local peak to apply (any value
+/// that is negative as an `i64`).
+const NO_PEAK: u64 = u64::MAX;
 
 /// How many operations a thread batches before applying its counter changes.
 ///
@@ -171,7 +178,7 @@ impl Delta {
         // has not yet applied the allocations this one frees.
         if self.bytes as i64 >= self.seen_max as i64 {
             self.seen_max = self.bytes;
-            self.peak = Some((self.bytes, self.blocks));
+            self.peak_blocks = self.blocks;
         }
     }
 
@@ -188,7 +195,10 @@ impl Counters {
     /// Applies a thread's pending changes and re-bases it on the result.
     #[inline(never)]
     pub(crate) fn flush(&self, d: &mut Delta) {
-        if let Some((bytes, blocks)) = d.peak.take() {
+        // A negative block count (a view below zero, see `mark_peak`) is
+        // no peak to apply either; `NO_PEAK` reads as one.
+        if d.peak_blocks as i64 >= 0 {
+            let (bytes, blocks) = (d.seen_max, d.peak_blocks);
             if bytes as i64 >= 0 && bytes >= self.max_bytes.load(Relaxed) {
                 self.max_bytes.fetch_max(bytes, Relaxed);
                 self.max_blocks.store(blocks, Relaxed);

@@ -30,8 +30,8 @@ mod page;
 mod ring;
 
 use page::colour_offset;
+use page::{allocated, FREE, REMOTE};
 pub(crate) use page::{Page, PAGE_SIZE};
-use page::{FREE, REMOTE};
 use ring::Ring;
 
 use crate::engine::words::{ListHead, NIL};
@@ -361,7 +361,7 @@ impl Heap {
         let s = entry.load(Relaxed);
         let h = page.header();
         // Only this thread can make, or unmake, its own token the owner.
-        if s == FREE || s == REMOTE || h.owner.load(Relaxed) != self.token {
+        if !allocated(s) || h.owner.load(Relaxed) != self.token {
             return None;
         }
         entry.store(FREE, Relaxed);
@@ -453,7 +453,7 @@ pub(crate) fn locate(table: &PageTable, ptr: *const u8) -> Option<(Page, u32)> {
 pub(crate) fn free_remote(page: Page, i: u32) -> Result<u64, Error> {
     let entry = page.size_entry(i);
     let s = entry.load(Relaxed);
-    if s == FREE || s == REMOTE {
+    if !allocated(s) {
         return Err(Error::DoubleFree);
     }
     entry.store(REMOTE, Relaxed);
@@ -463,10 +463,11 @@ pub(crate) fn free_remote(page: Page, i: u32) -> Result<u64, Error> {
 
 /// Requested size of the live block `i` of `page`.
 pub(crate) fn requested(page: Page, i: u32) -> Result<u64, Error> {
-    match page.size_entry(i).load(Relaxed) {
-        FREE | REMOTE => Err(Error::DoubleFree),
-        s => Ok(page.requested_of(s)),
+    let s = page.size_entry(i).load(Relaxed);
+    if !allocated(s) {
+        return Err(Error::DoubleFree);
     }
+    Ok(page.requested_of(s))
 }
 
 /// Resizes the live block `i` in place if `new_size` is of the same class.

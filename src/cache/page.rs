@@ -6,17 +6,16 @@
 //! ```
 //!
 //! `sizes[i]` says what block `i` is: allocated, with its slack (block size
-//! minus requested size, below 16 since a class spans 16 bytes) plus one, so
-//! 1 to 16; `FREE` (0) while it is free in the owner's hands; or `REMOTE`
-//! while it is freed by another thread and on its way through the remote
-//! list. One byte per block keeps the entries a page's blocks touch in few
+//! minus requested size, below 16 since a class spans 16 bytes); `FREE`
+//! while it is free in the owner's hands; or `REMOTE` while it is freed by
+//! another thread and on its way through the remote list. One byte per block keeps the entries a page's blocks touch in few
 //! cache lines. Free blocks hold the index of the next free block in their
 //! first four bytes. The colour (see `colour_offset`) is unused.
 //!
 //! Invariants, with `local` the owner's free list, `remote` the remote list
 //! and `bump` the first never-used index:
-//! - every block below `bump` is exactly one of: allocated (`sizes > FREE`,
-//!   not `REMOTE`), in `local` (`FREE`), or in `remote` or about to be pushed
+//! - every block below `bump` is exactly one of: allocated (`sizes` below
+//!   16), in `local` (`FREE`), or in `remote` or about to be pushed
 //!   there (`REMOTE`); blocks at or above `bump` are `FREE` and in no list;
 //! - `used` == allocated blocks + `REMOTE` blocks not yet collected;
 //! - only the owner (the thread whose token is in `owner`) touches `local`,
@@ -36,8 +35,15 @@ use std::sync::atomic::AtomicU8;
 pub(crate) const PAGE_SIZE: usize = 16 * 1024;
 /// "MTXP".
 const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"MTXP");
-pub(crate) const FREE: u8 = 0;
-pub(crate) const REMOTE: u8 = u8::MAX;
+pub(crate) const FREE: u8 = 0x80;
+pub(crate) const REMOTE: u8 = 0xff;
+
+/// Whether a size entry says "allocated" (a slack, below 16); anything
+/// else, `FREE`, `REMOTE` or a value no block has, is not.
+#[inline]
+pub(crate) fn allocated(entry: u8) -> bool {
+    entry < 16
+}
 
 #[repr(C)]
 pub(crate) struct PageHeader {
@@ -152,19 +158,22 @@ impl Page {
     }
 
     /// The size entry of a block allocated for `requested` bytes, a size of
-    /// this page's class.
+    /// this page's class: its slack.
     #[inline]
     pub(crate) fn entry_for(self, requested: usize) -> u8 {
         let slack = self.header().block_size as usize - requested;
-        debug_assert!(slack < 16, "{requested} is not of this page's class");
-        slack as u8 + 1
+        debug_assert!(
+            allocated(slack as u8),
+            "{requested} is not of this page's class"
+        );
+        slack as u8
     }
 
     /// The requested size of an allocated block whose size entry is `entry`
-    /// (neither `FREE` nor `REMOTE`).
+    /// (`allocated(entry)`).
     #[inline]
     pub(crate) fn requested_of(self, entry: u8) -> u64 {
-        (self.header().block_size + 1 - entry as u32) as u64
+        (self.header().block_size - entry as u32) as u64
     }
 
     pub(crate) fn block(self, i: u32) -> *mut u8 {
@@ -180,17 +189,18 @@ impl Page {
         link_at(self.block(i))
     }
 
-    /// The index of the block that `ptr` points to the start of.
+    /// The index of the block that `ptr`, an address inside this page,
+    /// points to the start of.
     #[inline]
     pub(crate) fn index_of(self, ptr: *const u8) -> Option<u32> {
         let h = self.header();
         if h.magic != PAGE_MAGIC {
             return None;
         }
+        // Below `PAGE_SIZE` (`ptr` is inside the page and past block 0), as
+        // `divide` needs.
         let off = (ptr as usize).checked_sub(self.0 as usize + h.data as usize)?;
-        if off >= PAGE_SIZE {
-            return None;
-        }
+        debug_assert!(off < PAGE_SIZE);
         let i = divide(off as u32, h.recip);
         (i * h.block_size == off as u32 && i < h.capacity).then_some(i)
     }
@@ -222,7 +232,7 @@ impl Page {
                 prev_owned: AtomicU32::new(NIL),
                 full: AtomicU32::new(0),
             });
-            std::ptr::write_bytes(self.0.add(HEADER_BYTES), 0, capacity as usize);
+            std::ptr::write_bytes(self.0.add(HEADER_BYTES), FREE, capacity as usize);
         }
     }
 
@@ -234,19 +244,19 @@ impl Page {
     pub(crate) fn pop(self, requested: usize) -> Option<NonNull<u8>> {
         let h = self.header();
         let mut i = h.local.load(Relaxed);
-        // A link lives in block memory, which a program that writes to a
-        // block after freeing it could have changed: an index out of range
-        // drops the rest of the list (those blocks leak) instead of
-        // reaching outside the page.
-        if i != NIL && i >= h.capacity {
-            h.local.store(NIL, Relaxed);
-            i = NIL;
-        }
-        let block = if i != NIL {
+        let block = if i < h.capacity {
             let block = self.block(i);
             h.local.store(link_at(block).load(Relaxed), Relaxed);
             block
         } else {
+            // The list is empty (`NIL`), or its head is out of range: a link
+            // lives in block memory, which a program that writes to a block
+            // after freeing it could have changed. The rest of the list is
+            // dropped then (those blocks leak) instead of reaching outside
+            // the page.
+            if i != NIL {
+                h.local.store(NIL, Relaxed);
+            }
             i = h.bump.load(Relaxed);
             if i >= h.capacity {
                 return None;
@@ -361,7 +371,7 @@ impl Page {
         self.sizes()
             .iter()
             .map(|s| s.load(Relaxed))
-            .filter(|s| *s != FREE && *s != REMOTE)
+            .filter(|s| allocated(*s))
             .fold((0, 0), |(n, b), s| (n + 1, b + self.requested_of(s)))
     }
 }
