@@ -449,38 +449,41 @@ impl Matrix {
     #[inline(always)]
     pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
         if cache::is_small(layout.size(), layout.align()) {
-            if let Some(p) = self.alloc_cached(layout.size()) {
+            let size = layout.size();
+            if let Some(p) = cache::with_heap_fast(&self.shared, |h| h.alloc_fast(size)) {
                 return Ok(p);
             }
         }
         self.alloc_slow(layout)
     }
 
-    /// The fast path: this thread's page for the class, counted in its batch.
-    #[inline(always)]
-    fn alloc_cached(&self, size: usize) -> Option<NonNull<u8>> {
-        cache::with_heap(
-            &self.shared,
-            #[inline(always)]
-            |h| {
-                let p = h.alloc(size)?;
-                if h.delta.on_alloc(size as u64) {
-                    self.engine().counters().flush(&mut h.delta);
-                }
-                Some(p)
-            },
-        )
-        .flatten()
-    }
-
-    /// Everything else: large or over-aligned requests, and threads
-    /// without a cache. Kept out of line so that the fast path stays small.
+    /// Everything the call-free fast path leaves: a new page or a counter
+    /// flush for a small request, large or over-aligned requests, and
+    /// threads without a cache. Kept out of line so that the fast path
+    /// stays small.
     #[cold]
     #[inline(never)]
     fn alloc_slow(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
+        if cache::is_small(layout.size(), layout.align()) {
+            if let Some(p) = self.alloc_cached(layout.size()) {
+                return Ok(p);
+            }
+        }
         let p = self.alloc_uncounted(layout, false)?;
         self.count(|d| d.on_alloc(layout.size() as u64));
         Ok(p)
+    }
+
+    /// A small block from this thread's cache, counted in its batch.
+    fn alloc_cached(&self, size: usize) -> Option<NonNull<u8>> {
+        cache::with_heap(&self.shared, |h| {
+            let p = h.alloc(size)?;
+            if h.delta.on_alloc(size as u64) {
+                self.engine().counters().flush(&mut h.delta);
+            }
+            Some(p)
+        })
+        .flatten()
     }
 
     /// Allocates without counting the request (the caller counts it);
@@ -518,35 +521,15 @@ impl Matrix {
             // SAFETY: forwarded contract.
             return unsafe { self.free_engine_counted(ptr) };
         };
-        // SAFETY: `locate` found block `i` of `page` at `ptr`.
-        if unsafe { self.free_cached(page, i, ptr.as_ptr()) } {
+        let block = ptr.as_ptr();
+        let done = cache::with_heap_fast(&self.shared, |h| {
+            // SAFETY: `locate` found block `i` of `page` at `block`.
+            unsafe { h.free_fast(page, i, block) }.then_some(())
+        });
+        if done.is_some() {
             return Ok(());
         }
         self.free_small_slow(page, i)
-    }
-
-    /// The fast path: the owner frees a live block of one of its pages,
-    /// counted in its batch. `false` (nothing done) for anything else.
-    ///
-    /// # Safety
-    /// As for `Heap::free_owned`.
-    #[inline(always)]
-    unsafe fn free_cached(&self, page: cache::Page, i: u32, block: *mut u8) -> bool {
-        cache::with_heap(
-            &self.shared,
-            #[inline(always)]
-            |h| {
-                // SAFETY: forwarded contract.
-                let Some(requested) = (unsafe { h.free_owned(page, i, block) }) else {
-                    return false;
-                };
-                if h.delta.on_free(requested) {
-                    self.engine().counters().flush(&mut h.delta);
-                }
-                true
-            },
-        )
-        .unwrap_or(false)
     }
 
     /// A small block the fast path left: another thread's (or process's),

@@ -93,26 +93,30 @@ impl Stats {
 /// which it reached the known maximum (dhat's `>=` rule). With one thread at
 /// work this gives exactly dhat's `max_bytes` and `max_blocks`.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Delta {
+    // The fields every operation touches come first: with `Heap::token`
+    // before them they fill one cache line.
     total_blocks: u64,
     total_bytes: u64,
-    /// The thread's view of the segment's `curr_blocks` / `curr_bytes`:
-    /// their values at the last flush plus this thread's changes since.
+    /// This thread's changes to `curr_blocks` / `curr_bytes` since the last
+    /// flush (wrapping: they go below zero when it frees more than it
+    /// allocates).
     blocks: u64,
     bytes: u64,
-    /// Their values at the last flush, to tell this thread's changes apart.
-    base_blocks: u64,
-    base_bytes: u64,
-    /// The highest `curr_bytes` known to this thread; while `peak_blocks`
-    /// is set, a local peak not yet applied.
-    seen_max: u64,
-    /// Live blocks at that local peak, or `NO_PEAK`. (Two fields, not an
-    /// `Option` of a pair: a new peak is two stores, on every allocation
-    /// that reaches it.)
+    /// The change of `curr_bytes` at which this thread reaches the highest
+    /// value it knows: the segment's `max_bytes` at the last flush, or its
+    /// own latest peak since, less `base_bytes`. Signed.
+    peak_at: u64,
+    /// `blocks` at that local peak, or `NO_PEAK` while there is none.
     peak_blocks: u64,
     /// Operations until the next flush (a countdown: one decrement and a
     /// zero test per operation).
     left: u32,
+    /// The segment's `curr_blocks` / `curr_bytes` as of the last flush,
+    /// which the changes are relative to (read at flushes only).
+    base_blocks: u64,
+    base_bytes: u64,
 }
 
 impl Default for Delta {
@@ -122,18 +126,23 @@ impl Default for Delta {
             total_bytes: 0,
             blocks: 0,
             bytes: 0,
-            base_blocks: 0,
-            base_bytes: 0,
-            seen_max: 0,
+            peak_at: 0,
             peak_blocks: NO_PEAK,
             left: FLUSH_EVERY,
+            base_blocks: 0,
+            base_bytes: 0,
         }
     }
 }
 
-/// `Delta::peak_blocks` when there is no local peak to apply (any value
-/// that is negative as an `i64`).
-const NO_PEAK: u64 = u64::MAX;
+impl Delta {
+    /// Bytes at the start of a `Delta` that every operation touches.
+    pub(crate) const HOT_BYTES: usize = std::mem::offset_of!(Delta, left) + size_of::<u32>();
+}
+
+/// `Delta::peak_blocks` when there is no local peak to apply: a change no
+/// thread can make.
+const NO_PEAK: u64 = i64::MIN as u64;
 
 /// How many operations a thread batches before applying its counter changes.
 ///
@@ -174,12 +183,20 @@ impl Delta {
 
     #[inline]
     fn mark_peak(&mut self) {
-        // Signed: a thread's view can dip below zero while another thread
-        // has not yet applied the allocations this one frees.
-        if self.bytes as i64 >= self.seen_max as i64 {
-            self.seen_max = self.bytes;
+        // Signed: the changes, and the thread's view of the counters, can
+        // dip below zero while another thread has not yet applied the
+        // allocations this one frees.
+        if self.bytes as i64 >= self.peak_at as i64 {
+            self.peak_at = self.bytes;
             self.peak_blocks = self.blocks;
         }
+    }
+
+    /// Whether the next operation's tick is due to flush (the fast paths
+    /// leave that operation to the slow ones).
+    #[inline(always)]
+    pub(crate) fn flush_due(&self) -> bool {
+        self.left <= 1
     }
 
     #[inline]
@@ -195,11 +212,11 @@ impl Counters {
     /// Applies a thread's pending changes and re-bases it on the result.
     #[inline(never)]
     pub(crate) fn flush(&self, d: &mut Delta) {
-        // A negative block count (a view below zero, see `mark_peak`) is
-        // no peak to apply either; `NO_PEAK` reads as one.
-        if d.peak_blocks as i64 >= 0 {
-            let (bytes, blocks) = (d.seen_max, d.peak_blocks);
-            if bytes as i64 >= 0 && bytes >= self.max_bytes.load(Relaxed) {
+        if d.peak_blocks != NO_PEAK {
+            let bytes = d.base_bytes.wrapping_add(d.peak_at);
+            let blocks = d.base_blocks.wrapping_add(d.peak_blocks);
+            // A view below zero (see `mark_peak`) is no peak.
+            if bytes as i64 >= 0 && blocks as i64 >= 0 && bytes >= self.max_bytes.load(Relaxed) {
                 self.max_bytes.fetch_max(bytes, Relaxed);
                 self.max_blocks.store(blocks, Relaxed);
             }
@@ -208,17 +225,12 @@ impl Counters {
             self.total_blocks.fetch_add(d.total_blocks, Relaxed);
             self.total_bytes.fetch_add(d.total_bytes, Relaxed);
         }
-        let blocks = apply(
-            &self.curr_blocks,
-            d.blocks.wrapping_sub(d.base_blocks) as i64,
-        );
-        let bytes = apply(&self.curr_bytes, d.bytes.wrapping_sub(d.base_bytes) as i64);
+        let blocks = apply(&self.curr_blocks, d.blocks as i64);
+        let bytes = apply(&self.curr_bytes, d.bytes as i64);
         *d = Delta {
-            blocks,
-            bytes,
             base_blocks: blocks,
             base_bytes: bytes,
-            seen_max: self.max_bytes.load(Relaxed),
+            peak_at: self.max_bytes.load(Relaxed).wrapping_sub(bytes),
             ..Delta::default()
         };
     }

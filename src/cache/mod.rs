@@ -94,9 +94,15 @@ static THREAD_NUMBERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU
 // ---- the thread heap ---------------------------------------------------------------
 
 /// One thread's cache for one segment.
+///
+/// `repr(C)` and aligned to a cache line: `token` and the first part of
+/// `delta`, which every fast-path operation touches, share the first line
+/// (a heap placed across lines ran its fast paths half again as slow).
+#[repr(C, align(64))]
 pub(crate) struct Heap {
-    shared: SharedRef,
     token: u64,
+    pub(crate) delta: Delta,
+    shared: SharedRef,
     /// The page each class allocates from (its address, or null).
     current: [*mut u8; SMALL_CLASSES],
     /// Per class, the owned pages that may have free blocks, and those that
@@ -109,8 +115,10 @@ pub(crate) struct Heap {
     stash: Ring,
     stashed: usize,
     stash_limit: usize,
-    pub(crate) delta: Delta,
 }
+
+// The fast paths' part of a heap is one cache line.
+const _: () = assert!(std::mem::offset_of!(Heap, delta) + Delta::HOT_BYTES <= 64);
 
 impl Heap {
     fn new(shared: SharedRef) -> Heap {
@@ -137,6 +145,25 @@ impl Heap {
 
     fn page(&self, n: u32) -> Page {
         page_at(self.engine(), n)
+    }
+
+    /// The fast path of an allocation, free of calls: a block of the
+    /// class's current page, counted. `None`, with nothing changed, when
+    /// more is needed (no current page, a full one, or a counter flush due):
+    /// the caller's slow path does it all then.
+    #[inline(always)]
+    pub(crate) fn alloc_fast(&mut self, size: usize) -> Option<NonNull<u8>> {
+        if self.delta.flush_due() {
+            return None;
+        }
+        let cur = self.current[class_of(size) % SMALL_CLASSES];
+        if cur.is_null() {
+            return None;
+        }
+        let p = Page(cur).pop(size)?;
+        let due = self.delta.on_alloc(size as u64);
+        debug_assert!(!due, "checked above");
+        Some(p)
     }
 
     /// Allocates a small block (`is_small`); the request is not counted here.
@@ -348,24 +375,62 @@ impl Heap {
         free_remote(page, i)
     }
 
+    /// The fast path of a free, free of calls: this thread frees a live
+    /// block of its own page, counted. `false`, with nothing changed, when
+    /// more is needed (not allocated, another thread's page, a page this
+    /// free empties or takes off the full ring, or a counter flush due).
+    ///
+    /// # Safety
+    /// As for `free_owned`.
+    #[inline(always)]
+    pub(crate) unsafe fn free_fast(&mut self, page: Page, i: u32, block: *mut u8) -> bool {
+        if self.delta.flush_due() {
+            return false;
+        }
+        // SAFETY: forwarded contract.
+        let Some(s) = (unsafe { self.owned_entry(page, i) }) else {
+            return false;
+        };
+        let h = page.header();
+        if (page.used() == 1 && self.current[h.class as usize % SMALL_CLASSES] != page.0)
+            || h.full.load(Relaxed) != 0
+        {
+            return false;
+        }
+        // SAFETY: forwarded contract.
+        unsafe { page.size_entry_unchecked(i) }.store(FREE, Relaxed);
+        page.push_local(i, block);
+        let due = self.delta.on_free(page.requested_of(s));
+        debug_assert!(!due, "checked above");
+        true
+    }
+
+    /// The size entry of block `i` if it is allocated and `page` is this
+    /// thread's.
+    ///
+    /// # Safety
+    /// As for `free_owned`.
+    #[inline(always)]
+    unsafe fn owned_entry(&self, page: Page, i: u32) -> Option<u8> {
+        // SAFETY: `i < capacity` (the caller's contract).
+        let s = unsafe { page.size_entry_unchecked(i) }.load(Relaxed);
+        // Only this thread can make, or unmake, its own token the owner.
+        (allocated(s) && page.header().owner.load(Relaxed) == self.token).then_some(s)
+    }
+
     /// Frees block `i` if it is allocated and `page` is this thread's, and
     /// returns its requested size; else changes nothing and returns `None`.
     ///
     /// # Safety
     /// `i` and `block` are the index and address of one block of `page`, as
     /// `locate` finds them (so `i` is below the page's capacity).
-    #[inline(always)]
-    pub(crate) unsafe fn free_owned(&mut self, page: Page, i: u32, block: *mut u8) -> Option<u64> {
-        // SAFETY: `i < capacity` (the caller's contract).
-        let entry = unsafe { page.size_entry_unchecked(i) };
-        let s = entry.load(Relaxed);
-        let h = page.header();
-        // Only this thread can make, or unmake, its own token the owner.
-        if !allocated(s) || h.owner.load(Relaxed) != self.token {
-            return None;
-        }
-        entry.store(FREE, Relaxed);
+    unsafe fn free_owned(&mut self, page: Page, i: u32, block: *mut u8) -> Option<u64> {
+        // SAFETY: forwarded contract.
+        let s = unsafe { self.owned_entry(page, i) }?;
+        // SAFETY: as for `owned_entry`.
+        unsafe { page.size_entry_unchecked(i) }.store(FREE, Relaxed);
         let used = page.push_local(i, block);
+        let h = page.header();
         // Emptied (and not the page in use), or back from full: rare.
         if (used == 0 && self.current[h.class as usize % SMALL_CLASSES] != page.0)
             || h.full.load(Relaxed) != 0
@@ -739,19 +804,46 @@ thread_local! {
     };
 }
 
+/// This thread's `FAST`.
+#[inline(always)]
+fn fast() -> &'static Fast {
+    // Taking the reference out of `with` keeps `LocalKey::with` small
+    // enough to inline into every caller.
+    FAST.with(|fast| {
+        // SAFETY: `FAST` is const-initialised and has no destructor, so its
+        // storage is a plain thread-local static that lives as long as the
+        // thread: the reference stays valid past `with`.
+        unsafe { &*(fast as *const Fast) }
+    })
+}
+
+/// Runs `f` on this thread's heap for `shared` if it is the segment the
+/// thread used last and no heap is borrowed; `None` otherwise. Makes no
+/// call of its own, for the fast paths.
+#[inline(always)]
+pub(crate) fn with_heap_fast<R>(
+    shared: &SharedRef,
+    f: impl FnOnce(&mut Heap) -> Option<R>,
+) -> Option<R> {
+    let fast = fast();
+    // `shared` is never `BUSY`, so a match also says no heap is borrowed.
+    if fast.shared.get() != shared.as_ptr() {
+        return None;
+    }
+    let heap = fast.heap.get();
+    fast.shared.set(BUSY);
+    // SAFETY: as in `with_heap`.
+    let r = f(unsafe { &mut *heap });
+    fast.shared.set(shared.as_ptr());
+    r
+}
+
 /// Runs `f` on this thread's heap for `shared`, creating it if needed.
 /// `None` when no heap can be had: during thread teardown, on re-entry, or
 /// when the thread already caches `MAX_HEAPS` other live segments.
 #[inline(always)]
 pub(crate) fn with_heap<R>(shared: &SharedRef, f: impl FnOnce(&mut Heap) -> R) -> Option<R> {
-    // Taking the reference out of `with` keeps `LocalKey::with` small
-    // enough to inline into every caller.
-    let fast: &Fast = FAST.with(|fast| {
-        // SAFETY: `FAST` is const-initialised and has no destructor, so its
-        // storage is a plain thread-local static that lives as long as the
-        // thread: the reference stays valid past `with`.
-        unsafe { &*(fast as *const Fast) }
-    });
+    let fast = fast();
     // `shared` is never `BUSY`, so a match also says no heap is borrowed;
     // and a remembered segment always has its heap.
     let heap = if fast.shared.get() == shared.as_ptr() {

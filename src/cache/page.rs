@@ -320,6 +320,7 @@ impl Page {
         h.local.load(Relaxed) != NIL || h.bump.load(Relaxed) < h.capacity
     }
 
+    #[inline]
     pub(crate) fn used(self) -> u32 {
         self.header().used.load(Relaxed)
     }
