@@ -524,12 +524,28 @@ impl Matrix {
         let block = ptr.as_ptr();
         let done = cache::with_heap_fast(&self.shared, |h| {
             // SAFETY: `locate` found block `i` of `page` at `block`.
-            unsafe { h.free_fast(page, i, block) }.then_some(())
+            unsafe { h.free_fast(page, i, block) }
         });
-        if done.is_some() {
-            return Ok(());
+        match done {
+            Some(false) => Ok(()),
+            Some(true) => {
+                self.tidy(page);
+                Ok(())
+            }
+            None => self.free_small_slow(page, i),
         }
-        self.free_small_slow(page, i)
+    }
+
+    /// Moves a page the fast path freed into to where it belongs now (see
+    /// `Heap::tidy`): a second borrow of the heap, out of line, so that the
+    /// fast path makes no call while it holds the heap.
+    #[cold]
+    #[inline(never)]
+    fn tidy(&self, page: cache::Page) {
+        // `None` only on re-entry (a signal handler that allocates): the
+        // page then stays where it is, owned and correct, until the thread
+        // next tidies it or exits.
+        let _ = cache::with_heap(&self.shared, |h| h.tidy(page));
     }
 
     /// A small block the fast path left: another thread's (or process's),
@@ -540,9 +556,20 @@ impl Matrix {
     #[cold]
     #[inline(never)]
     fn free_small_slow(&self, page: cache::Page, i: u32) -> Result<(), Error> {
-        let requested = self.free_small_uncounted(page, i)?;
-        self.count(|d| d.on_free(requested));
-        Ok(())
+        let counters = self.engine().counters();
+        // One borrow of the heap for the free and its count.
+        let freed = cache::with_heap(&self.shared, |h| {
+            let requested = h.free(page, i)?;
+            if h.delta.on_free(requested) {
+                counters.flush(&mut h.delta);
+            }
+            Ok(())
+        });
+        freed.unwrap_or_else(|| {
+            let requested = cache::free_remote(page, i)?;
+            self.count(|d| d.on_free(requested));
+            Ok(())
+        })
     }
 
     /// Frees block `i` of `page` (this thread's or not) without counting;

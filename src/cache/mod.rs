@@ -376,33 +376,34 @@ impl Heap {
     }
 
     /// The fast path of a free, free of calls: this thread frees a live
-    /// block of its own page, counted. `false`, with nothing changed, when
-    /// more is needed (not allocated, another thread's page, a page this
-    /// free empties or takes off the full ring, or a counter flush due).
+    /// block of its own page, counted. `None`, with nothing changed, when
+    /// more is needed (not allocated, another thread's page, or a counter
+    /// flush due); `Some(true)` when the page needs `tidy` after it (this
+    /// free emptied it, or it was on the full ring).
     ///
     /// # Safety
     /// As for `free_owned`.
     #[inline(always)]
-    pub(crate) unsafe fn free_fast(&mut self, page: Page, i: u32, block: *mut u8) -> bool {
+    pub(crate) unsafe fn free_fast(&mut self, page: Page, i: u32, block: *mut u8) -> Option<bool> {
         if self.delta.flush_due() {
-            return false;
+            return None;
         }
         // SAFETY: forwarded contract.
-        let Some(s) = (unsafe { self.owned_entry(page, i) }) else {
-            return false;
-        };
-        let h = page.header();
-        if (page.used() == 1 && self.current[h.class as usize % SMALL_CLASSES] != page.0)
-            || h.full.load(Relaxed) != 0
-        {
-            return false;
-        }
-        // SAFETY: forwarded contract.
+        let s = unsafe { self.owned_entry(page, i) }?;
+        // SAFETY: as for `owned_entry`.
         unsafe { page.size_entry_unchecked(i) }.store(FREE, Relaxed);
-        page.push_local(i, block);
+        let used = page.push_local(i, block);
         let due = self.delta.on_free(page.requested_of(s));
         debug_assert!(!due, "checked above");
-        true
+        Some(self.needs_tidy(page, used))
+    }
+
+    /// Whether an owner free that left `used` blocks in `page` needs `tidy`.
+    #[inline(always)]
+    fn needs_tidy(&self, page: Page, used: u32) -> bool {
+        let h = page.header();
+        (used == 0 && self.current[h.class as usize % SMALL_CLASSES] != page.0)
+            || h.full.load(Relaxed) != 0
     }
 
     /// The size entry of block `i` if it is allocated and `page` is this
@@ -430,22 +431,20 @@ impl Heap {
         // SAFETY: as for `owned_entry`.
         unsafe { page.size_entry_unchecked(i) }.store(FREE, Relaxed);
         let used = page.push_local(i, block);
-        let h = page.header();
-        // Emptied (and not the page in use), or back from full: rare.
-        if (used == 0 && self.current[h.class as usize % SMALL_CLASSES] != page.0)
-            || h.full.load(Relaxed) != 0
-        {
-            self.freed_into(page, used);
+        if self.needs_tidy(page, used) {
+            self.tidy(page);
         }
         Some(page.requested_of(s))
     }
 
-    /// After an owner free that emptied `page` or freed into a full one.
+    /// After an owner free that emptied `page` (not the page in use: it
+    /// goes to the stash or the pool) or freed into a full one (back to the
+    /// available ring). Rare; harmless when there is nothing to do.
     #[cold]
     #[inline(never)]
-    fn freed_into(&mut self, page: Page, used: u32) {
-        let class = page.header().class as usize;
-        if used == 0 && self.current[class] != page.0 {
+    pub(crate) fn tidy(&mut self, page: Page) {
+        let class = page.header().class as usize % SMALL_CLASSES;
+        if page.used() == 0 && self.current[class] != page.0 {
             self.release(class, page);
         } else if page.header().full.load(Relaxed) != 0 {
             self.set_full(class, page, false);
