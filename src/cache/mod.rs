@@ -389,10 +389,7 @@ impl Heap {
             return None;
         }
         // SAFETY: forwarded contract.
-        let s = unsafe { self.owned_entry(page, i) }?;
-        // SAFETY: as for `owned_entry`.
-        unsafe { page.size_entry_unchecked(i) }.store(FREE, Relaxed);
-        let used = page.push_local(i, block);
+        let (s, used) = unsafe { self.take_owned(page, i, block) }?;
         let due = self.delta.on_free(page.requested_of(s));
         debug_assert!(!due, "checked above");
         Some(self.needs_tidy(page, used))
@@ -406,17 +403,23 @@ impl Heap {
             || h.full.load(Relaxed) != 0
     }
 
-    /// The size entry of block `i` if it is allocated and `page` is this
-    /// thread's.
+    /// The owner's free of block `i`, if it is allocated and `page` is this
+    /// thread's: marks it `FREE` and lists it. Returns its old size entry
+    /// and the blocks still in use; else changes nothing.
     ///
     /// # Safety
     /// As for `free_owned`.
     #[inline(always)]
-    unsafe fn owned_entry(&self, page: Page, i: u32) -> Option<u8> {
+    unsafe fn take_owned(&self, page: Page, i: u32, block: *mut u8) -> Option<(u8, u32)> {
         // SAFETY: `i < capacity` (the caller's contract).
-        let s = unsafe { page.size_entry_unchecked(i) }.load(Relaxed);
+        let entry = unsafe { page.size_entry_unchecked(i) };
+        let s = entry.load(Relaxed);
         // Only this thread can make, or unmake, its own token the owner.
-        (allocated(s) && page.header().owner.load(Relaxed) == self.token).then_some(s)
+        if !allocated(s) || page.header().owner.load(Relaxed) != self.token {
+            return None;
+        }
+        entry.store(FREE, Relaxed);
+        Some((s, page.push_local(i, block)))
     }
 
     /// Frees block `i` if it is allocated and `page` is this thread's, and
@@ -427,10 +430,7 @@ impl Heap {
     /// `locate` finds them (so `i` is below the page's capacity).
     unsafe fn free_owned(&mut self, page: Page, i: u32, block: *mut u8) -> Option<u64> {
         // SAFETY: forwarded contract.
-        let s = unsafe { self.owned_entry(page, i) }?;
-        // SAFETY: as for `owned_entry`.
-        unsafe { page.size_entry_unchecked(i) }.store(FREE, Relaxed);
-        let used = page.push_local(i, block);
+        let (s, used) = unsafe { self.take_owned(page, i, block) }?;
         if self.needs_tidy(page, used) {
             self.tidy(page);
         }
@@ -515,14 +515,10 @@ pub(crate) fn locate(table: &PageTable, ptr: *const u8) -> Option<(Page, u32)> {
 /// and pushes it on the page's remote list. Returns the requested size.
 #[inline(never)]
 pub(crate) fn free_remote(page: Page, i: u32) -> Result<u64, Error> {
-    let entry = page.size_entry(i);
-    let s = entry.load(Relaxed);
-    if !allocated(s) {
-        return Err(Error::DoubleFree);
-    }
-    entry.store(REMOTE, Relaxed);
+    let requested = requested(page, i)?;
+    page.size_entry(i).store(REMOTE, Relaxed);
     page.push_remote(i);
-    Ok(page.requested_of(s))
+    Ok(requested)
 }
 
 /// Requested size of the live block `i` of `page`.
