@@ -825,12 +825,8 @@ pub(crate) fn with_heap_fast<R>(
     if fast.shared.get() != shared.as_ptr() {
         return None;
     }
-    let heap = fast.heap.get();
-    fast.shared.set(BUSY);
-    // SAFETY: as in `with_heap`.
-    let r = f(unsafe { &mut *heap });
-    fast.shared.set(shared.as_ptr());
-    r
+    // SAFETY: a remembered segment always has its heap, live in `HEAPS`.
+    unsafe { lend(fast, shared, fast.heap.get(), f) }
 }
 
 /// Runs `f` on this thread's heap for `shared`, creating it if needed.
@@ -850,12 +846,30 @@ pub(crate) fn with_heap<R>(shared: &SharedRef, f: impl FnOnce(&mut Heap) -> R) -
         }
         heap
     };
+    // SAFETY: `find` returns a live entry of `HEAPS`, and remembers it.
+    Some(unsafe { lend(fast, shared, heap, f) })
+}
+
+/// Runs `f` on `heap`, `shared`'s heap of this thread, with `BUSY` set for
+/// the time: a nested call (re-entry) finds no heap instead of a second
+/// reference to this one. Then remembers `shared` again.
+///
+/// # Safety
+/// `heap` points to a live entry of this thread's `HEAPS`, the one for
+/// `shared`, and no reference to it is live (`fast.shared` is not `BUSY`).
+#[inline(always)]
+unsafe fn lend<R>(
+    fast: &Fast,
+    shared: &SharedRef,
+    heap: *mut Heap,
+    f: impl FnOnce(&mut Heap) -> R,
+) -> R {
     fast.shared.set(BUSY);
-    // SAFETY: `heap` points to a live entry of this thread's `HEAPS` (see
-    // `Fast`); `BUSY` makes this the only reference to it.
+    // SAFETY: the caller's contract; `BUSY` keeps this the only reference
+    // while `f` runs.
     let r = f(unsafe { &mut *heap });
     fast.shared.set(shared.as_ptr());
-    Some(r)
+    r
 }
 
 /// Slow path of `with_heap`: finds or makes the heap and remembers it
