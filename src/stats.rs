@@ -11,7 +11,10 @@
 //! the calling thread. With several threads at once `max_blocks` is the count
 //! one of them saw at its peak, not an atomic snapshot.
 
-use crate::sync::{AtomicU64, Ordering::Relaxed};
+use crate::sync::{
+    compiler_fence, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 
 #[repr(C)]
 #[derive(Default)]
@@ -167,6 +170,13 @@ impl Delta {
     #[inline]
     pub(crate) fn on_free(&mut self, requested: u64) -> bool {
         self.blocks = self.blocks.wrapping_sub(1);
+        // Two 8-byte updates, not one 16-byte one: `on_alloc` stores the
+        // fields one by one (it needs them for the peak), and a 16-byte
+        // load of two separate recent stores cannot be forwarded from the
+        // store buffer. On an allocate/free pair the compiler's merged
+        // update stalled every free (10.4 -> 8.9 ns per pair). The fence
+        // emits no instruction; it only keeps the two updates apart.
+        compiler_fence(SeqCst);
         self.bytes = self.bytes.wrapping_sub(requested);
         self.tick()
     }
