@@ -30,7 +30,7 @@ mod page;
 mod ring;
 
 use page::colour_offset;
-use page::{allocated, FREE, REMOTE};
+use page::{allocated, AVAILABLE, CURRENT, FREE, ON_FULL_RING, REMOTE};
 pub(crate) use page::{Page, PAGE_SIZE};
 use ring::Ring;
 
@@ -183,8 +183,31 @@ impl Heap {
     #[inline(never)]
     fn alloc_slow(&mut self, class: usize, size: usize) -> Option<NonNull<u8>> {
         let page = self.find_page(class)?;
-        self.current[class] = page.0;
+        self.set_current(class, page.0);
         page.pop(size)
+    }
+
+    /// Makes `page` (an owned page of `class`, or null) the class's current
+    /// page, and keeps both pages' `tidy_below` in step.
+    fn set_current(&mut self, class: usize, page: *mut u8) {
+        let old = self.current[class];
+        if old == page {
+            return;
+        }
+        // A page on the full ring keeps `ON_FULL_RING` either way.
+        if !old.is_null() {
+            let h = Page(old).header();
+            if h.tidy_below.load(Relaxed) == CURRENT {
+                h.tidy_below.store(AVAILABLE, Relaxed);
+            }
+        }
+        if !page.is_null() {
+            let h = Page(page).header();
+            if h.tidy_below.load(Relaxed) == AVAILABLE {
+                h.tidy_below.store(CURRENT, Relaxed);
+            }
+        }
+        self.current[class] = page;
     }
 
     /// A page of `class` with a free block: the current page after
@@ -252,7 +275,14 @@ impl Heap {
     /// Puts an owned page, on no ring yet, on the class's full or available
     /// ring.
     fn put(&mut self, class: usize, page: Page, full: bool) {
-        page.header().full.store(full as u32, Relaxed);
+        let tidy_below = if full {
+            ON_FULL_RING
+        } else if self.current[class] == page.0 {
+            CURRENT
+        } else {
+            AVAILABLE
+        };
+        page.header().tidy_below.store(tidy_below, Relaxed);
         let n = page_number(self.engine(), page);
         let (engine, ring) = self.ring(class, full);
         ring.push(engine, n);
@@ -266,8 +296,7 @@ impl Heap {
     /// Takes an owned page off whichever ring it is on.
     fn unlink(&mut self, class: usize, page: Page) {
         let n = page_number(self.engine(), page);
-        let full = page.header().full.load(Relaxed) != 0;
-        let (engine, ring) = self.ring(class, full);
+        let (engine, ring) = self.ring(class, on_full_ring(page));
         ring.remove(engine, n);
     }
 
@@ -315,7 +344,7 @@ impl Heap {
         self.unlink(class, page);
         let n = page_number(self.engine(), page);
         if self.current[class] == page.0 {
-            self.current[class] = std::ptr::null_mut();
+            self.set_current(class, std::ptr::null_mut());
         }
         if self.stashed < self.stash_limit {
             self.stash.push_front(&self.shared.engine, n);
@@ -395,12 +424,12 @@ impl Heap {
         Some(self.needs_tidy(page, used))
     }
 
-    /// Whether an owner free that left `used` blocks in `page` needs `tidy`.
+    /// Whether an owner free that left `used` blocks in `page` needs `tidy`:
+    /// it emptied a page that is not the current one, or freed into a page
+    /// on the full ring (see `PageHeader::tidy_below`).
     #[inline(always)]
     fn needs_tidy(&self, page: Page, used: u32) -> bool {
-        let h = page.header();
-        (used == 0 && self.current[h.class as usize % SMALL_CLASSES] != page.0)
-            || h.full.load(Relaxed) != 0
+        used < page.header().tidy_below.load(Relaxed)
     }
 
     /// The owner's free of block `i`, if it is allocated and `page` is this
@@ -446,7 +475,7 @@ impl Heap {
         let class = page.header().class as usize % SMALL_CLASSES;
         if page.used() == 0 && self.current[class] != page.0 {
             self.release(class, page);
-        } else if page.header().full.load(Relaxed) != 0 {
+        } else if on_full_ring(page) {
             self.set_full(class, page, false);
         }
     }
@@ -455,7 +484,7 @@ impl Heap {
     /// engine, the others are abandoned for adoption; counters are flushed.
     fn retire(&mut self) {
         for class in 0..SMALL_CLASSES {
-            self.current[class] = std::ptr::null_mut();
+            self.set_current(class, std::ptr::null_mut());
             while let Some(n) = self.available[class].head().or(self.full[class].head()) {
                 let page = self.page(n);
                 page.collect();
@@ -488,6 +517,11 @@ fn page_in(base: *mut u8, n: usize) -> Page {
     Page(unsafe { base.add(n * PAGE_SIZE + colour_offset(n)) })
 }
 
+/// Whether an owned `page` is on its class's full ring (else the available one).
+fn on_full_ring(page: Page) -> bool {
+    page.header().tidy_below.load(Relaxed) == ON_FULL_RING
+}
+
 /// The first byte of `page`: where its engine block starts.
 fn page_start(engine: &Engine, page: Page) -> *mut u8 {
     let n = page_number(engine, page) as usize;
@@ -502,7 +536,9 @@ fn page_number(engine: &Engine, page: Page) -> u32 {
 /// The page and block index `ptr` points to, if it is a small block.
 #[inline]
 pub(crate) fn locate(table: &PageTable, ptr: *const u8) -> Option<(Page, u32)> {
-    let off = (ptr as usize).checked_sub(table.base() as usize)?;
+    // Wrapping: a pointer below the mapping gives a page number past the
+    // table, which `is_page` rejects.
+    let off = (ptr as usize).wrapping_sub(table.base() as usize);
     let n = off / PAGE_SIZE;
     if !table.is_page(n) {
         return None;
@@ -558,7 +594,7 @@ pub(crate) fn trim(shared: &SharedRef) {
     let engine = &shared.engine;
     with_heap(shared, |heap| {
         for class in 0..SMALL_CLASSES {
-            heap.current[class] = std::ptr::null_mut();
+            heap.set_current(class, std::ptr::null_mut());
             for full in [false, true] {
                 // Visits each page once: released pages leave the ring,
                 // kept ones are rotated behind.

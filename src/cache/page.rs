@@ -19,7 +19,8 @@
 //!   there (`REMOTE`); blocks at or above `bump` are `FREE` and in no list;
 //! - `used` == allocated blocks + `REMOTE` blocks not yet collected;
 //! - only the owner (the thread whose token is in `owner`) touches `local`,
-//!   `bump`, `used` and the ring links and `full`; anyone may push on `remote`.
+//!   `bump`, `used`, the ring links and `tidy_below`; anyone may push on
+//!   `remote`.
 //!
 //! Orderings: a remote free stores `REMOTE` into `sizes` and the link into
 //! the block, then pushes with a `Release` CAS; the owner takes the whole list
@@ -63,11 +64,24 @@ pub(crate) struct PageHeader {
     bump: AtomicU32,
     used: AtomicU32,
     /// Links of the owner's ring of its pages of this class (page numbers;
-    /// see `ring`), and which of the class's two rings it is on.
+    /// see `ring`).
     pub(crate) next_owned: AtomicU32,
     pub(crate) prev_owned: AtomicU32,
-    pub(crate) full: AtomicU32,
+    /// The owner's free must call `tidy` when it leaves fewer blocks in use
+    /// than this: `ON_FULL_RING` (always: the page goes back to the
+    /// available ring), `CURRENT` (never: the page in use stays, even
+    /// empty), or `AVAILABLE` (when it empties: it goes to the stash). One
+    /// comparison on the fast path instead of three tests; it also says
+    /// which of the class's two rings the page is on.
+    pub(crate) tidy_below: AtomicU32,
 }
+
+/// `PageHeader::tidy_below` of a page on the full ring.
+pub(crate) const ON_FULL_RING: u32 = u32::MAX;
+/// `PageHeader::tidy_below` of its class's current page (not on the full ring).
+pub(crate) const CURRENT: u32 = 0;
+/// `PageHeader::tidy_below` of any other page on the available ring.
+pub(crate) const AVAILABLE: u32 = 1;
 
 const HEADER_BYTES: usize = size_of::<PageHeader>();
 
@@ -197,12 +211,14 @@ impl Page {
         if h.magic != PAGE_MAGIC {
             return None;
         }
-        // Below `PAGE_SIZE` (`ptr` is inside the page and past block 0), as
-        // `divide` needs.
-        let off = (ptr as usize).checked_sub(self.0 as usize + h.data as usize)?;
-        debug_assert!(off < PAGE_SIZE);
-        let i = divide(off as u32, h.recip);
-        (i * h.block_size == off as u32 && i < h.capacity).then_some(i)
+        // `ptr` is inside the page, so `off` is below `PAGE_SIZE` (where
+        // `divide` is exact) when `ptr` is past block 0, and else wraps to
+        // at least `2^32 - PAGE_SIZE`, whose quotient (at least
+        // `(2^32 - PAGE_SIZE) / SMALL_MAX`) is far above any capacity: the
+        // one range check covers both ends.
+        let off = (ptr as usize).wrapping_sub(self.0 as usize + h.data as usize) as u32;
+        let i = divide(off, h.recip);
+        (i < h.capacity && i.wrapping_mul(h.block_size) == off).then_some(i)
     }
 
     /// Formats a fresh page for `class` owned by `owner`.
@@ -230,7 +246,7 @@ impl Page {
                 used: AtomicU32::new(0),
                 next_owned: AtomicU32::new(NIL),
                 prev_owned: AtomicU32::new(NIL),
-                full: AtomicU32::new(0),
+                tidy_below: AtomicU32::new(AVAILABLE),
             });
             std::ptr::write_bytes(self.0.add(HEADER_BYTES), FREE, capacity as usize);
         }
@@ -390,6 +406,42 @@ mod tests {
                 assert_eq!(divide(n, r), n / d, "{n} / {d}");
             }
         }
+    }
+
+    /// `index_of` finds exactly the block starts: no other address of the
+    /// page (colour, header, size entries, the inside of a block, the tail)
+    /// passes for one.
+    #[test]
+    fn index_of_accepts_exactly_the_block_starts() {
+        let layout = std::alloc::Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).unwrap();
+        // SAFETY: non-zero size.
+        let mem = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!mem.is_null());
+        for class in 0..crate::cache::SMALL_CLASSES as u32 {
+            let bs = (class + 1) * 16;
+            for n in [0, 7, COLOURS - 1] {
+                let offset = colour_offset(n);
+                // SAFETY: the buffer is ours, PAGE_SIZE bytes, page-aligned.
+                let page = Page(unsafe { mem.add(offset) });
+                // SAFETY: as above.
+                unsafe { page.init(class, bs, 1, offset) };
+                let h = page.header();
+                let first = mem as usize + offset + h.data as usize;
+                for at in 0..PAGE_SIZE {
+                    let a = mem as usize + at;
+                    let expected = (a >= first && (a - first) % bs as usize == 0)
+                        .then(|| ((a - first) / bs as usize) as u32)
+                        .filter(|&i| i < h.capacity);
+                    assert_eq!(
+                        page.index_of(a as *const u8),
+                        expected,
+                        "class {class} colour {n} byte {at}"
+                    );
+                }
+            }
+        }
+        // SAFETY: allocated above with `layout`.
+        unsafe { std::alloc::dealloc(mem, layout) };
     }
 
     /// A freed block's link overwritten with an index past the page (a

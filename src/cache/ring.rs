@@ -4,7 +4,7 @@
 //! Each class has two: pages that may have free blocks (`available`), and
 //! pages that were full when last looked at (`full`), so that finding a page
 //! with room does not walk every full page again and again (a program with
-//! a large live set owns thousands of them). A page's `full` flag says which
+//! a large live set owns thousands of them). A page's `tidy_below` says which
 //! list it is on. The heap's stash of empty pages is a ring too.
 
 use super::page_at;
