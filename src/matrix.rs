@@ -450,7 +450,9 @@ impl Matrix {
     pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
         if cache::is_small(layout.size(), layout.align()) {
             let size = layout.size();
-            if let Some(p) = cache::with_heap_fast(&self.shared, |h| h.alloc_fast(size)) {
+            // SAFETY: `alloc_fast` makes no calls.
+            if let Some(p) = unsafe { cache::with_heap_fast(&self.shared, |h| h.alloc_fast(size)) }
+            {
                 return Ok(p);
             }
         }
@@ -522,10 +524,9 @@ impl Matrix {
             return unsafe { self.free_engine_counted(ptr) };
         };
         let block = ptr.as_ptr();
-        let done = cache::with_heap_fast(&self.shared, |h| {
-            // SAFETY: `locate` found block `i` of `page` at `block`.
-            unsafe { h.free_fast(page, i, block) }
-        });
+        // SAFETY: `free_fast` makes no calls; `locate` found block `i` of
+        // `page` at `block`.
+        let done = unsafe { cache::with_heap_fast(&self.shared, |h| h.free_fast(page, i, block)) };
         match done {
             Some(false) => Ok(()),
             Some(true) => {
@@ -542,9 +543,9 @@ impl Matrix {
     #[cold]
     #[inline(never)]
     fn tidy(&self, page: cache::Page) {
-        // `None` only on re-entry (a signal handler that allocates): the
-        // page then stays where it is, owned and correct, until the thread
-        // next tidies it or exits.
+        // `None` only on re-entry (when the matrix is the global allocator
+        // and a slow path allocates): the page then stays where it is,
+        // owned and correct, until the thread next tidies it or exits.
         let _ = cache::with_heap(&self.shared, |h| h.tidy(page));
     }
 

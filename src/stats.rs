@@ -113,8 +113,9 @@ pub(crate) struct Delta {
     peak_at: u64,
     /// `blocks` at that local peak, or `NO_PEAK` while there is none.
     peak_blocks: u64,
-    /// Operations until the next flush (a countdown: one decrement and a
-    /// zero test per operation).
+    /// Operations until the next flush: a countdown, one decrement and a
+    /// test per operation (see `fast_tick`). Above zero between operations:
+    /// every tick that reaches zero is followed by a flush, which restarts it.
     left: u32,
     /// The segment's `curr_blocks` / `curr_bytes` as of the last flush,
     /// which the changes are relative to (read at flushes only).
@@ -156,19 +157,33 @@ const NO_PEAK: u64 = i64::MIN as u64;
 pub(crate) const FLUSH_EVERY: u32 = 1024;
 
 impl Delta {
-    /// Whether it is time to flush.
+    /// Counts an allocation; returns whether it is time to flush.
     #[inline]
     pub(crate) fn on_alloc(&mut self, requested: u64) -> bool {
+        self.count_alloc(requested);
+        self.tick()
+    }
+
+    /// Counts an allocation whose tick `fast_tick` took.
+    #[inline(always)]
+    pub(crate) fn count_alloc(&mut self, requested: u64) {
         self.total_blocks += 1;
         self.total_bytes += requested;
         self.blocks = self.blocks.wrapping_add(1);
         self.bytes = self.bytes.wrapping_add(requested);
         self.mark_peak();
+    }
+
+    /// Counts a free; returns whether it is time to flush.
+    #[inline]
+    pub(crate) fn on_free(&mut self, requested: u64) -> bool {
+        self.count_free(requested);
         self.tick()
     }
 
-    #[inline]
-    pub(crate) fn on_free(&mut self, requested: u64) -> bool {
+    /// Counts a free whose tick `fast_tick` took.
+    #[inline(always)]
+    pub(crate) fn count_free(&mut self, requested: u64) {
         self.blocks = self.blocks.wrapping_sub(1);
         // Two 8-byte updates, not one 16-byte one: `on_alloc` stores the
         // fields one by one (it needs them for the peak), and a 16-byte
@@ -178,7 +193,6 @@ impl Delta {
         // emits no instruction; it only keeps the two updates apart.
         compiler_fence(SeqCst);
         self.bytes = self.bytes.wrapping_sub(requested);
-        self.tick()
     }
 
     /// A reallocation from `old` to `new` requested bytes (dhat counts it as
@@ -202,18 +216,24 @@ impl Delta {
         }
     }
 
-    /// Whether the next operation's tick is due to flush (the fast paths
-    /// leave that operation to the slow ones).
+    /// The tick of a fast path, taken before its operation: `false` when
+    /// the operation is due to flush, which the fast path then leaves to
+    /// the slow one. One decrement and one branch. A fast path that gives
+    /// up after its tick (for a reason of its own) leaves the slow path to
+    /// tick the same operation again: the flush comes one operation early.
     #[inline(always)]
-    pub(crate) fn flush_due(&self) -> bool {
-        self.left <= 1
+    pub(crate) fn fast_tick(&mut self) -> bool {
+        // (A test for zero, not below: that one compiles to a decrement in
+        // memory and a branch on its flags.)
+        self.left = self.left.wrapping_sub(1);
+        self.left != 0
     }
 
+    /// The tick of a slow path: whether to flush now (which restarts the
+    /// countdown). Stops at zero, also after `fast_tick` took it there.
     #[inline]
     fn tick(&mut self) -> bool {
-        // Wrapping: a delta that has hit zero is flushed (which restarts
-        // the countdown) before its next operation.
-        self.left = self.left.wrapping_sub(1);
+        self.left = self.left.saturating_sub(1);
         self.left == 0
     }
 }

@@ -148,12 +148,13 @@ impl Heap {
     }
 
     /// The fast path of an allocation, free of calls: a block of the
-    /// class's current page, counted. `None`, with nothing changed, when
-    /// more is needed (no current page, a full one, or a counter flush due):
+    /// class's current page, counted. `None` when more is needed (no
+    /// current page, a full one, or a counter flush due), with nothing
+    /// changed but the countdown to the next flush (see `Delta::fast_tick`):
     /// the caller's slow path does it all then.
     #[inline(always)]
     pub(crate) fn alloc_fast(&mut self, size: usize) -> Option<NonNull<u8>> {
-        if self.delta.flush_due() {
+        if !self.delta.fast_tick() {
             return None;
         }
         let cur = self.current[class_of(size) % SMALL_CLASSES];
@@ -161,8 +162,7 @@ impl Heap {
             return None;
         }
         let p = Page(cur).pop(size)?;
-        let due = self.delta.on_alloc(size as u64);
-        debug_assert!(!due, "checked above");
+        self.delta.count_alloc(size as u64);
         Some(p)
     }
 
@@ -405,22 +405,22 @@ impl Heap {
     }
 
     /// The fast path of a free, free of calls: this thread frees a live
-    /// block of its own page, counted. `None`, with nothing changed, when
-    /// more is needed (not allocated, another thread's page, or a counter
-    /// flush due); `Some(true)` when the page needs `tidy` after it (this
-    /// free emptied it, or it was on the full ring).
+    /// block of its own page, counted. `None` when more is needed (not
+    /// allocated, another thread's page, or a counter flush due), with
+    /// nothing changed but the countdown (as in `alloc_fast`); `Some(true)`
+    /// when the page needs `tidy` after it (this free emptied it, or it was
+    /// on the full ring).
     ///
     /// # Safety
     /// As for `free_owned`.
     #[inline(always)]
     pub(crate) unsafe fn free_fast(&mut self, page: Page, i: u32, block: *mut u8) -> Option<bool> {
-        if self.delta.flush_due() {
+        if !self.delta.fast_tick() {
             return None;
         }
         // SAFETY: forwarded contract.
         let (s, used) = unsafe { self.take_owned(page, i, block) }?;
-        let due = self.delta.on_free(page.requested_of(s));
-        debug_assert!(!due, "checked above");
+        self.delta.count_free(page.requested_of(s));
         Some(self.needs_tidy(page, used))
     }
 
@@ -803,11 +803,13 @@ thread_local! {
 }
 
 /// This thread's fast path: the heap it used last and for which segment.
-/// `shared` is `BUSY` while a heap is borrowed (re-entry, e.g. an allocation
-/// made from inside the cache code, then takes the uncached path instead of
-/// aliasing the heap) and after the thread's heaps are torn down; so the one
-/// comparison of `shared` in `with_heap` checks both the segment and that
-/// no heap is borrowed. It has no destructor, so reading it is a plain
+/// `shared` is `BUSY` while a slow path borrows a heap (re-entry, e.g. an
+/// allocation made from inside the cache code when the matrix is the global
+/// allocator, then takes the uncached path instead of aliasing the heap)
+/// and after the thread's heaps are torn down; so the one comparison of
+/// `shared` in `with_heap` checks both the segment and that no heap is
+/// borrowed. The fast paths make no calls, so nothing can re-enter while
+/// they hold the heap, and they leave `shared` as it is. It has no destructor, so reading it is a plain
 /// thread-local load; `heap` points into `HEAPS`, whose entries do not move,
 /// and is reset whenever an entry is retired (`find`) or the thread exits.
 /// Separate cells, so that each access is one load or store.
@@ -849,20 +851,29 @@ fn fast() -> &'static Fast {
 }
 
 /// Runs `f` on this thread's heap for `shared` if it is the segment the
-/// thread used last and no heap is borrowed; `None` otherwise. Makes no
-/// call of its own, for the fast paths.
+/// thread used last and no slow path borrows a heap; `None` otherwise.
+/// Makes no call of its own, and no store: for the fast paths.
+///
+/// # Safety
+/// `f` makes no call that could reach the cache again: nothing else on
+/// this thread may use the heap while `f` holds it. (A signal handler that
+/// allocates could interrupt `f`; allocating in a signal handler is not
+/// supported, as with `malloc`.)
 #[inline(always)]
-pub(crate) fn with_heap_fast<R>(
+pub(crate) unsafe fn with_heap_fast<R>(
     shared: &SharedRef,
     f: impl FnOnce(&mut Heap) -> Option<R>,
 ) -> Option<R> {
     let fast = fast();
-    // `shared` is never `BUSY`, so a match also says no heap is borrowed.
+    // `shared` is never `BUSY`, so a match also says no slow path borrows
+    // a heap.
     if fast.shared.get() != shared.as_ptr() {
         return None;
     }
-    // SAFETY: a remembered segment always has its heap, live in `HEAPS`.
-    unsafe { lend(fast, shared, fast.heap.get(), f) }
+    // SAFETY: a remembered segment always has its heap, live in `HEAPS`;
+    // no other reference to it is live (no slow path holds it, and the
+    // caller's `f` cannot make one).
+    f(unsafe { &mut *fast.heap.get() })
 }
 
 /// Runs `f` on this thread's heap for `shared`, creating it if needed.
@@ -882,30 +893,14 @@ pub(crate) fn with_heap<R>(shared: &SharedRef, f: impl FnOnce(&mut Heap) -> R) -
         }
         heap
     };
-    // SAFETY: `find` returns a live entry of `HEAPS`, and remembers it.
-    Some(unsafe { lend(fast, shared, heap, f) })
-}
-
-/// Runs `f` on `heap`, `shared`'s heap of this thread, with `BUSY` set for
-/// the time: a nested call (re-entry) finds no heap instead of a second
-/// reference to this one. Then remembers `shared` again.
-///
-/// # Safety
-/// `heap` points to a live entry of this thread's `HEAPS`, the one for
-/// `shared`, and no reference to it is live (`fast.shared` is not `BUSY`).
-#[inline(always)]
-unsafe fn lend<R>(
-    fast: &Fast,
-    shared: &SharedRef,
-    heap: *mut Heap,
-    f: impl FnOnce(&mut Heap) -> R,
-) -> R {
+    // `BUSY` for the time `f` runs: a nested call (re-entry) finds no heap
+    // instead of a second reference to this one.
     fast.shared.set(BUSY);
-    // SAFETY: the caller's contract; `BUSY` keeps this the only reference
-    // while `f` runs.
+    // SAFETY: `heap` is a live entry of `HEAPS` (remembered, or just found),
+    // and `BUSY` keeps this the only reference while `f` runs.
     let r = f(unsafe { &mut *heap });
     fast.shared.set(shared.as_ptr());
-    r
+    Some(r)
 }
 
 /// Slow path of `with_heap`: finds or makes the heap and remembers it
