@@ -29,8 +29,8 @@
 mod page;
 mod ring;
 
-use page::colour_offset;
 use page::{allocated, AVAILABLE, CURRENT, FREE, ON_FULL_RING, REMOTE};
+use page::{colour_offset, no_page};
 pub(crate) use page::{Page, PAGE_SIZE};
 use ring::Ring;
 
@@ -103,7 +103,7 @@ pub(crate) struct Heap {
     token: u64,
     pub(crate) delta: Delta,
     shared: SharedRef,
-    /// The page each class allocates from (its address, or null).
+    /// The page each class allocates from (its address, or `no_page()`).
     current: [*mut u8; SMALL_CLASSES],
     /// Per class, the owned pages that may have free blocks, and those that
     /// were full when last looked at (see `ring`).
@@ -129,7 +129,7 @@ impl Heap {
         Heap {
             token: make_token(slot, gen, thread),
             shared,
-            current: [std::ptr::null_mut(); SMALL_CLASSES],
+            current: [no_page(); SMALL_CLASSES],
             available: [Ring::EMPTY; SMALL_CLASSES],
             full: [Ring::EMPTY; SMALL_CLASSES],
             stash: Ring::EMPTY,
@@ -157,11 +157,7 @@ impl Heap {
         if !self.delta.fast_tick() {
             return None;
         }
-        let cur = self.current[class_of(size) % SMALL_CLASSES];
-        if cur.is_null() {
-            return None;
-        }
-        let p = Page(cur).pop(size)?;
+        let p = Page(self.current[class_of(size) % SMALL_CLASSES]).pop(size)?;
         self.delta.count_alloc(size as u64);
         Some(p)
     }
@@ -170,11 +166,8 @@ impl Heap {
     #[inline]
     pub(crate) fn alloc(&mut self, size: usize) -> Option<NonNull<u8>> {
         let class = class_of(size) % SMALL_CLASSES;
-        let cur = self.current[class];
-        if !cur.is_null() {
-            if let Some(p) = Page(cur).pop(size) {
-                return Some(p);
-            }
+        if let Some(p) = Page(self.current[class]).pop(size) {
+            return Some(p);
         }
         self.alloc_slow(class, size)
     }
@@ -187,7 +180,7 @@ impl Heap {
         page.pop(size)
     }
 
-    /// Makes `page` (an owned page of `class`, or null) the class's current
+    /// Makes `page` (an owned page of `class`, or `no_page()`) the class's current
     /// page, and keeps both pages' `tidy_below` in step.
     fn set_current(&mut self, class: usize, page: *mut u8) {
         let old = self.current[class];
@@ -195,13 +188,13 @@ impl Heap {
             return;
         }
         // A page on the full ring keeps `ON_FULL_RING` either way.
-        if !old.is_null() {
+        if old != no_page() {
             let h = Page(old).header();
             if h.tidy_below.load(Relaxed) == CURRENT {
                 h.tidy_below.store(AVAILABLE, Relaxed);
             }
         }
-        if !page.is_null() {
+        if page != no_page() {
             let h = Page(page).header();
             if h.tidy_below.load(Relaxed) == AVAILABLE {
                 h.tidy_below.store(CURRENT, Relaxed);
@@ -218,7 +211,7 @@ impl Heap {
     /// process.
     fn find_page(&mut self, class: usize) -> Option<Page> {
         let cur = Page(self.current[class]);
-        if !cur.0.is_null() && (cur.collect() || cur.has_free()) {
+        if cur.0 != no_page() && (cur.collect() || cur.has_free()) {
             return Some(cur);
         }
         // Each turn returns or moves the head to the full ring: it ends.
@@ -344,7 +337,7 @@ impl Heap {
         self.unlink(class, page);
         let n = page_number(self.engine(), page);
         if self.current[class] == page.0 {
-            self.set_current(class, std::ptr::null_mut());
+            self.set_current(class, no_page());
         }
         if self.stashed < self.stash_limit {
             self.stash.push_front(&self.shared.engine, n);
@@ -484,7 +477,7 @@ impl Heap {
     /// engine, the others are abandoned for adoption; counters are flushed.
     fn retire(&mut self) {
         for class in 0..SMALL_CLASSES {
-            self.set_current(class, std::ptr::null_mut());
+            self.set_current(class, no_page());
             while let Some(n) = self.available[class].head().or(self.full[class].head()) {
                 let page = self.page(n);
                 page.collect();
@@ -594,7 +587,7 @@ pub(crate) fn trim(shared: &SharedRef) {
     let engine = &shared.engine;
     with_heap(shared, |heap| {
         for class in 0..SMALL_CLASSES {
-            heap.set_current(class, std::ptr::null_mut());
+            heap.set_current(class, no_page());
             for full in [false, true] {
                 // Visits each page once: released pages leave the ring,
                 // kept ones are rotated behind.

@@ -85,6 +85,31 @@ pub(crate) const AVAILABLE: u32 = 1;
 
 const HEADER_BYTES: usize = size_of::<PageHeader>();
 
+/// A page with no blocks, outside any segment: a heap's current page for a
+/// class that has none, so that the allocation fast path needs no test for
+/// "no page" (`pop` finds nothing here, and writes nothing).
+static NO_PAGE: PageHeader = PageHeader {
+    magic: 0,
+    class: 0,
+    block_size: 16,
+    capacity: 0,
+    data: 0,
+    recip: 0,
+    owner: AtomicU64::new(0),
+    remote: AtomicU64::new(ListHead::EMPTY),
+    local: AtomicU32::new(NIL),
+    bump: AtomicU32::new(0),
+    used: AtomicU32::new(0),
+    next_owned: AtomicU32::new(NIL),
+    prev_owned: AtomicU32::new(NIL),
+    tidy_below: AtomicU32::new(CURRENT),
+};
+
+/// The address of `NO_PAGE`, as a `Page`'s.
+pub(crate) fn no_page() -> *mut u8 {
+    &NO_PAGE as *const PageHeader as *mut u8
+}
+
 /// Page colours: the header of page `n` sits `colour(n) * 64` bytes into
 /// the page. Pages are aligned to `PAGE_SIZE`, so without this every header
 /// (and the start of every size array) would fall into the same few sets of
