@@ -20,7 +20,6 @@ use common::{round_medians, round_name, BenchAlloc, GlobalMatrix, Mixed, Peer, R
 use criterion::{black_box, Criterion};
 use matrix_alloc::Matrix;
 use std::alloc::{Layout, System};
-use std::time::Duration;
 
 fn bench_mixed<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A, w: &Mixed) {
     let mut g = c.benchmark_group("mixed_32_544_live10k");
@@ -69,8 +68,8 @@ fn print_ratios(group: &str, names: &[&str], ours: usize, per_op_div: f64) {
 
 fn main() {
     let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(common::WARM_UP)
+        .measurement_time(common::MEASURE)
         .configure_from_args();
     let matrix = Matrix::create(256 << 20).expect("segment");
     let (system, mimalloc) = (Peer("system", System), Peer("mimalloc", mimalloc::MiMalloc));

@@ -491,8 +491,8 @@ fn main() {
         return;
     }
     let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(1))
+        .warm_up_time(common::WARM_UP)
+        .measurement_time(common::MEASURE)
         .sample_size(20)
         .configure_from_args();
     let matrix = Matrix::create(1 << 30).expect("segment");

@@ -154,7 +154,13 @@ pub fn pair<A: BenchAlloc + ?Sized>(a: &A) {
 /// Turns each allocator takes (see `bench.rs`): the machines these run on
 /// are shared, and a neighbour's load can slow one turn by half; load only
 /// ever adds time, so each figure is the lowest of its turns' medians.
-pub const ROUNDS: usize = 4;
+/// Many short turns rather than a few long ones: the load comes and goes
+/// over seconds, so that each allocator gets some quiet turns.
+pub const ROUNDS: usize = 8;
+
+/// Warm-up and measurement time of one turn.
+pub const WARM_UP: std::time::Duration = std::time::Duration::from_millis(250);
+pub const MEASURE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The benchmark name of `name`'s turn in `round`.
 pub fn round_name(name: &str, round: usize) -> String {
