@@ -305,7 +305,7 @@ impl Heap {
             let offset = colour_offset(page_number(self.engine(), page) as usize);
             // SAFETY: a stashed page is empty and ours: no live block points
             // into it, so nothing but a double free can touch it.
-            unsafe { page.init(class as u32, block_size(class), self.token, offset) };
+            unsafe { page.init(class as u16, block_size(class), self.token, offset) };
             self.link(class, page);
             return Some(page);
         }
@@ -321,7 +321,7 @@ impl Heap {
         // unreachable until marked below.
         unsafe {
             page.init(
-                class as u32,
+                class as u16,
                 block_size(class),
                 self.token,
                 colour_offset(n),
@@ -561,7 +561,7 @@ pub(crate) fn requested(page: Page, i: u32) -> Result<u64, Error> {
 
 /// Resizes the live block `i` in place if `new_size` is of the same class.
 pub(crate) fn resize_in_place(page: Page, i: u32, new_size: usize) -> bool {
-    let same = is_small(new_size, 1) && class_of(new_size) as u32 == page.header().class;
+    let same = is_small(new_size, 1) && class_of(new_size) == page.header().class as usize;
     if same {
         page.size_entry(i).store(page.entry_for(new_size), Relaxed);
     }

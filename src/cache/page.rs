@@ -49,13 +49,15 @@ pub(crate) fn allocated(entry: u8) -> bool {
 #[repr(C)]
 pub(crate) struct PageHeader {
     magic: u32,
-    pub(crate) class: u32,
+    pub(crate) class: u16,
+    /// `block_size.trailing_zeros()`, for `index_of`.
+    shift: u16,
     pub(crate) block_size: u32,
     pub(crate) capacity: u32,
     /// Offset of block 0 from the page start.
     data: u32,
-    /// `reciprocal(block_size)`: turns a division into a multiplication.
-    recip: u32,
+    /// The inverse of `block_size`'s odd part modulo 2^32, for `index_of`.
+    inverse: u32,
     /// Owner token (see `cache::Token`); 0 while abandoned.
     pub(crate) owner: AtomicU64,
     /// `ListHead` of block indices freed by non-owners.
@@ -91,10 +93,11 @@ const HEADER_BYTES: usize = size_of::<PageHeader>();
 static NO_PAGE: PageHeader = PageHeader {
     magic: 0,
     class: 0,
+    shift: 0,
     block_size: 16,
     capacity: 0,
     data: 0,
-    recip: 0,
+    inverse: 0,
     owner: AtomicU64::new(0),
     remote: AtomicU64::new(ListHead::EMPTY),
     local: AtomicU32::new(NIL),
@@ -137,16 +140,27 @@ pub(crate) fn geometry(block_size: usize, offset: usize) -> (u32, u32) {
     }
 }
 
-/// `floor(2^32 / d) + 1`: with it, `divide(n, ..)` is `n / d` for every
-/// `n < PAGE_SIZE` and every block size `d` (checked by a unit test): the
-/// error of the rounded-up reciprocal, `n / 2^32`, stays below `1 / d`.
-fn reciprocal(d: u32) -> u32 {
-    (u32::MAX / d) + 1
+/// The inverse of odd `m` modulo 2^32 (Newton's iteration: each step
+/// doubles the bits that are right; `m` itself is right to 3 bits).
+const fn odd_inverse(m: u32) -> u32 {
+    let mut x = m;
+    let mut i = 0;
+    while i < 4 {
+        x = x.wrapping_mul(2u32.wrapping_sub(m.wrapping_mul(x)));
+        i += 1;
+    }
+    x
 }
 
+/// `n / d` if `d` divides `n`, and else a value above `u32::MAX / d`, for
+/// `d = m << shift` (`m` odd, `inverse` its `odd_inverse`) and any `n`: the
+/// exact-division test of Hacker's Delight (10-16). Multiplying by the
+/// inverse takes multiples of `m` to their quotients and every other value
+/// above them; the rotation moves any of the low `shift` bits that are set
+/// (`n` not a multiple of `1 << shift`) to the top.
 #[inline]
-fn divide(n: u32, recip: u32) -> u32 {
-    ((n as u64 * recip as u64) >> 32) as u32
+fn exact_quotient(n: u32, inverse: u32, shift: u32) -> u32 {
+    n.wrapping_mul(inverse).rotate_right(shift)
 }
 
 /// The link of a free block: its first four bytes.
@@ -236,14 +250,16 @@ impl Page {
         if h.magic != PAGE_MAGIC {
             return None;
         }
-        // `ptr` is inside the page, so `off` is below `PAGE_SIZE` (where
-        // `divide` is exact) when `ptr` is past block 0, and else wraps to
-        // at least `2^32 - PAGE_SIZE`, whose quotient (at least
-        // `(2^32 - PAGE_SIZE) / SMALL_MAX`) is far above any capacity: the
-        // one range check covers both ends.
+        // `ptr` is inside the page, so `off` is below `PAGE_SIZE` when `ptr`
+        // is past block 0, and else wraps to at least `2^32 - PAGE_SIZE`.
+        // `exact_quotient` is above `u32::MAX / block_size` (more than any
+        // capacity) unless `off` is a multiple of the block size, and then
+        // it is the index: beyond the last block, or (wrapped) at least
+        // `(2^32 - PAGE_SIZE) / SMALL_MAX`, it is past the capacity too. So
+        // one comparison says "a block start of this page".
         let off = (ptr as usize).wrapping_sub(self.0 as usize + h.data as usize) as u32;
-        let i = divide(off, h.recip);
-        (i < h.capacity && i.wrapping_mul(h.block_size) == off).then_some(i)
+        let i = exact_quotient(off, h.inverse, h.shift as u32);
+        (i < h.capacity).then_some(i)
     }
 
     /// Formats a fresh page for `class` owned by `owner`.
@@ -252,8 +268,9 @@ impl Page {
     /// The caller owns the `PAGE_SIZE` bytes of the page, whose start is
     /// `offset` bytes before `self` (just allocated from the engine), and no
     /// one else can reach the page before it is marked in the page map.
-    pub(crate) unsafe fn init(self, class: u32, block_size: u32, owner: u64, offset: usize) {
+    pub(crate) unsafe fn init(self, class: u16, block_size: u32, owner: u64, offset: usize) {
         let (capacity, data) = geometry(block_size as usize, offset);
+        let shift = block_size.trailing_zeros();
         let h = self.0 as *mut PageHeader;
         // SAFETY: the caller owns the memory; plain writes before publication.
         unsafe {
@@ -263,7 +280,8 @@ impl Page {
                 block_size,
                 capacity,
                 data,
-                recip: reciprocal(block_size),
+                shift: shift as u16,
+                inverse: odd_inverse(block_size >> shift),
                 owner: AtomicU64::new(owner),
                 remote: AtomicU64::new(ListHead::EMPTY),
                 local: AtomicU32::new(NIL),
@@ -422,13 +440,26 @@ impl Page {
 mod tests {
     use super::*;
 
+    /// `exact_quotient` is the quotient for every multiple of every block
+    /// size, and above `u32::MAX / d` for every other 32-bit value: all of
+    /// those `index_of` can meet (below `PAGE_SIZE`, or wrapped from below
+    /// zero), and a sample of the rest.
     #[test]
-    fn reciprocal_division_is_exact_for_every_class_and_offset() {
+    fn exact_quotient_finds_exactly_the_multiples() {
+        let page = PAGE_SIZE as u32;
         for class in 0..crate::cache::SMALL_CLASSES as u32 {
             let d = (class + 1) * 16;
-            let r = reciprocal(d);
-            for n in 0..PAGE_SIZE as u32 {
-                assert_eq!(divide(n, r), n / d, "{n} / {d}");
+            let shift = d.trailing_zeros();
+            let inverse = odd_inverse(d >> shift);
+            assert_eq!((d >> shift).wrapping_mul(inverse), 1, "inverse of {d}");
+            let met = (0..page).chain(page.wrapping_neg()..=u32::MAX);
+            for n in met.chain((page..page.wrapping_neg()).step_by(65_521)) {
+                let q = exact_quotient(n, inverse, shift);
+                if n % d == 0 {
+                    assert_eq!(q, n / d, "{n} / {d}");
+                } else {
+                    assert!(q > u32::MAX / d, "{n} / {d} gave {q}");
+                }
             }
         }
     }
@@ -449,7 +480,7 @@ mod tests {
                 // SAFETY: the buffer is ours, PAGE_SIZE bytes, page-aligned.
                 let page = Page(unsafe { mem.add(offset) });
                 // SAFETY: as above.
-                unsafe { page.init(class, bs, 1, offset) };
+                unsafe { page.init(class as u16, bs, 1, offset) };
                 let h = page.header();
                 let first = mem as usize + offset + h.data as usize;
                 for at in 0..PAGE_SIZE {
