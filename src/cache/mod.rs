@@ -441,7 +441,7 @@ impl Heap {
             return None;
         }
         entry.store(FREE, Relaxed);
-        Some((s, page.push_local(i, block)))
+        Some((s, page.push_local(block)))
     }
 
     /// Frees block `i` if it is allocated and `page` is this thread's, and

@@ -8,9 +8,13 @@
 //! `sizes[i]` says what block `i` is: allocated, with its slack (block size
 //! minus requested size, below 16 since a class spans 16 bytes); `FREE`
 //! while it is free in the owner's hands; or `REMOTE` while it is freed by
-//! another thread and on its way through the remote list. One byte per block keeps the entries a page's blocks touch in few
-//! cache lines. Free blocks hold the index of the next free block in their
-//! first four bytes. The colour (see `colour_offset`) is unused.
+//! another thread and on its way through the remote list. One byte per
+//! block keeps the entries a page's blocks touch in few cache lines. A free
+//! block holds the next one of its list in its first four bytes: on the
+//! owner's list (`local`) as a byte offset from the header, so that taking
+//! and giving back a block need no multiplication by the block size in the
+//! chain that each operation waits for; on the remote list as an index.
+//! The colour (see `colour_offset`) is unused.
 //!
 //! Invariants, with `local` the owner's free list, `remote` the remote list
 //! and `bump` the first never-used index:
@@ -302,18 +306,22 @@ impl Page {
     #[inline]
     pub(crate) fn pop(self, requested: usize) -> Option<NonNull<u8>> {
         let h = self.header();
-        let mut i = h.local.load(Relaxed);
+        let off = h.local.load(Relaxed);
+        // The index of the block at `off`, or past the capacity if `off` is
+        // not a block start of this page (`NIL` is not; see `index_of`).
+        let mut i = exact_quotient(off.wrapping_sub(h.data), h.inverse, h.shift as u32);
         let block = if i < h.capacity {
-            let block = self.block(i);
+            // SAFETY: `off` is the offset of block `i`, inside the page.
+            let block = unsafe { self.0.add(off as usize) };
             h.local.store(link_at(block).load(Relaxed), Relaxed);
             block
         } else {
-            // The list is empty (`NIL`), or its head is out of range: a link
-            // lives in block memory, which a program that writes to a block
-            // after freeing it could have changed. The rest of the list is
-            // dropped then (those blocks leak) instead of reaching outside
-            // the page.
-            if i != NIL {
+            // The list is empty (`NIL`), or its head is no block start: a
+            // link lives in block memory, which a program that writes to a
+            // block after freeing it could have changed. The rest of the
+            // list is dropped then (those blocks leak) instead of reaching
+            // outside the page or into the middle of a block.
+            if off != NIL {
                 h.local.store(NIL, Relaxed);
             }
             i = h.bump.load(Relaxed);
@@ -329,13 +337,14 @@ impl Page {
         NonNull::new(block)
     }
 
-    /// Returns block `i` at `block`, already marked `FREE`, to the owner's
+    /// Returns the block at `block`, already marked `FREE`, to the owner's
     /// list. Returns the blocks still in use.
     #[inline]
-    pub(crate) fn push_local(self, i: u32, block: *mut u8) -> u32 {
+    pub(crate) fn push_local(self, block: *mut u8) -> u32 {
         let h = self.header();
         link_at(block).store(h.local.load(Relaxed), Relaxed);
-        h.local.store(i, Relaxed);
+        h.local
+            .store((block as usize - self.0 as usize) as u32, Relaxed);
         let used = h.used.load(Relaxed) - 1;
         h.used.store(used, Relaxed);
         used
@@ -364,13 +373,19 @@ impl Page {
         while i != NIL && i < h.capacity {
             let next = self.link(i).load(Relaxed);
             self.size_entry(i).store(FREE, Relaxed);
-            self.link(i).store(h.local.load(Relaxed), Relaxed);
-            h.local.store(i, Relaxed);
+            self.list_local(i);
             n += 1;
             i = next;
         }
         h.used.store(h.used.load(Relaxed) - n, Relaxed);
         n > 0
+    }
+
+    /// Puts block `i` at the front of the owner's list (see `push_local`).
+    fn list_local(self, i: u32) {
+        let h = self.header();
+        self.link(i).store(h.local.load(Relaxed), Relaxed);
+        h.local.store(h.data + i * h.block_size, Relaxed);
     }
 
     /// Whether the owner could allocate here without collecting.
@@ -395,10 +410,7 @@ impl Page {
         let mut used = 0;
         for i in (0..bump).rev() {
             match self.size_entry(i).load(Relaxed) {
-                FREE => {
-                    self.link(i).store(h.local.load(Relaxed), Relaxed);
-                    h.local.store(i, Relaxed);
-                }
+                FREE => self.list_local(i),
                 _ => used += 1,
             }
         }
@@ -518,7 +530,7 @@ mod tests {
         let index = |p: NonNull<u8>| page.index_of(p.as_ptr()).unwrap();
         for p in [a, b] {
             page.size_entry(index(p)).store(FREE, Relaxed);
-            page.push_local(index(p), p.as_ptr());
+            page.push_local(p.as_ptr());
         }
         // `b` is the head; its link names `a`. Overwrite it.
         // SAFETY: `b` is a free block of the page, at least 4 bytes.
