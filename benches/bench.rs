@@ -57,12 +57,30 @@ fn print_ratios(group: &str, names: &[&str], ours: usize, per_op_div: f64) {
         let rounds: Vec<String> = m.iter().map(|t| format!("{:.1}", t / per_op_div)).collect();
         println!("{group:>22} {name:>13}: rounds {} ns/op", rounds.join(" "));
     }
-    for (name, mine) in names.iter().zip(&best).take(ours) {
+    for (k, (name, mine)) in names.iter().zip(&best).enumerate().take(ours) {
         let mut line = format!("{group:>22}: {name:>13} {mine:6.1} ns/op");
-        for (peer, b) in names.iter().zip(&best).skip(ours) {
-            line += &format!(" | {peer} {b:6.1} ns/op, ratio {:5.2}", mine / b);
+        for (j, (peer, b)) in names.iter().zip(&best).enumerate().skip(ours) {
+            line += &format!(
+                " | {peer} {b:6.1} ns/op, ratio {:5.2} (per round {:5.2})",
+                mine / b,
+                median_ratio(&medians[k], &medians[j])
+            );
         }
         println!("{line}");
+    }
+}
+
+/// The median over rounds of `mine / peer` within each round: the two
+/// turns of a round ran seconds apart, so this pairs them under similar
+/// load (a second view besides the ratio of the lowest medians, which one
+/// lucky turn can move).
+fn median_ratio(mine: &[f64], peer: &[f64]) -> f64 {
+    let mut r: Vec<f64> = mine.iter().zip(peer).map(|(a, b)| a / b).collect();
+    r.sort_by(f64::total_cmp);
+    match r.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => r[n / 2],
+        n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
     }
 }
 
@@ -100,7 +118,7 @@ fn main() {
         0
     );
     c.final_summary();
-    println!("\nlowest round median per allocator, ns/op; ratio = matrix / peer (below 1.0: the matrix is faster)");
+    println!("\nlowest round median per allocator, ns/op; ratio = matrix / peer (below 1.0: the matrix is faster); per round = median of the rounds' ratios");
     for (group, per_op_div) in [
         ("mixed_32_544_live10k", w.op_count() as f64),
         ("pair_64", 1.0),
