@@ -29,10 +29,14 @@ use crate::Error;
 /// How long an allocation that found nothing keeps rescanning while
 /// claimed (momentarily invisible) blocks could still hold its request and
 /// no block is published anywhere. A holder preempted in its claim window
-/// publishes within a few scheduler slices; a holder that was killed never
-/// does, so the wait is bounded (and this path only runs when the heap looks
-/// full: the clock is never read on the fast path).
-const OOM_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
+/// publishes once it runs again; a holder that was killed never does, so
+/// the wait is bounded (and this path only runs when the heap looks full:
+/// the clock is never read on the fast path). Generous, because a young
+/// segment is one large free block that every engine allocation claims in
+/// turn: at 200 ms a `GlobalAlloc` test on a loaded two-core machine once
+/// failed a 32 KiB allocation in a 16 GiB segment (not reproduced since),
+/// which a holder descheduled that long would explain.
+const OOM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Outcome of trying to merge a pair of neighbours.
 enum Pair {
