@@ -626,6 +626,23 @@ impl Matrix {
     pub unsafe fn realloc(&self, ptr: NonNull<u8>, new: Layout) -> Result<NonNull<u8>, Error> {
         let old_req = match cache::locate(&self.pages, ptr.as_ptr()) {
             Some((page, i)) => {
+                if cache::is_small(new.size(), new.align()) {
+                    let block = ptr.as_ptr();
+                    // SAFETY: `realloc_fast` makes no call that reaches the
+                    // cache (its one call copies bytes); `locate` found block
+                    // `i` of `page` at `block`.
+                    let done = unsafe {
+                        cache::with_heap_fast(&self.shared, |h| {
+                            h.realloc_fast(page, i, block, new.size())
+                        })
+                    };
+                    if let Some((p, tidy)) = done {
+                        if tidy {
+                            self.tidy(page);
+                        }
+                        return Ok(p);
+                    }
+                }
                 let old_req = cache::requested(page, i)?;
                 if new.align() <= 16 && cache::resize_in_place(page, i, new.size()) {
                     self.count(|d| d.on_realloc(old_req, new.size() as u64));

@@ -206,11 +206,17 @@ impl Delta {
     /// A reallocation from `old` to `new` requested bytes (dhat counts it as
     /// one more block in the totals).
     pub(crate) fn on_realloc(&mut self, old: u64, new: u64) -> bool {
-        self.total_blocks += 1;
-        self.total_bytes += new;
-        self.bytes = self.bytes.wrapping_add(new).wrapping_sub(old);
-        self.mark_peak();
+        self.count_realloc(old, new);
         self.tick()
+    }
+
+    /// Counts a reallocation whose tick `fast_tick` took.
+    #[inline(always)]
+    pub(crate) fn count_realloc(&mut self, old: u64, new: u64) {
+        add_apart(&mut self.total_blocks, 1);
+        add_apart(&mut self.total_bytes, new);
+        add_apart(&mut self.bytes, new.wrapping_sub(old));
+        self.mark_peak();
     }
 
     #[inline]

@@ -417,6 +417,53 @@ impl Heap {
         Some(self.needs_tidy(page, used))
     }
 
+    /// The fast path of a reallocation, to `new_size` bytes (a small
+    /// request), of the live block `i` of this thread's `page`, at `block`:
+    /// the same block when the size stays in its class, else a block of the
+    /// new class's current page, with the contents copied and the old block
+    /// freed. Returns the block and whether `page` needs `tidy` (as
+    /// `free_fast`). `None` when more is needed (not allocated, another
+    /// thread's page, no free block at hand, a counter flush due), with
+    /// nothing changed but the countdown. Its one call is the copy.
+    ///
+    /// # Safety
+    /// As for `free_owned`.
+    #[inline(always)]
+    pub(crate) unsafe fn realloc_fast(
+        &mut self,
+        page: Page,
+        i: u32,
+        block: *mut u8,
+        new_size: usize,
+    ) -> Option<(NonNull<u8>, bool)> {
+        if !self.delta.fast_tick() {
+            return None;
+        }
+        // SAFETY: `i < capacity` (the caller's contract).
+        let entry = unsafe { page.size_entry_unchecked(i) };
+        let s = entry.load(Relaxed);
+        if !allocated(s) || page.header().owner.load(Relaxed) != self.token {
+            return None;
+        }
+        let old = page.requested_of(s);
+        let class = class_of(new_size) % SMALL_CLASSES;
+        if class == page.header().class as usize {
+            entry.store(page.entry_for(new_size), Relaxed);
+            self.delta.count_realloc(old, new_size as u64);
+            // SAFETY: `block` is a block of `page`, not null.
+            return Some((unsafe { NonNull::new_unchecked(block) }, false));
+        }
+        let new = Page(self.current[class]).pop(new_size)?;
+        // SAFETY: the old block is live and the caller's, at least `old`
+        // bytes; the new one was just taken, at least `new_size` bytes, and
+        // on another page (another class).
+        unsafe { std::ptr::copy_nonoverlapping(block, new.as_ptr(), (old as usize).min(new_size)) };
+        entry.store(FREE, Relaxed);
+        let used = page.push_local(block);
+        self.delta.count_realloc(old, new_size as u64);
+        Some((new, self.needs_tidy(page, used)))
+    }
+
     /// Whether an owner free that left `used` blocks in `page` needs `tidy`:
     /// it emptied a page that is not the current one, or freed into a page
     /// on the full ring (see `PageHeader::tidy_below`).

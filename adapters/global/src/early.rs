@@ -52,6 +52,7 @@ impl Early {
         }
     }
 
+    #[inline]
     pub(crate) fn contains(&self, ptr: *mut u8) -> bool {
         let base = self.bytes.get() as usize;
         (base..base + EARLY_BYTES).contains(&(ptr as usize))

@@ -226,15 +226,20 @@ impl MatrixGlobal {
 impl MatrixGlobal {
     /// The matrix and the pointer handed to `dealloc` or `realloc`; aborts
     /// (after `what` on stderr) if this allocator never gave it out.
+    #[inline]
     fn owner_of(&self, ptr: *mut u8, what: &str) -> (&Matrix, NonNull<u8>) {
         match (self.made(), NonNull::new(ptr)) {
             (Some(Ok(m)), Some(p)) => (m, p),
-            _ => {
-                write_stderr(&[what, "a pointer this allocator never gave out\n"]);
-                std::process::abort()
-            }
+            _ => never_gave_out(what),
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn never_gave_out(what: &str) -> ! {
+    write_stderr(&[what, "a pointer this allocator never gave out\n"]);
+    std::process::abort()
 }
 
 impl Default for MatrixGlobal {
