@@ -94,23 +94,39 @@ const HEADER_BYTES: usize = size_of::<PageHeader>();
 /// A page with no blocks, outside any segment: a heap's current page for a
 /// class that has none, so that the allocation fast path needs no test for
 /// "no page" (`pop` finds nothing here, and writes nothing).
-static NO_PAGE: PageHeader = PageHeader {
-    magic: 0,
-    class: 0,
-    shift: 0,
-    block_size: 16,
-    capacity: 0,
-    data: 0,
-    inverse: 0,
-    owner: AtomicU64::new(0),
-    remote: AtomicU64::new(ListHead::EMPTY),
-    local: AtomicU32::new(NIL),
-    bump: AtomicU32::new(0),
-    used: AtomicU32::new(0),
-    next_owned: AtomicU32::new(NIL),
-    prev_owned: AtomicU32::new(NIL),
-    tidy_below: AtomicU32::new(CURRENT),
-};
+static NO_PAGE: PageHeader = PageHeader::new(0, 0, 16, (0, 0), 0, CURRENT);
+
+impl PageHeader {
+    /// The header of a page with no block in use yet: `geometry` is
+    /// (capacity, data), see `geometry`.
+    const fn new(
+        magic: u32,
+        class: u16,
+        block_size: u32,
+        geometry: (u32, u32),
+        owner: u64,
+        tidy_below: u32,
+    ) -> PageHeader {
+        let shift = block_size.trailing_zeros();
+        PageHeader {
+            magic,
+            class,
+            shift: shift as u16,
+            block_size,
+            capacity: geometry.0,
+            data: geometry.1,
+            inverse: odd_inverse(block_size >> shift),
+            owner: AtomicU64::new(owner),
+            remote: AtomicU64::new(ListHead::EMPTY),
+            local: AtomicU32::new(NIL),
+            bump: AtomicU32::new(0),
+            used: AtomicU32::new(0),
+            next_owned: AtomicU32::new(NIL),
+            prev_owned: AtomicU32::new(NIL),
+            tidy_below: AtomicU32::new(tidy_below),
+        }
+    }
+}
 
 /// The address of `NO_PAGE`, as a `Page`'s.
 pub(crate) fn no_page() -> *mut u8 {
@@ -274,27 +290,17 @@ impl Page {
     /// one else can reach the page before it is marked in the page map.
     pub(crate) unsafe fn init(self, class: u16, block_size: u32, owner: u64, offset: usize) {
         let (capacity, data) = geometry(block_size as usize, offset);
-        let shift = block_size.trailing_zeros();
         let h = self.0 as *mut PageHeader;
         // SAFETY: the caller owns the memory; plain writes before publication.
         unsafe {
-            h.write(PageHeader {
-                magic: PAGE_MAGIC,
+            h.write(PageHeader::new(
+                PAGE_MAGIC,
                 class,
                 block_size,
-                capacity,
-                data,
-                shift: shift as u16,
-                inverse: odd_inverse(block_size >> shift),
-                owner: AtomicU64::new(owner),
-                remote: AtomicU64::new(ListHead::EMPTY),
-                local: AtomicU32::new(NIL),
-                bump: AtomicU32::new(0),
-                used: AtomicU32::new(0),
-                next_owned: AtomicU32::new(NIL),
-                prev_owned: AtomicU32::new(NIL),
-                tidy_below: AtomicU32::new(AVAILABLE),
-            });
+                (capacity, data),
+                owner,
+                AVAILABLE,
+            ));
             std::ptr::write_bytes(self.0.add(HEADER_BYTES), FREE, capacity as usize);
         }
     }
