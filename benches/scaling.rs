@@ -6,9 +6,9 @@
 //! × threads or processes (1, 2, 8) × allocator (matrix, System, mimalloc,
 //! atomic-matrix 0.4.1, rts-alloc 5).
 //!
-//! The thread-scaling, producer/consumer and small-object groups take
-//! turns over `ROUNDS` rounds, and each figure is the lowest round median
-//! (see `bench.rs`).
+//! The thread-scaling, producer/consumer, single-thread peer and
+//! small-object groups take turns over `ROUNDS` rounds, and each figure is
+//! the lowest round median (see `bench.rs`).
 //!
 //! Run: `cargo bench --bench scaling`; the last lines print the ratios.
 
@@ -349,40 +349,51 @@ static PEER_CRASHES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::
 /// One single-thread workload for one allocator, in group `peers_single_thread`.
 /// Generic, as in `bench`: each allocator's calls inline into the loop
 /// as far as its code allows.
-fn single_thread<A: BenchAlloc>(c: &mut Criterion, a: &A, workload: &str) {
+fn single_thread<A: BenchAlloc>(c: &mut Criterion, a: &A, workload: &str, round: usize) {
     let mut g = c.benchmark_group("peers_single_thread");
     let w = Mixed::new();
-    g.bench_function(BenchmarkId::new(workload, a.name()), |b| {
-        if workload == "pair_64" {
-            b.iter(|| pair(a))
-        } else {
-            let mut live = Vec::with_capacity(20_000);
-            b.iter(|| w.run(a, &mut live))
-        }
-    });
+    g.bench_function(
+        BenchmarkId::new(workload, round_name(a.name(), round)),
+        |b| {
+            if workload == "pair_64" {
+                b.iter(|| pair(a))
+            } else {
+                let mut live = Vec::with_capacity(20_000);
+                b.iter(|| w.run(a, &mut live))
+            }
+        },
+    );
     g.finish();
 }
 
 /// Where the peers are measured on their own ground.
 fn peers(c: &mut Criterion, matrix: &Matrix) {
-    // The same single-thread workloads as `bench`; atomic-matrix runs each in
-    // a child process of this run, so that a crash is recorded, not fatal.
+    // The same single-thread workloads as `bench`, in turns like the other
+    // groups; atomic-matrix runs each turn in a child process of this run,
+    // so that a crash is recorded, not fatal (and not retried).
     for workload in ["mixed_32_544_live10k", "pair_64"] {
-        single_thread(c, matrix, workload);
-        let id = uuid::Uuid::new_v4().to_string();
-        let status = Command::new(std::env::current_exe().unwrap())
-            .env("MATRIX_BENCH_ISOLATED", format!("{workload} {id}"))
-            .args(std::env::args().skip(1))
-            .status()
-            .unwrap();
-        // A crashed child cannot remove its segment: do it here.
-        let _ = std::fs::remove_file(format!("/dev/shm/matrix-{id}"));
-        if !status.success() {
-            println!("atomic-matrix crashed on {workload}: {status}");
-            PEER_CRASHES
-                .lock()
-                .unwrap()
-                .push(format!("atomic-matrix crashed on {workload} ({status})"));
+        let mut crashed = false;
+        for round in 0..ROUNDS {
+            single_thread(c, matrix, workload, round);
+            if crashed {
+                continue;
+            }
+            let id = uuid::Uuid::new_v4().to_string();
+            let status = Command::new(std::env::current_exe().unwrap())
+                .env("MATRIX_BENCH_ISOLATED", format!("{workload} {id} {round}"))
+                .args(std::env::args().skip(1))
+                .status()
+                .unwrap();
+            // A crashed child cannot remove its segment: do it here.
+            let _ = std::fs::remove_file(format!("/dev/shm/matrix-{id}"));
+            if !status.success() {
+                crashed = true;
+                println!("atomic-matrix crashed on {workload}: {status}");
+                PEER_CRASHES
+                    .lock()
+                    .unwrap()
+                    .push(format!("atomic-matrix crashed on {workload} ({status})"));
+            }
         }
     }
 
@@ -460,7 +471,10 @@ fn print_ratios() {
     }
     for w in ["mixed_32_544_live10k", "pair_64"] {
         let g = format!("peers_single_thread/{w}");
-        if let (Some(m), Some(a)) = (median_ns(&g, "matrix"), median_ns(&g, "atomic-matrix")) {
+        if let (Some(m), Some(a)) = (
+            best_median(&g, "matrix", ""),
+            best_median(&g, "atomic-matrix", ""),
+        ) {
             println!("{w:>22}: atomic-matrix / matrix = {:.1}x (time)", a / m);
         }
     }
@@ -484,10 +498,16 @@ fn main() {
         return;
     }
     if let Ok(spec) = std::env::var("MATRIX_BENCH_ISOLATED") {
-        let (workload, id) = spec.split_once(' ').unwrap();
-        let mut c = Criterion::default().sample_size(20).configure_from_args();
+        let [workload, id, round] = spec.split(' ').collect::<Vec<_>>()[..] else {
+            panic!("MATRIX_BENCH_ISOLATED: {spec}");
+        };
+        let mut c = Criterion::default()
+            .warm_up_time(common::WARM_UP)
+            .measurement_time(common::MEASURE)
+            .sample_size(20)
+            .configure_from_args();
         let am = AtomicMatrixPeer::new(id, 256 << 20);
-        single_thread(&mut c, &am, workload);
+        single_thread(&mut c, &am, workload, round.parse().unwrap());
         return;
     }
     let mut c = Criterion::default()
