@@ -16,7 +16,9 @@
 
 mod common;
 
-use common::{round_medians, round_name, BenchAlloc, GlobalMatrix, Mixed, Peer, ROUNDS};
+use common::{
+    median_ratio, round_medians, round_name, BenchAlloc, GlobalMatrix, Mixed, Peer, ROUNDS,
+};
 use criterion::{black_box, Criterion};
 use matrix_alloc::Matrix;
 use std::alloc::{Layout, System};
@@ -67,20 +69,6 @@ fn print_ratios(group: &str, names: &[&str], ours: usize, per_op_div: f64) {
             );
         }
         println!("{line}");
-    }
-}
-
-/// The median over rounds of `mine / peer` within each round: the two
-/// turns of a round ran seconds apart, so this pairs them under similar
-/// load (a second view besides the ratio of the lowest medians, which one
-/// lucky turn can move).
-fn median_ratio(mine: &[f64], peer: &[f64]) -> f64 {
-    let mut r: Vec<f64> = mine.iter().zip(peer).map(|(a, b)| a / b).collect();
-    r.sort_by(f64::total_cmp);
-    match r.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => r[n / 2],
-        n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
     }
 }
 

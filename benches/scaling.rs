@@ -6,15 +6,16 @@
 //! × threads or processes (1, 2, 8) × allocator (matrix, System, mimalloc,
 //! atomic-matrix 0.4.1, rts-alloc 5).
 //!
-//! The thread-scaling, producer/consumer, single-thread peer and
-//! small-object groups take turns over `ROUNDS` rounds, and each figure is
-//! the lowest round median (see `bench.rs`).
+//! Every group takes turns over `ROUNDS` rounds, and each figure is the
+//! lowest round median (see `bench.rs`).
 //!
 //! Run: `cargo bench --bench scaling`; the last lines print the ratios.
 
 mod common;
 
-use common::{best_median, median_ns, pair, round_name, BenchAlloc, Mixed, Peer, ROUNDS};
+use common::{
+    best_median, median_ratio, pair, round_medians, round_name, BenchAlloc, Mixed, Peer, ROUNDS,
+};
 use criterion::{BenchmarkId, Criterion};
 use matrix_alloc::{Matrix, Offset};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -190,39 +191,47 @@ fn cross_process(c: &mut Criterion) {
     let at = m.offset_of(t.as_ptr()).unwrap();
     let mut g = c.benchmark_group("cross_process_exchange");
     g.throughput(criterion::Throughput::Elements(2 * EXCHANGE_OPS as u64));
-    g.bench_function("matrix/2_threads", |b| {
-        b.iter_custom(|iters| {
-            let d = timed_threads(2, |w| {
-                for i in 0..iters {
-                    exchange(&m, table(&m, at), i * 2 + w as u64, EXCHANGE_OPS)
-                }
-            });
-            drain(&m, table(&m, at));
-            d
-        })
-    });
-    g.bench_function("matrix/2_processes", |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            let children: Vec<_> = (0..2)
-                .map(|w| {
-                    Command::new(std::env::current_exe().unwrap())
-                        .env(
-                            "MATRIX_BENCH_CHILD",
-                            format!("{} {} {} {}", m.id(), at.get(), iters, w),
-                        )
-                        .spawn()
-                        .unwrap()
+    for round in 0..ROUNDS {
+        g.bench_function(
+            BenchmarkId::new(round_name("matrix", round), "2_threads"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let d = timed_threads(2, |w| {
+                        for i in 0..iters {
+                            exchange(&m, table(&m, at), i * 2 + w as u64, EXCHANGE_OPS)
+                        }
+                    });
+                    drain(&m, table(&m, at));
+                    d
                 })
-                .collect();
-            for mut child in children {
-                assert!(child.wait().unwrap().success());
-            }
-            let d = start.elapsed();
-            drain(&m, table(&m, at));
-            d
-        })
-    });
+            },
+        );
+        g.bench_function(
+            BenchmarkId::new(round_name("matrix", round), "2_processes"),
+            |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    let children: Vec<_> = (0..2)
+                        .map(|w| {
+                            Command::new(std::env::current_exe().unwrap())
+                                .env(
+                                    "MATRIX_BENCH_CHILD",
+                                    format!("{} {} {} {}", m.id(), at.get(), iters, w),
+                                )
+                                .spawn()
+                                .unwrap()
+                        })
+                        .collect();
+                    for mut child in children {
+                        assert!(child.wait().unwrap().success());
+                    }
+                    let d = start.elapsed();
+                    drain(&m, table(&m, at));
+                    d
+                })
+            },
+        );
+    }
     g.finish();
 }
 
@@ -449,21 +458,22 @@ fn print_ratios() {
             }
         }
     }
-    let pc = |a: &str| best_median("producer_consumer_64", a, "");
-    if let (Some(m), Some(s), Some(mi)) = (pc("matrix"), pc("system"), pc("mimalloc")) {
+    let pc = |peer| time_ratio("producer_consumer_64", "matrix", peer, "");
+    if let (Some((s, s_round)), Some((mi, mi_round))) = (pc("system"), pc("mimalloc")) {
         println!(
-            "producer/consumer: matrix / system = {:.2}, matrix / mimalloc = {:.2} (time)",
-            m / s,
-            m / mi
+            "producer/consumer: matrix / system = {s:.2} (per round {s_round:.2}), matrix / mimalloc = {mi:.2} (per round {mi_round:.2}) (time)"
         );
     }
+    let exchange = |suffix| round_medians("cross_process_exchange", "matrix", suffix);
+    let (threads, processes) = (exchange("/2_threads"), exchange("/2_processes"));
     if let (Some(th), Some(pr)) = (
-        median_ns("cross_process_exchange", "matrix_2_threads"),
-        median_ns("cross_process_exchange", "matrix_2_processes"),
+        threads.iter().copied().reduce(f64::min),
+        processes.iter().copied().reduce(f64::min),
     ) {
         println!(
-            "cross-process: 2 processes reach {:.0}% of 2 threads' throughput",
-            100.0 * th / pr
+            "cross-process: 2 processes reach {:.0}% of 2 threads' throughput (per round {:.0}%)",
+            100.0 * th / pr,
+            100.0 * median_ratio(&threads, &processes)
         );
     }
     for crash in PEER_CRASHES.lock().unwrap().iter() {
@@ -471,25 +481,29 @@ fn print_ratios() {
     }
     for w in ["mixed_32_544_live10k", "pair_64"] {
         let g = format!("peers_single_thread/{w}");
-        if let (Some(m), Some(a)) = (
-            best_median(&g, "matrix", ""),
-            best_median(&g, "atomic-matrix", ""),
-        ) {
-            println!("{w:>22}: atomic-matrix / matrix = {:.1}x (time)", a / m);
+        if let Some((r, r_round)) = time_ratio(&g, "atomic-matrix", "matrix", "") {
+            println!("{w:>22}: atomic-matrix / matrix = {r:.1}x (per round {r_round:.1}x) (time)");
         }
     }
     for n in [1, 2] {
         let g = "peers_small_objects_32_1024";
-        if let (Some(m), Some(r)) = (
-            best_median(g, "matrix", &format!("/{n}")),
-            best_median(g, "rts-alloc", &format!("/{n}")),
-        ) {
+        if let Some((r, r_round)) = time_ratio(g, "rts-alloc", "matrix", &format!("/{n}")) {
             println!(
-                "small objects, {n} worker(s): rts-alloc / matrix = {:.2} (time)",
-                r / m
+                "small objects, {n} worker(s): rts-alloc / matrix = {r:.2} (per round {r_round:.2}) (time)"
             );
         }
     }
+}
+
+/// `a`'s time over `b`'s in `group`: the ratio of their lowest round
+/// medians, and the median of the rounds' own ratios (see `median_ratio`).
+fn time_ratio(group: &str, a: &str, b: &str, suffix: &str) -> Option<(f64, f64)> {
+    let (ra, rb) = (
+        round_medians(group, a, suffix),
+        round_medians(group, b, suffix),
+    );
+    let best = |r: &[f64]| r.iter().copied().reduce(f64::min);
+    Some((best(&ra)? / best(&rb)?, median_ratio(&ra, &rb)))
 }
 
 fn main() {

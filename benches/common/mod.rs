@@ -175,6 +175,20 @@ pub fn round_medians(group: &str, name: &str, suffix: &str) -> Vec<f64> {
         .collect()
 }
 
+/// The median over rounds of `mine / peer` within each round: the two
+/// turns of a round ran seconds apart, so this pairs them under similar
+/// load (a second view besides the ratio of the lowest medians, which one
+/// lucky turn can move).
+pub fn median_ratio(mine: &[f64], peer: &[f64]) -> f64 {
+    let mut r: Vec<f64> = mine.iter().zip(peer).map(|(a, b)| a / b).collect();
+    r.sort_by(f64::total_cmp);
+    match r.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => r[n / 2],
+        n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
+    }
+}
+
 /// The lowest of `round_medians`.
 pub fn best_median(group: &str, name: &str, suffix: &str) -> Option<f64> {
     round_medians(group, name, suffix)
