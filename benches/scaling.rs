@@ -13,9 +13,7 @@
 
 mod common;
 
-use common::{
-    best_median, median_ratio, pair, round_medians, round_name, BenchAlloc, Mixed, Peer, ROUNDS,
-};
+use common::{median_ratio, pair, round_medians, round_name, BenchAlloc, Mixed, Peer, ROUNDS};
 use criterion::{BenchmarkId, Criterion};
 use matrix_alloc::{Matrix, Offset};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -444,36 +442,33 @@ fn peers(c: &mut Criterion, matrix: &Matrix) {
 }
 
 fn print_ratios() {
-    println!("\nratios of medians, the lowest of the rounds where there are rounds (time; below 1.0 means the first is faster)");
+    println!("\nratios of the lowest round medians (time; below 1.0 means the first is faster); per round = median of the rounds' own ratios");
     for group in ["threads_mixed", "threads_pair_64"] {
         for a in ["matrix", "system", "mimalloc"] {
-            let t = |n: u32| best_median(group, a, &format!("/{n}"));
-            if let (Some(t1), Some(t2), Some(t8)) = (t(1), t(2), t(8)) {
-                // Each thread does the same work: throughput scaling = n * t1 / tn.
+            // Each thread does the same work: throughput scaling = n * t1 / tn.
+            let scaling = |n: u32| {
+                let (ratio, per_round) = time_ratio(group, a, a, ("/1", &format!("/{n}")))?;
+                Some((n as f64 * ratio, n as f64 * per_round))
+            };
+            if let (Some((s2, s2_round)), Some((s8, s8_round))) = (scaling(2), scaling(8)) {
                 println!(
-                    "{group:>16} {a:>9}: throughput 2 threads / 1 = {:.2}, 8 threads / 1 = {:.2}",
-                    2.0 * t1 / t2,
-                    8.0 * t1 / t8
+                    "{group:>16} {a:>9}: throughput 2 threads / 1 = {s2:.2} (per round {s2_round:.2}), 8 threads / 1 = {s8:.2} (per round {s8_round:.2})"
                 );
             }
         }
     }
-    let pc = |peer| time_ratio("producer_consumer_64", "matrix", peer, "");
+    let pc = |peer| time_ratio("producer_consumer_64", "matrix", peer, ("", ""));
     if let (Some((s, s_round)), Some((mi, mi_round))) = (pc("system"), pc("mimalloc")) {
         println!(
             "producer/consumer: matrix / system = {s:.2} (per round {s_round:.2}), matrix / mimalloc = {mi:.2} (per round {mi_round:.2}) (time)"
         );
     }
-    let exchange = |suffix| round_medians("cross_process_exchange", "matrix", suffix);
-    let (threads, processes) = (exchange("/2_threads"), exchange("/2_processes"));
-    if let (Some(th), Some(pr)) = (
-        threads.iter().copied().reduce(f64::min),
-        processes.iter().copied().reduce(f64::min),
-    ) {
+    let exchange = ("/2_threads", "/2_processes");
+    if let Some((r, r_round)) = time_ratio("cross_process_exchange", "matrix", "matrix", exchange) {
         println!(
             "cross-process: 2 processes reach {:.0}% of 2 threads' throughput (per round {:.0}%)",
-            100.0 * th / pr,
-            100.0 * median_ratio(&threads, &processes)
+            100.0 * r,
+            100.0 * r_round
         );
     }
     for crash in PEER_CRASHES.lock().unwrap().iter() {
@@ -481,13 +476,18 @@ fn print_ratios() {
     }
     for w in ["mixed_32_544_live10k", "pair_64"] {
         let g = format!("peers_single_thread/{w}");
-        if let Some((r, r_round)) = time_ratio(&g, "atomic-matrix", "matrix", "") {
+        if let Some((r, r_round)) = time_ratio(&g, "atomic-matrix", "matrix", ("", "")) {
             println!("{w:>22}: atomic-matrix / matrix = {r:.1}x (per round {r_round:.1}x) (time)");
         }
     }
     for n in [1, 2] {
         let g = "peers_small_objects_32_1024";
-        if let Some((r, r_round)) = time_ratio(g, "rts-alloc", "matrix", &format!("/{n}")) {
+        if let Some((r, r_round)) = time_ratio(
+            g,
+            "rts-alloc",
+            "matrix",
+            (&format!("/{n}"), &format!("/{n}")),
+        ) {
             println!(
                 "small objects, {n} worker(s): rts-alloc / matrix = {r:.2} (per round {r_round:.2}) (time)"
             );
@@ -495,12 +495,13 @@ fn print_ratios() {
     }
 }
 
-/// `a`'s time over `b`'s in `group`: the ratio of their lowest round
-/// medians, and the median of the rounds' own ratios (see `median_ratio`).
-fn time_ratio(group: &str, a: &str, b: &str, suffix: &str) -> Option<(f64, f64)> {
+/// `a`'s time over `b`'s in `group` (with the benchmark id suffixes of
+/// each): the ratio of their lowest round medians, and the median of the
+/// rounds' own ratios (see `median_ratio`).
+fn time_ratio(group: &str, a: &str, b: &str, suffix: (&str, &str)) -> Option<(f64, f64)> {
     let (ra, rb) = (
-        round_medians(group, a, suffix),
-        round_medians(group, b, suffix),
+        round_medians(group, a, suffix.0),
+        round_medians(group, b, suffix.1),
     );
     let best = |r: &[f64]| r.iter().copied().reduce(f64::min);
     Some((best(&ra)? / best(&rb)?, median_ratio(&ra, &rb)))

@@ -189,13 +189,6 @@ pub fn median_ratio(mine: &[f64], peer: &[f64]) -> f64 {
     }
 }
 
-/// The lowest of `round_medians`.
-pub fn best_median(group: &str, name: &str, suffix: &str) -> Option<f64> {
-    round_medians(group, name, suffix)
-        .into_iter()
-        .reduce(f64::min)
-}
-
 /// Reads criterion's median estimate (ns) for one benchmark.
 pub fn median_ns(group: &str, name: &str) -> Option<f64> {
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
