@@ -177,7 +177,7 @@ impl Heap {
     fn alloc_slow(&mut self, class: usize, size: usize) -> Option<NonNull<u8>> {
         let page = self.find_page(class)?;
         self.set_current(class, page.0);
-        page.pop(size)
+        page.take(size)
     }
 
     /// Makes `page` (an owned page of `class`, or `no_page()`) the class's current
