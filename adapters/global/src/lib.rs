@@ -272,14 +272,20 @@ unsafe impl GlobalAlloc for MatrixGlobal {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-        if self.early.contains(ptr) {
-            return; // arena memory is never reused
+        // The early arena is looked at only when the matrix refuses the
+        // pointer (arena memory is never reused, and lies outside the
+        // segment, which `free` checks before it changes anything).
+        if let (Some(Ok(m)), Some(p)) = (self.made(), NonNull::new(ptr)) {
+            // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live
+            // block of this allocator that is not used after this call.
+            match unsafe { m.free(p) } {
+                Ok(()) => return,
+                Err(_) if self.early.contains(ptr) => return,
+                Err(e) => fatal_error("matrix-alloc-global: dealloc: ", &e),
+            }
         }
-        let (m, p) = self.owner_of(ptr, "matrix-alloc-global: dealloc: ");
-        // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live block
-        // of this allocator that is not used after this call.
-        if let Err(e) = unsafe { m.free(p) } {
-            fatal_error("matrix-alloc-global: dealloc: ", &e);
+        if !self.early.contains(ptr) {
+            never_gave_out("matrix-alloc-global: dealloc: ");
         }
     }
 
