@@ -203,6 +203,49 @@ fn grow_and_shrink_in_place_when_the_neighbour_allows() {
     assert_pristine(&m);
 }
 
+/// A small block resized to another small class whose page is at hand (the
+/// reallocation fast path) and one resized by another thread (the slow
+/// path): contents kept, the old blocks free again, dhat's counts.
+#[test]
+fn small_reallocations_move_between_classes_and_threads() {
+    let m = Matrix::anonymous(1 << 20).unwrap();
+    // Both classes get a current page first.
+    let a = m.alloc(layout(100, 8)).unwrap();
+    let keep = m.alloc(layout(300, 8)).unwrap();
+    stamp(a, 100, 7);
+    let b = unsafe { m.realloc(a, layout(290, 8)) }.unwrap();
+    assert_ne!(a, b, "another class: moved");
+    assert!(has_stamp(b, 100, 7));
+    let back = m.alloc(layout(100, 8)).unwrap();
+    assert_eq!(back, a, "the old block is free again, first on its list");
+    stamp(b, 290, 8);
+    // Another thread resizes this thread's block.
+    let b_addr = b.as_ptr() as usize;
+    let c = std::thread::scope(|s| {
+        s.spawn(|| {
+            let b = std::ptr::NonNull::new(b_addr as *mut u8).unwrap();
+            unsafe { m.realloc(b, layout(20, 8)) }.unwrap().as_ptr() as usize
+        })
+        .join()
+        .unwrap()
+    });
+    let c = std::ptr::NonNull::new(c as *mut u8).unwrap();
+    assert!(has_stamp(c, 20, 8));
+    assert_eq!(m.check().unwrap().used_blocks, 3);
+    unsafe {
+        m.free(c).unwrap();
+        m.free(back).unwrap();
+        m.free(keep).unwrap();
+    }
+    // dhat semantics: 3 allocations + 2 reallocations.
+    let s = m.stats();
+    assert_eq!(s.total_blocks, 5);
+    assert_eq!(s.total_bytes, 100 + 300 + 290 + 100 + 20);
+    assert_eq!((s.max_bytes, s.max_blocks), (290 + 300 + 100, 3));
+    assert_eq!((s.curr_blocks, s.curr_bytes), (0, 0));
+    assert_pristine(&m);
+}
+
 #[test]
 fn stats_follow_dhat_semantics() {
     let m = Matrix::anonymous(1 << 20).unwrap();
