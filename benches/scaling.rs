@@ -163,9 +163,23 @@ fn exchange(m: &Matrix, table: &[AtomicU64], seed: u64, ops: usize) {
 }
 
 fn table(m: &Matrix, at: Offset) -> &[AtomicU64] {
-    // SAFETY: `at` is an allocation of EXCHANGE_SLOTS words that outlives the run.
+    &words(m, at)[..EXCHANGE_SLOTS]
+}
+
+/// The start gate of the two child processes: each adds one, and starts
+/// when it reads two.
+fn gate(m: &Matrix, at: Offset) -> &AtomicU64 {
+    &words(m, at)[EXCHANGE_SLOTS]
+}
+
+fn words(m: &Matrix, at: Offset) -> &[AtomicU64] {
+    // SAFETY: `at` is an allocation of EXCHANGE_SLOTS + 1 words that
+    // outlives the run.
     unsafe {
-        std::slice::from_raw_parts(m.resolve::<AtomicU64>(at).unwrap().as_ptr(), EXCHANGE_SLOTS)
+        std::slice::from_raw_parts(
+            m.resolve::<AtomicU64>(at).unwrap().as_ptr(),
+            EXCHANGE_SLOTS + 1,
+        )
     }
 }
 
@@ -182,10 +196,10 @@ fn drain(m: &Matrix, table: &[AtomicU64]) {
 fn cross_process(c: &mut Criterion) {
     let m = Matrix::create(512 << 20).unwrap();
     let t = m
-        .alloc(Layout::from_size_align(EXCHANGE_SLOTS * 8, 8).unwrap())
+        .alloc(Layout::from_size_align((EXCHANGE_SLOTS + 1) * 8, 8).unwrap())
         .unwrap();
     // SAFETY: fresh allocation of that size.
-    unsafe { t.as_ptr().write_bytes(0, EXCHANGE_SLOTS * 8) };
+    unsafe { t.as_ptr().write_bytes(0, (EXCHANGE_SLOTS + 1) * 8) };
     let at = m.offset_of(t.as_ptr()).unwrap();
     let mut g = c.benchmark_group("cross_process_exchange");
     g.throughput(criterion::Throughput::Elements(2 * EXCHANGE_OPS as u64));
@@ -208,7 +222,10 @@ fn cross_process(c: &mut Criterion) {
             BenchmarkId::new(round_name("matrix", round), "2_processes"),
             |b| {
                 b.iter_custom(|iters| {
-                    let start = Instant::now();
+                    // Each child times its own work from the moment both
+                    // have passed the gate: starting a process (exec,
+                    // loading, mapping the segment) is not throughput.
+                    gate(&m, at).store(0, SeqCst);
                     let children: Vec<_> = (0..2)
                         .map(|w| {
                             Command::new(std::env::current_exe().unwrap())
@@ -216,14 +233,21 @@ fn cross_process(c: &mut Criterion) {
                                     "MATRIX_BENCH_CHILD",
                                     format!("{} {} {} {}", m.id(), at.get(), iters, w),
                                 )
+                                .stdout(std::process::Stdio::piped())
                                 .spawn()
                                 .unwrap()
                         })
                         .collect();
-                    for mut child in children {
-                        assert!(child.wait().unwrap().success());
-                    }
-                    let d = start.elapsed();
+                    let d = children
+                        .into_iter()
+                        .map(|child| {
+                            let out = child.wait_with_output().unwrap();
+                            assert!(out.status.success());
+                            let nanos = String::from_utf8(out.stdout).unwrap();
+                            Duration::from_nanos(nanos.trim().parse().unwrap())
+                        })
+                        .max()
+                        .unwrap();
                     drain(&m, table(&m, at));
                     d
                 })
@@ -239,9 +263,16 @@ fn exchange_child(spec: &str) {
     let m = Matrix::open(f[0].parse().unwrap()).unwrap();
     let at = Offset(f[1].parse().unwrap());
     let (iters, w): (u64, u64) = (f[2].parse().unwrap(), f[3].parse().unwrap());
+    let gate = gate(&m, at);
+    gate.fetch_add(1, SeqCst);
+    while gate.load(SeqCst) < 2 {
+        std::thread::yield_now();
+    }
+    let start = Instant::now();
     for i in 0..iters {
         exchange(&m, table(&m, at), i * 2 + w, EXCHANGE_OPS);
     }
+    println!("{}", start.elapsed().as_nanos());
 }
 
 // ---- shared-memory peers ----------------------------------------------------------
