@@ -24,6 +24,13 @@ fn fill_with_small_blocks(m: &Matrix) -> Vec<NonNull<u8>> {
     v
 }
 
+/// Frees live blocks of `m`.
+fn free_all(m: &Matrix, blocks: &[NonNull<u8>]) {
+    for &p in blocks {
+        unsafe { m.free(p).unwrap() };
+    }
+}
+
 fn coalesces_after_freeing_in(order: impl FnOnce(&mut Vec<NonNull<u8>>)) {
     let m = Matrix::anonymous(512 * 1024).unwrap();
     let mut blocks = fill_with_small_blocks(&m);
@@ -186,11 +193,7 @@ fn grow_and_shrink_in_place_when_the_neighbour_allows() {
     assert_ne!(f, g);
     assert!(has_stamp(g, 40, 3));
     m.check().unwrap();
-    unsafe {
-        m.free(d).unwrap();
-        m.free(blocker).unwrap();
-        m.free(g).unwrap();
-    }
+    free_all(&m, &[d, blocker, g]);
     // dhat semantics: 3 allocations + 5 reallocations.
     let s = m.stats();
     assert_eq!(s.total_blocks, 8);
@@ -232,11 +235,7 @@ fn small_reallocations_move_between_classes_and_threads() {
     let c = std::ptr::NonNull::new(c as *mut u8).unwrap();
     assert!(has_stamp(c, 20, 8));
     assert_eq!(m.check().unwrap().used_blocks, 3);
-    unsafe {
-        m.free(c).unwrap();
-        m.free(back).unwrap();
-        m.free(keep).unwrap();
-    }
+    free_all(&m, &[c, back, keep]);
     // dhat semantics: 3 allocations + 2 reallocations.
     let s = m.stats();
     assert_eq!(s.total_blocks, 5);
