@@ -3,4 +3,4 @@
 //! Keeping them behind one path is the seam a loom model can replace later
 //! (see STYLE.md §5): the engine never imports `std::sync::atomic` directly.
 
-pub(crate) use std::sync::atomic::{compiler_fence, AtomicU32, AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{compiler_fence, AtomicU32, AtomicU64, AtomicU8, Ordering};

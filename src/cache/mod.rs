@@ -38,7 +38,7 @@ use crate::engine::words::{ListHead, NIL};
 use crate::engine::{Engine, PageTable, PAGE_MARK, SLOTS};
 use crate::matrix::SharedRef;
 use crate::stats::Delta;
-use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
+use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use crate::Error;
 use std::cell::{Cell, UnsafeCell};
 use std::ptr::NonNull;
@@ -439,12 +439,8 @@ impl Heap {
         if !self.delta.fast_tick() {
             return None;
         }
-        // SAFETY: `i < capacity` (the caller's contract).
-        let entry = unsafe { page.size_entry_unchecked(i) };
-        let s = entry.load(Relaxed);
-        if !allocated(s) || page.header().owner.load(Relaxed) != self.token {
-            return None;
-        }
+        // SAFETY: forwarded contract.
+        let (entry, s) = unsafe { self.owned_entry(page, i) }?;
         let old = page.requested_of(s);
         let class = class_of(new_size) % SMALL_CLASSES;
         if class == page.header().class as usize {
@@ -472,6 +468,20 @@ impl Heap {
         used < page.header().tidy_below.load(Relaxed)
     }
 
+    /// The size entry of block `i` and its value, if the block is allocated
+    /// and `page` is this thread's.
+    ///
+    /// # Safety
+    /// As for `free_owned`.
+    #[inline(always)]
+    unsafe fn owned_entry(&self, page: Page, i: u32) -> Option<(&'static AtomicU8, u8)> {
+        // SAFETY: `i < capacity` (the caller's contract).
+        let entry = unsafe { page.size_entry_unchecked(i) };
+        let s = entry.load(Relaxed);
+        // Only this thread can make, or unmake, its own token the owner.
+        (allocated(s) && page.header().owner.load(Relaxed) == self.token).then_some((entry, s))
+    }
+
     /// The owner's free of block `i`, if it is allocated and `page` is this
     /// thread's: marks it `FREE` and lists it. Returns its old size entry
     /// and the blocks still in use; else changes nothing.
@@ -480,13 +490,8 @@ impl Heap {
     /// As for `free_owned`.
     #[inline(always)]
     unsafe fn take_owned(&self, page: Page, i: u32, block: *mut u8) -> Option<(u8, u32)> {
-        // SAFETY: `i < capacity` (the caller's contract).
-        let entry = unsafe { page.size_entry_unchecked(i) };
-        let s = entry.load(Relaxed);
-        // Only this thread can make, or unmake, its own token the owner.
-        if !allocated(s) || page.header().owner.load(Relaxed) != self.token {
-            return None;
-        }
+        // SAFETY: forwarded contract.
+        let (entry, s) = unsafe { self.owned_entry(page, i) }?;
         entry.store(FREE, Relaxed);
         Some((s, page.push_local(block)))
     }

@@ -32,9 +32,8 @@
 //! (`Relaxed` atomics, so that a concurrent `check()` reads without UB).
 
 use crate::engine::words::{ListHead, NIL};
-use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
+use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU8;
 
 /// Bytes per page; pages are aligned to it.
 pub(crate) const PAGE_SIZE: usize = 16 * 1024;
