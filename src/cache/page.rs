@@ -274,16 +274,27 @@ impl Page {
         if h.magic != PAGE_MAGIC {
             return None;
         }
-        // `ptr` is inside the page, so `off` is below `PAGE_SIZE` when `ptr`
-        // is past block 0, and else wraps to at least `2^32 - PAGE_SIZE`.
-        // `exact_quotient` is above `u32::MAX / block_size` (more than any
-        // capacity) unless `off` is a multiple of the block size, and then
-        // it is the index: beyond the last block, or (wrapped) at least
-        // `(2^32 - PAGE_SIZE) / SMALL_MAX`, it is past the capacity too. So
-        // one comparison says "a block start of this page".
-        let off = (ptr as usize).wrapping_sub(self.0 as usize + h.data as usize) as u32;
-        let i = exact_quotient(off, h.inverse, h.shift as u32);
+        // `ptr` is inside the page: its offset from the header fits in 32
+        // bits once wrapped, as `index_at` needs.
+        let i = self.index_at((ptr as usize).wrapping_sub(self.0 as usize) as u32);
         (i < h.capacity).then_some(i)
+    }
+
+    /// The index of the block that starts `off` bytes past the header, or
+    /// a value past the capacity if no block starts there (`off` may have
+    /// wrapped below zero, or be `NIL`).
+    ///
+    /// Past block 0 and inside the page, the offset from block 0 is below
+    /// `PAGE_SIZE`; before block 0 it wraps to at least `2^32 - PAGE_SIZE`.
+    /// `exact_quotient` is above `u32::MAX / block_size` (more than any
+    /// capacity) unless that offset is a multiple of the block size, and
+    /// then it is the index: beyond the last block, or (wrapped) at least
+    /// `(2^32 - PAGE_SIZE) / SMALL_MAX`, it is past the capacity too. So one
+    /// comparison with the capacity says "a block start of this page".
+    #[inline]
+    fn index_at(self, off: u32) -> u32 {
+        let h = self.header();
+        exact_quotient(off.wrapping_sub(h.data), h.inverse, h.shift as u32)
     }
 
     /// Formats a fresh page for `class` owned by `owner`.
@@ -321,9 +332,7 @@ impl Page {
     pub(crate) fn pop(self, requested: usize) -> Option<NonNull<u8>> {
         let h = self.header();
         let off = h.local.load(Relaxed);
-        // The index of the block at `off`, or past the capacity if `off` is
-        // not a block start of this page (`NIL` is not; see `index_of`).
-        let i = exact_quotient(off.wrapping_sub(h.data), h.inverse, h.shift as u32);
+        let i = self.index_at(off);
         if i >= h.capacity {
             // The list is empty (`NIL`), or its head is no block start: a
             // link lives in block memory, which a program that writes to a
@@ -373,9 +382,7 @@ impl Page {
     #[inline]
     pub(crate) fn push_local(self, block: *mut u8) -> u32 {
         let h = self.header();
-        link_at(block).store(h.local.load(Relaxed), Relaxed);
-        h.local
-            .store((block as usize - self.0 as usize) as u32, Relaxed);
+        self.list_block(block);
         let used = h.used.load(Relaxed) - 1;
         h.used.store(used, Relaxed);
         used
@@ -412,11 +419,19 @@ impl Page {
         n > 0
     }
 
-    /// Puts block `i` at the front of the owner's list (see `push_local`).
+    /// Puts block `i` at the front of the owner's list.
     fn list_local(self, i: u32) {
+        self.list_block(self.block(i));
+    }
+
+    /// Puts the free block at `block` at the front of the owner's list,
+    /// linked by its offset from the header (see the module notes).
+    #[inline]
+    fn list_block(self, block: *mut u8) {
         let h = self.header();
-        self.link(i).store(h.local.load(Relaxed), Relaxed);
-        h.local.store(h.data + i * h.block_size, Relaxed);
+        link_at(block).store(h.local.load(Relaxed), Relaxed);
+        h.local
+            .store((block as usize - self.0 as usize) as u32, Relaxed);
     }
 
     /// Whether the owner could allocate here without collecting.
