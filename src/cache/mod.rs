@@ -188,18 +188,16 @@ impl Heap {
             return;
         }
         // A page on the full ring keeps `ON_FULL_RING` either way.
-        if old != no_page() {
-            let h = Page(old).header();
-            if h.tidy_below.load(Relaxed) == CURRENT {
-                h.tidy_below.store(AVAILABLE, Relaxed);
+        let retag = |page: *mut u8, from: u32, to: u32| {
+            if page != no_page() {
+                let h = Page(page).header();
+                if h.tidy_below.load(Relaxed) == from {
+                    h.tidy_below.store(to, Relaxed);
+                }
             }
-        }
-        if page != no_page() {
-            let h = Page(page).header();
-            if h.tidy_below.load(Relaxed) == AVAILABLE {
-                h.tidy_below.store(CURRENT, Relaxed);
-            }
-        }
+        };
+        retag(old, CURRENT, AVAILABLE);
+        retag(page, AVAILABLE, CURRENT);
         self.current[class] = page;
     }
 
@@ -454,8 +452,7 @@ impl Heap {
         // bytes; the new one was just taken, at least `new_size` bytes, and
         // on another page (another class).
         unsafe { std::ptr::copy_nonoverlapping(block, new.as_ptr(), (old as usize).min(new_size)) };
-        entry.store(FREE, Relaxed);
-        let used = page.push_local(block);
+        let used = list_freed(page, entry, block);
         self.delta.count_realloc(old, new_size as u64);
         Some((new, self.needs_tidy(page, used)))
     }
@@ -492,8 +489,7 @@ impl Heap {
     unsafe fn take_owned(&self, page: Page, i: u32, block: *mut u8) -> Option<(u8, u32)> {
         // SAFETY: forwarded contract.
         let (entry, s) = unsafe { self.owned_entry(page, i) }?;
-        entry.store(FREE, Relaxed);
-        Some((s, page.push_local(block)))
+        Some((s, list_freed(page, entry, block)))
     }
 
     /// Frees block `i` if it is allocated and `page` is this thread's, and
@@ -560,6 +556,14 @@ fn page_in(base: *mut u8, n: usize) -> Page {
     // SAFETY: page numbers come from the page table or from pages this
     // thread made, so they lie inside the mapping.
     Page(unsafe { base.add(n * PAGE_SIZE + colour_offset(n)) })
+}
+
+/// Marks the owner's block at `block`, whose size entry is `entry`, `FREE`
+/// and lists it; returns the blocks still in use (see `Page::push_local`).
+#[inline(always)]
+fn list_freed(page: Page, entry: &AtomicU8, block: *mut u8) -> u32 {
+    entry.store(FREE, Relaxed);
+    page.push_local(block)
 }
 
 /// Whether an owned `page` is on its class's full ring (else the available one).
@@ -854,10 +858,11 @@ thread_local! {
 /// and after the thread's heaps are torn down; so the one comparison of
 /// `shared` in `with_heap` checks both the segment and that no heap is
 /// borrowed. The fast paths make no calls, so nothing can re-enter while
-/// they hold the heap, and they leave `shared` as it is. It has no destructor, so reading it is a plain
-/// thread-local load; `heap` points into `HEAPS`, whose entries do not move,
-/// and is reset whenever an entry is retired (`find`) or the thread exits.
-/// Separate cells, so that each access is one load or store.
+/// they hold the heap, and they leave `shared` as it is. It has no
+/// destructor, so reading it is a plain thread-local load; `heap` points
+/// into `HEAPS`, whose entries do not move, and is reset whenever an entry
+/// is retired (`find`) or the thread exits. Separate cells, so that each
+/// access is one load or store.
 struct Fast {
     shared: Cell<*const crate::matrix::Shared>,
     heap: Cell<*mut Heap>,
