@@ -224,14 +224,21 @@ impl MatrixGlobal {
 }
 
 impl MatrixGlobal {
-    /// The matrix and the pointer handed to `dealloc` or `realloc`; aborts
-    /// (after `what` on stderr) if this allocator never gave it out.
+    /// The matrix and the pointer handed to `dealloc` or `realloc`, if the
+    /// matrix is mapped and the pointer is not null.
+    #[inline]
+    fn mapped(&self, ptr: *mut u8) -> Option<(&Matrix, NonNull<u8>)> {
+        match (self.made(), NonNull::new(ptr)) {
+            (Some(Ok(m)), Some(p)) => Some((m, p)),
+            _ => None,
+        }
+    }
+
+    /// `mapped`, or abort (after `what` on stderr): this allocator never
+    /// gave the pointer out.
     #[inline]
     fn owner_of(&self, ptr: *mut u8, what: &str) -> (&Matrix, NonNull<u8>) {
-        match (self.made(), NonNull::new(ptr)) {
-            (Some(Ok(m)), Some(p)) => (m, p),
-            _ => never_gave_out(what),
-        }
+        self.mapped(ptr).unwrap_or_else(|| never_gave_out(what))
     }
 }
 
@@ -275,7 +282,7 @@ unsafe impl GlobalAlloc for MatrixGlobal {
         // The early arena is looked at only when the matrix refuses the
         // pointer (arena memory is never reused, and lies outside the
         // segment, which `free` checks before it changes anything).
-        if let (Some(Ok(m)), Some(p)) = (self.made(), NonNull::new(ptr)) {
+        if let Some((m, p)) = self.mapped(ptr) {
             // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live
             // block of this allocator that is not used after this call.
             match unsafe { m.free(p) } {
