@@ -14,7 +14,8 @@
 mod common;
 
 use common::{median_ratio, pair, round_medians, round_name, BenchAlloc, Mixed, Peer, ROUNDS};
-use criterion::{BenchmarkId, Criterion};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use matrix_alloc::{Matrix, Offset};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::alloc::{Layout, System};
@@ -47,6 +48,23 @@ fn timed_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
     })
 }
 
+/// One turn of `name` in `g`, its id `name-r{round}/{threads}`: `threads`
+/// threads start together, each runs `work(iters)`, and the time is until
+/// the last one is done.
+fn bench_threads(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    round: usize,
+    threads: usize,
+    work: impl Fn(u64) + Sync,
+) {
+    g.bench_with_input(
+        BenchmarkId::new(round_name(name, round), threads),
+        &threads,
+        |b, &threads| b.iter_custom(|iters| timed_threads(threads, |_| work(iters))),
+    );
+}
+
 fn thread_scaling(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
     let w = Mixed::new();
     for (group, pairs_per_iter) in [("threads_mixed", 0usize), ("threads_pair_64", 1000)] {
@@ -54,24 +72,16 @@ fn thread_scaling(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
         for round in 0..ROUNDS {
             for a in allocators {
                 for threads in [1, 2, 8] {
-                    g.bench_with_input(
-                        BenchmarkId::new(round_name(a.name(), round), threads),
-                        &threads,
-                        |b, &threads| {
-                            b.iter_custom(|iters| {
-                                timed_threads(threads, |_| {
-                                    let mut live = Vec::with_capacity(20_000);
-                                    for _ in 0..iters {
-                                        if pairs_per_iter == 0 {
-                                            w.run(*a, &mut live);
-                                        } else {
-                                            (0..pairs_per_iter).for_each(|_| pair(*a));
-                                        }
-                                    }
-                                })
-                            })
-                        },
-                    );
+                    bench_threads(&mut g, a.name(), round, threads, |iters| {
+                        let mut live = Vec::with_capacity(20_000);
+                        for _ in 0..iters {
+                            if pairs_per_iter == 0 {
+                                w.run(*a, &mut live);
+                            } else {
+                                (0..pairs_per_iter).for_each(|_| pair(*a));
+                            }
+                        }
+                    });
                 }
             }
         }
@@ -441,32 +451,16 @@ fn peers(c: &mut Criterion, matrix: &Matrix) {
     for workers in [1usize, 2] {
         let rts = RtsPeer::new(workers, 256 << 20);
         for round in 0..ROUNDS {
-            g.bench_with_input(
-                BenchmarkId::new(round_name("rts-alloc", round), workers),
-                &workers,
-                |b, &workers| {
-                    b.iter_custom(|iters| {
-                        timed_threads(workers, |_| {
-                            let worker = rts.workers.lock().unwrap().pop().unwrap();
-                            let mut live = Vec::with_capacity(2000);
-                            (0..iters).for_each(|_| small.run(&RtsWorker(&worker), &mut live));
-                            rts.workers.lock().unwrap().push(worker);
-                        })
-                    })
-                },
-            );
-            g.bench_with_input(
-                BenchmarkId::new(round_name("matrix", round), workers),
-                &workers,
-                |b, &workers| {
-                    b.iter_custom(|iters| {
-                        timed_threads(workers, |_| {
-                            let mut live = Vec::with_capacity(2000);
-                            (0..iters).for_each(|_| small.run(matrix, &mut live));
-                        })
-                    })
-                },
-            );
+            bench_threads(&mut g, "rts-alloc", round, workers, |iters| {
+                let worker = rts.workers.lock().unwrap().pop().unwrap();
+                let mut live = Vec::with_capacity(2000);
+                (0..iters).for_each(|_| small.run(&RtsWorker(&worker), &mut live));
+                rts.workers.lock().unwrap().push(worker);
+            });
+            bench_threads(&mut g, "matrix", round, workers, |iters| {
+                let mut live = Vec::with_capacity(2000);
+                (0..iters).for_each(|_| small.run(matrix, &mut live));
+            });
         }
     }
     g.finish();
