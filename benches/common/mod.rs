@@ -190,7 +190,7 @@ pub fn median_ratio(mine: &[f64], peer: &[f64]) -> f64 {
 }
 
 /// Reads criterion's median estimate (ns) for one benchmark.
-pub fn median_ns(group: &str, name: &str) -> Option<f64> {
+fn median_ns(group: &str, name: &str) -> Option<f64> {
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let path = format!("{dir}/criterion/{group}/{name}/new/estimates.json");
     let json: serde_json::Value =
