@@ -17,11 +17,11 @@
 mod common;
 
 use common::{
-    median_ratio, round_medians, round_name, BenchAlloc, GlobalMatrix, Mixed, Peer, ROUNDS,
+    median_ratio, pair, round_medians, round_name, BenchAlloc, GlobalMatrix, Mixed, Peer, ROUNDS,
 };
-use criterion::{black_box, Criterion};
+use criterion::Criterion;
 use matrix_alloc::Matrix;
-use std::alloc::{Layout, System};
+use std::alloc::System;
 
 fn bench_mixed<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A, w: &Mixed) {
     let mut g = c.benchmark_group("mixed_32_544_live10k");
@@ -36,14 +36,7 @@ fn bench_mixed<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A, w: &Mixed)
 fn bench_pair<A: BenchAlloc>(c: &mut Criterion, round: usize, a: &A) {
     let mut g = c.benchmark_group("pair_64");
     g.throughput(criterion::Throughput::Elements(1));
-    let layout = Layout::from_size_align(64, 8).unwrap();
-    g.bench_function(round_name(a.name(), round), |b| {
-        b.iter(|| {
-            let p = a.alloc(layout);
-            // SAFETY: p was just allocated with `layout`.
-            unsafe { a.free(black_box(p), layout) };
-        })
-    });
+    g.bench_function(round_name(a.name(), round), |b| b.iter(|| pair(a)));
     g.finish();
 }
 

@@ -469,17 +469,28 @@ fn peers(c: &mut Criterion, matrix: &Matrix) {
 fn print_ratios() {
     println!("\nratios of the lowest round medians (time; below 1.0 means the first is faster); per round = median of the rounds' own ratios");
     for group in ["threads_mixed", "threads_pair_64"] {
+        // Each thread does the same work: throughput scaling = n * t1 / tn.
+        let scaling = |a: &str, n: u32| {
+            let (ratio, per_round) = time_ratio(group, a, a, ("/1", &format!("/{n}")))?;
+            Some((n as f64 * ratio, n as f64 * per_round))
+        };
         for a in ["matrix", "system", "mimalloc"] {
-            // Each thread does the same work: throughput scaling = n * t1 / tn.
-            let scaling = |n: u32| {
-                let (ratio, per_round) = time_ratio(group, a, a, ("/1", &format!("/{n}")))?;
-                Some((n as f64 * ratio, n as f64 * per_round))
-            };
-            if let (Some((s2, s2_round)), Some((s8, s8_round))) = (scaling(2), scaling(8)) {
+            if let (Some((s2, s2_round)), Some((s8, s8_round))) = (scaling(a, 2), scaling(a, 8)) {
                 println!(
                     "{group:>16} {a:>9}: throughput 2 threads / 1 = {s2:.2} (per round {s2_round:.2}), 8 threads / 1 = {s8:.2} (per round {s8_round:.2})"
                 );
             }
+        }
+        // DESIGN.md's bar: the matrix's own 2-thread scaling against
+        // mimalloc's, measured in the same run.
+        if let (Some((m, m_round)), Some((mi, mi_round))) =
+            (scaling("matrix", 2), scaling("mimalloc", 2))
+        {
+            println!(
+                "{group:>16}: matrix's 2-thread scaling is {:.0}% of mimalloc's (per round {:.0}%)",
+                100.0 * m / mi,
+                100.0 * m_round / mi_round
+            );
         }
     }
     let pc = |peer| time_ratio("producer_consumer_64", "matrix", peer, ("", ""));

@@ -143,7 +143,12 @@ impl Mixed {
     }
 }
 
-/// One 64-byte allocate + free pair.
+/// One 64-byte allocate + free pair. Always inlined, so that every
+/// allocator's calls sit in the measuring loop itself, as they would in a
+/// program (left to itself, the compiler kept it out of line in `scaling`
+/// only, which added a call and the reloading of the matrix's fields to
+/// every pair there).
+#[inline(always)]
 pub fn pair<A: BenchAlloc + ?Sized>(a: &A) {
     let layout = Layout::from_size_align(64, 8).unwrap();
     let p = a.alloc(layout);
