@@ -20,9 +20,18 @@ mod sync;
 #[global_allocator]
 static GLOBAL: matrix_alloc_global::MatrixGlobal = matrix_alloc_global::MatrixGlobal::new();
 
+/// Test hook for crash tests: this process kills itself with SIGKILL just
+/// before its `n`-th access to the engine's shared state (block headers and
+/// nodes) from now on; 0 turns it off. Stepping through `n` puts a death at
+/// every point of the engine's protocols in turn (`tests/processes.rs`).
+#[doc(hidden)]
+pub fn die_at_engine_step(n: u64) {
+    os::set_die_at_step(n);
+}
+
 pub use engine::HeapReport;
 pub use error::Error;
-pub use matrix::Matrix;
+pub use matrix::{Matrix, Reclaimed};
 pub use offset::Offset;
 pub use segment::{MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};
 pub use stats::Stats;

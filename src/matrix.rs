@@ -149,6 +149,23 @@ fn leak(shared: Shared) -> Result<&'static Shared, Error> {
     }
 }
 
+/// What [`Matrix::reclaim_dead`] took back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Bytes of free memory that threads of dead processes held inside the
+    /// engine (mid-split or mid-merge), published again.
+    pub engine_bytes: u64,
+    /// Small-object pages of dead processes taken over.
+    pub pages: usize,
+}
+
+impl Reclaimed {
+    /// Whether anything was taken back.
+    pub fn any(&self) -> bool {
+        self.engine_bytes != 0 || self.pages != 0
+    }
+}
+
 impl Shared {
     fn join(segment: Segment) -> Shared {
         let mut engine = segment.engine();
@@ -390,12 +407,17 @@ impl Matrix {
         cache::trim(&self.shared);
     }
 
-    /// Takes over the small-object pages of processes that died: blocks
-    /// they had freed become reusable, and empty pages go back to the heap.
-    /// Runs by itself when the heap runs out of memory. Returns the number of
-    /// pages taken over.
-    pub fn reclaim_dead(&self) -> usize {
-        cache::reclaim_dead(self.engine())
+    /// Takes back what processes that died held: free memory they were
+    /// splitting or merging inside the engine goes back to the heap, and
+    /// their small-object pages are taken over (blocks they had freed
+    /// become reusable, empty pages go back to the heap). Runs by itself
+    /// when the heap runs out of memory. What stays lost is the block each
+    /// of their threads was allocating or freeing at that instant.
+    pub fn reclaim_dead(&self) -> Reclaimed {
+        Reclaimed {
+            engine_bytes: self.engine().recover_dead_holds(),
+            pages: cache::reclaim_dead(self.engine()),
+        }
     }
 
     /// Walks the heap and verifies every invariant: the blocks cover the heap
@@ -496,7 +518,12 @@ impl Matrix {
                 return Ok(p);
             }
         }
-        let a = self.engine().alloc(layout.size(), layout.align())?;
+        let a = match self.engine().alloc(layout.size(), layout.align()) {
+            Err(Error::OutOfMemory { .. }) if self.reclaim_dead().any() => {
+                self.engine().alloc(layout.size(), layout.align())?
+            }
+            other => other?,
+        };
         self.engine().counters().add_block_bytes(a.block_bytes);
         // SAFETY: payload addresses are inside the mapping, never null.
         Ok(unsafe { NonNull::new_unchecked(self.engine().payload(a.pos)) })

@@ -7,7 +7,8 @@
 //! test instead of hanging CI. (Do not use this as a benchmark.)
 //!
 //! `cargo test --release --test processes -- --ignored` runs every scenario
-//! 50 times: the long kill soak.
+//! 50 times, and the deaths at engine steps at every one of the first
+//! `STEP_DEATH_SWEEP` steps: the long kill soak.
 
 // Test code: every unsafe call frees, reallocates or reads a block that
 // this test allocated and still owns; that is the whole safety argument.
@@ -27,6 +28,10 @@ use uuid::Uuid;
 const SEGMENT: usize = 32 << 20;
 const SLOTS: usize = 512;
 const WATCHDOG: Duration = Duration::from_secs(120);
+/// Operations of the `die_at_step` child.
+const STEP_DEATH_OPS: usize = 400;
+/// Engine steps the `die_at_step` deaths are spread over.
+const STEP_DEATH_SWEEP: u64 = 20_000;
 
 // ---- blocks that say who made them -------------------------------------------
 
@@ -117,6 +122,34 @@ fn child_exchange(id: Uuid, table_at: u64, maker: u64, ops: u64) {
         }
     }
     println!("freed own={own} foreign={foreign}");
+}
+
+/// Engine-only work (every request above the small-object limit, some
+/// over-aligned, some resized in place or moved), keeping its blocks in the
+/// table, until it kills itself at engine step `die_at`.
+fn child_die_at_step(id: Uuid, table_at: u64, die_at: u64) {
+    let m = Matrix::open(id).unwrap();
+    let t = table(&m, Offset(table_at));
+    let mut rng = SmallRng::seed_from_u64(7);
+    matrix_alloc::die_at_engine_step(die_at);
+    for _ in 0..STEP_DEATH_OPS {
+        let slot = &t[rng.gen_range(0..64)];
+        let off = slot.load(Acquire);
+        if off == 0 {
+            let align = [8, 64, 256, 4096][rng.gen_range(0..4)];
+            let p = m.alloc(layout(rng.gen_range(1100..20_000), align)).unwrap();
+            slot.store(m.offset_of(p.as_ptr()).unwrap().get(), Release);
+        } else if rng.gen_bool(0.5) {
+            let p = m.resolve::<u8>(Offset(off)).unwrap();
+            slot.store(0, Release);
+            unsafe { m.free(p).unwrap() };
+        } else {
+            let p = m.resolve::<u8>(Offset(off)).unwrap();
+            let q = unsafe { m.realloc(p, layout(rng.gen_range(1100..30_000), 8)) }.unwrap();
+            slot.store(m.offset_of(q.as_ptr()).unwrap().get(), Release);
+        }
+    }
+    println!("done");
 }
 
 /// Races its siblings on `bootstrap`, then allocates and frees.
@@ -371,7 +404,7 @@ fn pages_of_a_killed_process_are_reclaimed() {
         before.pages > 0,
         "the child's pages are still there: {before:?}"
     );
-    let taken = m.reclaim_dead();
+    let taken = m.reclaim_dead().pages;
     assert!(taken > 0, "no page of the dead process was taken over");
     // The blocks the child kept are still valid; the parent frees them
     // (remote frees into the reclaimed, now abandoned, pages).
@@ -393,6 +426,75 @@ fn pages_of_a_killed_process_are_reclaimed() {
     println!("  took over {taken} pages of the dead process; all memory came back");
 }
 
+/// A child dies at engine step `k` for many `k` (every one of the first
+/// `STEP_DEATH_SWEEP` with `-- --ignored`), so that the death falls on
+/// every point of the engine's protocols: inside splits, merges,
+/// publications, in-place growth and shrinking. After `reclaim_dead()` and
+/// freeing everything the child had recorded, the heap must have lost no
+/// free memory: at most the one or two user blocks the child was
+/// allocating, freeing or moving right then.
+fn killed_at_every_engine_step_loses_no_free_memory() {
+    let soak = std::env::args().any(|a| a == "--ignored" || a == "--include-ignored");
+    let steps: Vec<u64> = if soak {
+        (1..=STEP_DEATH_SWEEP).collect()
+    } else {
+        // A spread over the whole run, and a dense stretch in its middle.
+        (1..=STEP_DEATH_SWEEP)
+            .step_by(97)
+            .chain(5000..5100)
+            .collect()
+    };
+    let (mut died, mut engine_bytes) = (0, 0);
+    for k in steps {
+        let m = Matrix::create(SEGMENT).unwrap();
+        let (table_ptr, table_at) = new_table(&m);
+        let mut child = spawn(&[
+            "die_at_step".into(),
+            m.id().to_string(),
+            table_at.get().to_string(),
+            k.to_string(),
+        ]);
+        let status = child.wait().unwrap();
+        if !status.success() {
+            died += 1;
+        }
+        engine_bytes += m.reclaim_dead().engine_bytes;
+        // Free what the child recorded. One entry may name the block it was
+        // freeing or moving when it died: that free may fail.
+        let mut failed = 0;
+        for slot in table(&m, table_at) {
+            let off = slot.swap(0, AcqRel);
+            if off != 0 {
+                let p = m.resolve::<u8>(Offset(off)).unwrap();
+                failed += unsafe { m.free(p) }.is_err() as u32;
+            }
+        }
+        unsafe { m.free(table_ptr).unwrap() };
+        let r = m
+            .check()
+            .unwrap_or_else(|e| panic!("death at step {k}: {e}"));
+        assert!(failed <= 1, "death at step {k}: {failed} frees failed");
+        // In flight at the death: the block being freed or allocated, and
+        // for a move both the old and the new block.
+        let in_flight = r.used_blocks + r.orphaned_blocks;
+        let lost = r.capacity - r.free_bytes;
+        assert!(
+            in_flight <= 2 && lost <= 2 * (30_000 + 2 * 4096 + 64),
+            "death at step {k} lost {lost} bytes in {in_flight} blocks: {r:?}"
+        );
+        assert_eq!(
+            (r.unlisted_free_blocks, r.unmerged_pairs),
+            (0, 0),
+            "death at step {k}: {r:?}"
+        );
+        if in_flight == 0 {
+            assert_eq!(r.free_blocks, 1, "death at step {k}: {r:?}");
+        }
+    }
+    println!("  {died} deaths; reclaim_dead() gave back {engine_bytes} bytes held mid-operation");
+    assert!(died > 0, "the child never died: no step was reached");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--child") {
@@ -403,11 +505,12 @@ fn main() {
             "bootstrap" => child_bootstrap(id, num(4), num(5)),
             "churn" => child_churn(id, num(4)),
             "cache_then_die" => child_cache_then_die(id, num(4), num(5)),
+            "die_at_step" => child_die_at_step(id, num(4), num(5)),
             role => panic!("unknown child role {role}"),
         }
         return;
     }
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
         (
             "processes_free_each_others_blocks",
             processes_free_each_others_blocks,
@@ -421,13 +524,24 @@ fn main() {
             "pages_of_a_killed_process_are_reclaimed",
             pages_of_a_killed_process_are_reclaimed,
         ),
+        (
+            "killed_at_every_engine_step_loses_no_free_memory",
+            killed_at_every_engine_step_loses_no_free_memory,
+        ),
     ];
     // `-- --ignored` (or `--include-ignored`): the long soak, every scenario
     // many times over.
     let soak = args
         .iter()
         .any(|a| a == "--ignored" || a == "--include-ignored");
-    let rounds = if soak { 50 } else { 1 };
+    // The step-death sweep covers every step once instead.
+    let rounds = |name: &str| {
+        if soak && !name.starts_with("killed_at_every") {
+            50
+        } else {
+            1
+        }
+    };
     let filter: Vec<&String> = args
         .iter()
         .skip(1)
@@ -439,7 +553,7 @@ fn main() {
             continue;
         }
         println!("test {name} ...");
-        for _ in 0..rounds {
+        for _ in 0..rounds(name) {
             test();
         }
         println!("test {name} ... ok");

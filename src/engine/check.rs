@@ -3,8 +3,8 @@
 //! It reads the heap without claiming anything, so it is exact only while no
 //! other thread or process is allocating or freeing; under concurrency it may
 //! report transient states as errors. What a process killed mid-operation can
-//! leave behind is not an error but counted: orphaned blocks, unlisted free
-//! blocks, unmerged free neighbours, lists missing from the bitmaps.
+//! leave behind is not an error but counted: orphaned blocks (until
+//! `reclaim_dead`), unmerged free neighbours, lists missing from the bitmaps.
 
 use super::mapping::{map_floor, FL_COUNT, SL_COUNT};
 use super::words::{
@@ -33,7 +33,8 @@ pub struct HeapReport {
     /// The largest published free block, in bytes.
     pub largest_free: u64,
     /// Blocks held mid-operation (claimed, being freed or split):
-    /// in a quiescent heap, only what processes that died left behind.
+    /// in a quiescent heap, only what processes that died left behind, and
+    /// after `Matrix::reclaim_dead`, only the blocks they were freeing.
     pub orphaned_blocks: u64,
     /// Bytes of those blocks.
     pub orphaned_bytes: u64,
@@ -42,8 +43,9 @@ pub struct HeapReport {
     /// Size of the node table.
     pub node_capacity: u64,
     /// Free blocks that are published but in no free list: neighbours can
-    /// still merge them, allocations cannot find them. Only left by a process
-    /// killed between publishing a block and pushing it on its list.
+    /// still merge them, allocations cannot find them. Only left when the
+    /// node table ran out (nodes go on their list before they are
+    /// published, so a killed process cannot leave one).
     pub unlisted_free_blocks: u64,
     /// Pairs of adjacent published free blocks that were not merged. Only
     /// left by a process killed between publishing a block and settling it;

@@ -9,10 +9,13 @@
 //!
 //! A block is owned by exactly one party at a time:
 //! - a **user**, while it is `Used`;
-//! - the **thread that is freeing it**, while it is `Freeing`;
+//! - the **thread that is freeing it**, while it is `Freeing` (until that
+//!   thread binds a node to it);
 //! - a **free list**, while it is `Free` and its node is `Live`;
-//! - the **thread that claimed its node** (`Live -> Claimed` by CAS), while it
-//!   merges, splits or allocates it.
+//! - the **thread that holds its node** (`Claimed`, with that thread's
+//!   holder tag: taken by CAS from `Live`, or bound fresh), while it
+//!   merges, splits, frees or allocates it. What a killed process held is
+//!   given back by [`recover`].
 //!
 //! Only the owner writes a block's header, footer or size. The free lists do
 //! not link blocks but *nodes* in a separate table, so a list never points into
@@ -25,6 +28,7 @@ mod check;
 mod mapping;
 mod nodes;
 mod ops;
+mod recover;
 pub(crate) mod words;
 
 pub use check::HeapReport;
@@ -154,6 +158,13 @@ impl Layout {
     }
 }
 
+/// `ClaimWord::holder` of the threads of the handle in slot `slot` at
+/// generation `gen`: slot + 1 in bits 16..24, the generation's low 16 bits
+/// below.
+const fn holder_tag(slot: usize, gen: u64) -> u32 {
+    ((slot as u32 + 1) << 16) | (gen & 0xffff) as u32
+}
+
 pub(crate) const fn align_up(x: u64, a: u64) -> u64 {
     (x + a - 1) & !(a - 1)
 }
@@ -212,6 +223,9 @@ pub(crate) struct Engine {
     pages: PageTable,
     /// This handle's slot in `Control::slots`.
     slot: usize,
+    /// What this handle's threads write into the claim words of the nodes
+    /// they hold (see `holder_tag`).
+    holder: u32,
 }
 
 // SAFETY: `Engine` only holds pointers into a shared mapping that outlives it
@@ -245,6 +259,7 @@ impl Engine {
                 len: (layout.heap_offset + layout.heap_size).div_ceil(PAGE_SIZE as u64) as usize,
             },
             slot: SLOTS - 1,
+            holder: holder_tag(SLOTS - 1, 0),
         }
     }
 
@@ -269,8 +284,9 @@ impl Engine {
             let slot = &self.control().slots[i];
             slot.hidden.store(0, SeqCst);
             slot.popping.store(0, SeqCst);
-            slot.gen.fetch_add(1, SeqCst);
+            let gen = slot.gen.fetch_add(1, SeqCst) + 1;
             self.slot = i;
+            self.holder = holder_tag(i, gen);
         }
     }
 
@@ -298,6 +314,20 @@ impl Engine {
         pid != 0
             && slot.gen.load(SeqCst) == gen
             && (pid == std::process::id() as u64 || crate::os::process_alive(pid as u32))
+    }
+
+    /// The holder tag of this handle's threads (see `ClaimWord::holder`).
+    #[inline]
+    pub(crate) fn holder_tag(&self) -> u32 {
+        self.holder
+    }
+
+    /// Whether the holder named by `tag` can no longer be running (its slot
+    /// was released or retaken, or its process is gone). A tag that names
+    /// no slot (0, or a stray value) is not dead: nothing is taken from it.
+    pub(crate) fn holder_dead(&self, tag: u32) -> bool {
+        let slot = (tag >> 16) as usize;
+        slot != 0 && slot <= SLOTS && !self.slot_alive_gen16(slot - 1, tag as u16)
     }
 
     /// `slot_alive` for a generation known only by its low 16 bits.
@@ -380,6 +410,7 @@ impl Engine {
     /// stale value, which the protocol validates.
     fn header(&self, pos: u32) -> &[AtomicU64; 2] {
         debug_assert!(pos >= self.heap_start && pos < self.heap_end);
+        crate::os::engine_step();
         // SAFETY: `pos` is inside the heap, which lies in the mapping; it is
         // 16-byte aligned because the heap starts page-aligned.
         unsafe { &*(self.pages.base.add((pos as usize) << GRANULE_LOG) as *const [AtomicU64; 2]) }
@@ -389,6 +420,7 @@ impl Engine {
     /// that ends at `end`). Callers guarantee `heap_start < end <= heap_end`.
     fn word_below(&self, end: u32) -> &AtomicU64 {
         debug_assert!(end > self.heap_start && end <= self.heap_end);
+        crate::os::engine_step();
         // SAFETY: the word lies in the heap (`end > heap_start`) and is 8-byte aligned.
         unsafe { &*(self.pages.base.add(((end as usize) << GRANULE_LOG) - 8) as *const AtomicU64) }
     }
@@ -396,6 +428,7 @@ impl Engine {
     /// The node at index `n`. Callers guarantee `n < node_capacity`.
     fn node(&self, n: u32) -> &Node {
         debug_assert!(n < self.node_capacity);
+        crate::os::engine_step();
         // SAFETY: the node table holds `node_capacity` nodes inside the mapping.
         unsafe { &*self.nodes.add(n as usize) }
     }

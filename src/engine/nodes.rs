@@ -13,17 +13,21 @@
 //! transitions, each a CAS on that one word, are:
 //!
 //! ```text
-//! Pool --publish--> Live(listed) --claim--> Claimed --retire--> Dead (if listed) / Pool
-//!                                    \                 \-release--> Live (if listed) / republish
+//! Pool --prepare--> Claimed(unlisted) --go_live--> Live(listed) --claim--> Claimed
+//! Claimed --retire--> Dead (if listed) / Pool      Claimed --release--> Live (if listed) / republish
 //!  popper: Live -> Claimed(unlisted) | Claimed -> Claimed(unlisted) | Dead -> Pool
 //! ```
 //!
 //! Invariants:
 //! - a node is `Live` only while its block is free, published, and unchanged
 //!   since it was published; whoever moves it out of `Live` owns the block;
-//! - `listed` is set from publication until the node is popped; the popper
-//!   clears it. A node that is not listed and not `Pool` is recycled by its
-//!   holder, a listed one by its popper: exactly one party recycles a node;
+//! - a `Claimed` node names its holder (process slot and slot generation),
+//!   so that what a killed process held can be found and given back (see
+//!   `recover`, which states what the holder keeps true at every step);
+//! - `listed` is set from just before the node is pushed until it is
+//!   popped; the popper clears it. A node that is not listed and not `Pool`
+//!   is recycled by its holder, a listed one by its popper: exactly one
+//!   party recycles a node;
 //! - a failed claim on a `Claimed` node sets `recheck`, and the holder settles
 //!   the block again when it lets go of it. So no thread ever waits for a
 //!   holder, and no merge is lost: the holder inherits it.
@@ -34,9 +38,10 @@
 //! - `node.next` load in a pop: used only if the tagged CAS then succeeds, in
 //!   which case the head did not move and `next` is the value written before
 //!   the push, visible through the `Acquire` head load.
-//! - `node.block` store in `publish`: published by the `SeqCst` `Live` store;
-//!   every use follows a claim-word load or CAS that read that store (and is
-//!   discarded when the state read is not `Live`).
+//! - `node.block` store in `prepare`: published by the `SeqCst` store that
+//!   makes the node held, and then by its `Live` CAS; every use follows a
+//!   claim-word load or CAS that read one of those (and is discarded when
+//!   the state read is not the one expected).
 //! - `node_hwm`: a counter handing out distinct indices; a node's contents are
 //!   published through its claim word and list push, not through it.
 //! - peeks (`peek_node`, `largest_free`): hints, confirmed by a claim.
@@ -152,6 +157,7 @@ impl Engine {
                 state: NodeState::Pool,
                 listed: false,
                 recheck: false,
+                holder: 0,
                 gen: w.gen,
             }
             .value(),
@@ -253,47 +259,115 @@ impl Engine {
     // ---- publication and claims -------------------------------------------------
 
     /// Publishes the block `[pos, pos + size)`, which the caller owns, as free:
-    /// binds a node to it, writes the hint into header and footer, makes the
-    /// node `Live` and pushes it on its size class's list.
-    ///
-    /// The `Live` store is the publication point and comes last: a thread
-    /// whose claim reads it also sees the header, hint and footer. All
-    /// stores are `SeqCst`, so a neighbour's `SeqCst` reads that come after
-    /// it in the single total order see them too (the store-buffer argument
-    /// of `ops`).
+    /// binds a node to it ([`Engine::prepare`]) and makes the node `Live` on
+    /// its size class's list ([`Engine::go_live`]).
     ///
     /// If the node table is exhausted the block stays owned by nobody and is
     /// reported by `check()` as unlisted; this cannot happen while free
     /// blocks are coalesced (see `HEAP_BYTES_PER_NODE`).
     pub(super) fn publish(&self, pos: u32, size: u32) {
+        if let Some(hint) = self.prepare(pos, size, None) {
+            self.go_live(hint, size);
+        }
+    }
+
+    /// Binds a node, held by this thread, to the free block `[pos, pos +
+    /// size)` that the caller owns, and writes the block's free header and
+    /// footer: from here on a process killed while holding the block leaves
+    /// it recoverable (see `recover`). Word 1 of the header gets the node's
+    /// hint, or `word1` if given (a `BESIDE_USED` marker). `None` if the
+    /// node table is exhausted: the block is then written free but bound to
+    /// no node.
+    pub(super) fn prepare(&self, pos: u32, size: u32, word1: Option<Hint>) -> Option<Hint> {
         let header = self.header(pos);
         let Some((n, gen)) = self.node_alloc() else {
             header[1].store(Hint { node: NIL, gen: 0 }.value(), SeqCst);
             header[0].store(HeaderWord::new(pos, size, BlockState::Free).value(), SeqCst);
-            return;
+            return None;
         };
         let node = self.node(n);
         node.block.store(pos, Relaxed);
-        let hint = Hint { node: n, gen }.value();
-        header[1].store(hint, SeqCst);
-        self.word_below(pos + size).store(hint, SeqCst);
-        header[0].store(HeaderWord::new(pos, size, BlockState::Free).value(), SeqCst);
-        // Last: from this store on the block may be claimed and rewritten by
-        // someone else, so nothing of it may be written after it.
+        // Held before anything of the block names it, so that no claim
+        // through the new hint can succeed until `go_live`.
         node.claim.store(
             ClaimWord {
-                state: NodeState::Live,
-                listed: true,
+                state: NodeState::Claimed,
+                listed: false,
                 recheck: false,
+                holder: self.holder_tag(),
                 gen,
             }
             .value(),
             SeqCst,
         );
+        let hint = Hint { node: n, gen };
+        header[1].store(word1.unwrap_or(hint).value(), SeqCst);
+        self.word_below(pos + size).store(hint.value(), SeqCst);
+        header[0].store(HeaderWord::new(pos, size, BlockState::Free).value(), SeqCst);
+        Some(hint)
+    }
+
+    /// Makes the held, unlisted node `hint` (bound by [`Engine::prepare`] to a
+    /// block of `size` granules) `Live` on its size class's list. Header
+    /// word 1 must name the node by now.
+    ///
+    /// The node goes on the list while still held, and only then `Live`: a
+    /// holder killed in between still holds a block its node stands for,
+    /// which `recover` gives back, where a `Live` node that never reached
+    /// its list would leave its block to merges only. A popper that takes
+    /// the held node off the list meanwhile clears `listed` and leaves it to
+    /// us (`take_popped`): it goes on the list again.
+    ///
+    /// The `Live` CAS is the publication point and comes after the header
+    /// and footer: a thread whose claim reads it also sees them. All stores
+    /// are `SeqCst`, so a neighbour's `SeqCst` reads that come after it in
+    /// the single total order see them too (the store-buffer argument of
+    /// `ops`). Claims that failed on the held node may have set `recheck`;
+    /// the caller settles the block after publishing it in any case, which
+    /// serves them.
+    pub(super) fn go_live(&self, hint: Hint, size: u32) {
+        let node = self.node(hint.node);
         let (fl, sl) = map_floor(size);
         let head = &self.control().heads[fl][sl];
         self.drop_dead_tops(head);
-        self.push(head, n);
+        'list: loop {
+            let mut cur = node.claim.load(SeqCst);
+            loop {
+                let w = ClaimWord::from(cur);
+                debug_assert!(w.state == NodeState::Claimed && w.gen == hint.gen && !w.listed);
+                let listed = ClaimWord { listed: true, ..w };
+                match node
+                    .claim
+                    .compare_exchange(cur, listed.value(), SeqCst, SeqCst)
+                {
+                    Ok(_) => break,
+                    Err(v) => cur = v,
+                }
+            }
+            self.push(head, hint.node);
+            let mut cur = node.claim.load(SeqCst);
+            loop {
+                let w = ClaimWord::from(cur);
+                if !w.listed {
+                    continue 'list;
+                }
+                let live = ClaimWord {
+                    state: NodeState::Live,
+                    recheck: false,
+                    holder: 0,
+                    ..w
+                };
+                // From this CAS on the block may be claimed and rewritten by
+                // someone else, so nothing of it may be written after it.
+                match node
+                    .claim
+                    .compare_exchange(cur, live.value(), SeqCst, SeqCst)
+                {
+                    Ok(_) => break 'list,
+                    Err(v) => cur = v,
+                }
+            }
+        }
         self.set_bits(fl, sl);
         // After the push: an allocation that saw `hidden` drop after this
         // publication also sees this increment (see `ops::take_block`).
@@ -377,6 +451,7 @@ impl Engine {
                 NodeState::Live => ClaimWord {
                     state: NodeState::Claimed,
                     recheck: false,
+                    holder: self.holder_tag(),
                     ..w
                 },
                 NodeState::Claimed if w.recheck => return Claim::Busy,
@@ -409,10 +484,11 @@ impl Engine {
 
     /// After popping node `n` off a free list: takes its block if it is
     /// `Live`, hands responsibility to the holder if it is `Claimed`, and
-    /// recycles it if it is `Dead`. Returns the block position if taken; the
-    /// node is then recycled already and the caller owns the block.
-    /// The block's granules were added to `hidden` (returned as `.1`).
-    pub(super) fn take_popped(&self, n: u32) -> Option<(u32, u32)> {
+    /// recycles it if it is `Dead`. Returns the hint and position of the
+    /// block if taken: the caller then holds the (now unlisted) node and
+    /// owns the block, and retires the node when done with it. The block's
+    /// granules were added to `hidden` (returned as `.2`).
+    pub(super) fn take_popped(&self, n: u32) -> Option<(Hint, u32, u32)> {
         let node = self.node(n);
         let mut cur = node.claim.load(SeqCst);
         loop {
@@ -428,7 +504,8 @@ impl Engine {
                     state: NodeState::Claimed,
                     listed: false,
                     recheck: false,
-                    ..w
+                    holder: self.holder_tag(),
+                    gen: w.gen,
                 },
                 NodeState::Claimed => ClaimWord { listed: false, ..w },
                 NodeState::Dead => {
@@ -444,8 +521,14 @@ impl Engine {
                 .compare_exchange(cur, new.value(), SeqCst, SeqCst)
             {
                 Ok(_) if w.state == NodeState::Live => {
-                    self.recycle(n);
-                    return Some((pos, size));
+                    return Some((
+                        Hint {
+                            node: n,
+                            gen: w.gen,
+                        },
+                        pos,
+                        size,
+                    ));
                 }
                 Ok(_) => return None,
                 Err(v) => {
@@ -468,12 +551,15 @@ impl Engine {
                 self.recycle(hint.node);
                 return w.recheck;
             }
-            match node.claim.compare_exchange(
-                cur,
-                w.with_state(NodeState::Dead).value(),
-                SeqCst,
-                SeqCst,
-            ) {
+            let dead = ClaimWord {
+                state: NodeState::Dead,
+                holder: 0,
+                ..w
+            };
+            match node
+                .claim
+                .compare_exchange(cur, dead.value(), SeqCst, SeqCst)
+            {
                 Ok(_) => return w.recheck,
                 Err(v) => cur = v,
             }
@@ -490,14 +576,17 @@ impl Engine {
         let again = loop {
             let w = ClaimWord::from(cur);
             if !w.listed {
-                // Popped while we held it: the popper left it to us.
-                self.recycle(hint.node);
+                // Popped while we held it (the popper left it to us), or
+                // never listed. Published through a fresh node before this
+                // one goes, so that it is held at every moment (`recover`).
                 self.publish(pos, size);
+                self.recycle(hint.node);
                 break true;
             }
             let live = ClaimWord {
                 state: NodeState::Live,
                 recheck: false,
+                holder: 0,
                 ..w
             };
             match node

@@ -9,9 +9,15 @@
 //! settles that block when it lets go of it; a block that is `Freeing` will
 //! be settled by its freer after it publishes.
 //!
+//! A freed block is `Freeing` only until its freer has bound a node to it
+//! (it then reads `Free`, held); merges, splits and resizes move the heap
+//! from one recoverable state to the next with one store each, their
+//! *commit*, so that a process killed anywhere in them loses no free memory
+//! (see `recover`).
+//!
 //! Why no merge is lost: take two adjacent free blocks L and R that are both
 //! published and unmerged when all threads are done. Each was last published
-//! (its node's `Live` store, `SeqCst`, after its header and footer) and then
+//! (its node's `Live` CAS, `SeqCst`, after its header and footer) and then
 //! settled, reading the neighbour's
 //! header or footer `SeqCst`. Of the two publish-then-read sequences, one
 //! reads the other's publication (store-buffer argument), so some settle saw
@@ -52,13 +58,13 @@ enum Pair {
 }
 
 /// A free block the calling thread has claimed.
-struct Held {
-    hint: Hint,
-    pos: u32,
-    size: u32,
+pub(super) struct Held {
+    pub(super) hint: Hint,
+    pub(super) pos: u32,
+    pub(super) size: u32,
     /// Granules this claim added to `hidden`; to be un-hidden once the
     /// memory is visible again or consumed.
-    hidden: u32,
+    pub(super) hidden: u32,
 }
 
 /// A successful allocation.
@@ -132,21 +138,22 @@ impl Engine {
             .and_then(|e| need.checked_add(e))
             .filter(|s| (*s as u64) <= self.capacity() >> GRANULE_LOG)
             .ok_or(Error::OutOfMemory { requested: size })?;
-        let (pos, bsize, hidden) = self.take_block(search).ok_or(oom)?;
-        let allocated = self.carve(pos, bsize, need, align_g, size);
+        let held = self.take_block(search).ok_or(oom)?;
+        let hidden = held.hidden;
+        let allocated = self.carve(held, need, align_g, size);
         self.unhide(hidden);
         Ok(allocated)
     }
 
-    /// Finds, claims and unlists a free block of at least `search` granules.
-    /// Returns its position, size and the granules its claim hid.
+    /// Finds and claims a free block of at least `search` granules. The
+    /// caller holds its node until it is done with the block.
     ///
     /// When no list has one, the memory may still be there, claimed for a
     /// moment by an operation that will publish it again (a split or a
     /// merge). So while `hidden` could hold the request, the scan is repeated
     /// as long as blocks keep being published, and gives up after
     /// `OOM_PATIENCE` without any publication.
-    fn take_block(&self, search: u32) -> Option<(u32, u32, u32)> {
+    fn take_block(&self, search: u32) -> Option<Held> {
         let ctrl = self.control();
         let ceil = map_ceil(search);
         let mut stalled_since: Option<std::time::Instant> = None;
@@ -156,7 +163,7 @@ impl Engine {
                 // Good fit found nothing; the class below the rounded-up one
                 // may still hold a block that is large enough.
                 if let Some(h) = self.take_from_floor_list(search) {
-                    return Some((h.pos, h.size, h.hidden));
+                    return Some(h);
                 }
                 // The bitmaps are hints that another thread may be clearing
                 // and re-setting right now: look at the lists themselves.
@@ -198,28 +205,38 @@ impl Engine {
             };
             let taken = self.take_popped(n);
             self.my_slot().popping.fetch_sub(1, SeqCst);
-            let Some((pos, hidden)) = taken else { continue };
-            let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
-            if !h.is(pos, BlockState::Free) || pos as u64 + h.size as u64 > self.heap_end as u64 {
+            let Some((hint, pos, hidden)) = taken else {
+                continue;
+            };
+            let Some(size) = self.claimed_size(hint, pos) else {
                 // Corrupt entry (cannot happen under the protocol): drop it
                 // rather than hand out memory we cannot vouch for.
+                self.retire(hint);
                 self.unhide(hidden);
                 continue;
-            }
-            if h.size < search {
+            };
+            let held = Held {
+                hint,
+                pos,
+                size,
+                hidden,
+            };
+            if size < search {
                 // Filed under a larger class than its size (cannot happen
                 // with map_floor filing); put it back and go on.
-                self.publish(pos, h.size);
-                self.unhide(hidden);
+                if self.give_back(held) {
+                    self.settle(pos);
+                }
                 continue;
             }
-            return Some((pos, h.size, hidden));
+            return Some(held);
         }
     }
 
     /// Looks through (up to 64 entries of) the list that blocks of exactly
     /// `search` granules are filed under, for one that is large enough, and
-    /// claims it in place. Its node stays listed and is retired `Dead`.
+    /// claims it in place. Its node stays listed (and is retired `Dead` when
+    /// the caller is done).
     fn take_from_floor_list(&self, search: u32) -> Option<Held> {
         let (fl, sl) = map_floor(search);
         let mut n = self.list_top(fl, sl);
@@ -228,7 +245,6 @@ impl Engine {
             if self.live_block_size(pos).is_some_and(|s| s >= search) {
                 if let Some(h) = self.take(hint, Some(pos)) {
                     if h.size >= search {
-                        self.retire(h.hint);
                         return Some(h);
                     }
                     let pos = h.pos;
@@ -242,9 +258,21 @@ impl Engine {
         None
     }
 
-    /// Cuts the owned free block `[pos, pos + bsize)` into an optional front
-    /// pad, the user block, and an optional tail; publishes pad and tail.
-    fn carve(&self, pos: u32, bsize: u32, need: u32, align_g: u32, requested: usize) -> Allocated {
+    /// Cuts the claimed free block `held` into an optional front pad, the
+    /// user block, and an optional tail; publishes pad and tail.
+    ///
+    /// Crash safety (see `recover`): the pieces are prepared inside the
+    /// block while its header still says it is one free block held by us,
+    /// so a recovery before the commit gives the whole block back and
+    /// retires the pieces' nodes as covered by it. The commit is the store
+    /// that shrinks the block's header to its first piece.
+    fn carve(&self, held: Held, need: u32, align_g: u32, requested: usize) -> Allocated {
+        let Held {
+            hint,
+            pos,
+            size: bsize,
+            ..
+        } = held;
         let end = pos + bsize;
         let mut start = pos;
         if align_g > 1 {
@@ -257,31 +285,34 @@ impl Engine {
         let tail = start + need;
         let split_tail = end - tail >= MIN_BLOCK;
         let size = if split_tail { need } else { end - start };
-        // Headers of later pieces first: until `pos`'s header is rewritten,
-        // a heap walk still sees one block over the whole range.
-        if split_tail {
-            self.header(tail)[0].store(
-                HeaderWord::new(tail, end - tail, BlockState::Freeing).value(),
+        let tail_node = if split_tail {
+            self.prepare(tail, end - tail, None)
+        } else {
+            None
+        };
+        let pad_node = if start > pos {
+            self.header(start)[1].store(requested as u64, SeqCst);
+            self.header(start)[0].store(
+                HeaderWord::new(start, size, BlockState::Used).value(),
                 SeqCst,
             );
-        }
-        self.header(start)[1].store(requested as u64, SeqCst);
-        self.header(start)[0].store(
-            HeaderWord::new(start, size, BlockState::Used).value(),
-            SeqCst,
-        );
-        if start > pos {
-            self.header(pos)[0].store(
-                HeaderWord::new(pos, start - pos, BlockState::Freeing).value(),
-                SeqCst,
-            );
-        }
-        if split_tail {
-            self.publish(tail, end - tail);
+            // Takes the block's header over (word 1 first: from then on the
+            // pad's node stands for the whole block), and its last store,
+            // the pad's size, is the commit.
+            self.prepare(pos, start - pos, None)
+        } else {
+            // The commit: the block's header becomes the user block's.
+            self.header(pos)[0].store(HeaderWord::new(pos, size, BlockState::Used).value(), SeqCst);
+            self.header(pos)[1].store(requested as u64, SeqCst);
+            None
+        };
+        self.retire(hint);
+        if let Some(t) = tail_node {
+            self.go_live(t, end - tail);
             self.settle(tail);
         }
-        if start > pos {
-            self.publish(pos, start - pos);
+        if let Some(p) = pad_node {
+            self.go_live(p, start - pos);
             self.settle(pos);
         }
         Allocated {
@@ -334,19 +365,31 @@ impl Engine {
             return Err(self.used_block(pos).err().unwrap_or(Error::DoubleFree));
         }
         let requested = self.requested(pos);
-        let (mut pos, mut size, mut hidden) = (pos, h.size, 0);
+        // A node held by us from here on: a process killed while freeing
+        // loses at most this block, never the neighbours it absorbs.
+        let Some(hint) = self.prepare(pos, h.size, None) else {
+            // Node table exhausted: the block stays free but unlisted (see
+            // `publish`).
+            return Ok((requested, (h.size as u64) << GRANULE_LOG));
+        };
+        let mut cur = Held {
+            hint,
+            pos,
+            size: h.size,
+            hidden: 0,
+        };
         // Absorb free right neighbours.
-        while let Some(r) = self.absorb_right(pos, size, BlockState::Freeing) {
-            size += r.size;
-            hidden += r.hidden;
+        while let Some(r) = self.absorb_right(&cur) {
+            cur.size += r.size;
+            cur.hidden += r.hidden;
         }
         // Let free left neighbours absorb us.
         let mut resettle = None;
-        while pos > self.heap_start {
-            let Some(l) = self.take(self.hint_below(pos), None) else {
+        while cur.pos > self.heap_start {
+            let Some(l) = self.take(self.hint_below(cur.pos), None) else {
                 break;
             };
-            if l.pos + l.size != pos {
+            if l.pos + l.size != cur.pos {
                 // A stale footer led to a block that is not our neighbour.
                 let left = l.pos;
                 if self.give_back(l) {
@@ -354,18 +397,24 @@ impl Engine {
                 }
                 break;
             }
+            // The commit: the left block's header covers ours.
             self.header(l.pos)[0].store(
-                HeaderWord::new(l.pos, l.size + size, BlockState::Freeing).value(),
+                HeaderWord::new(l.pos, l.size + cur.size, BlockState::Free).value(),
                 SeqCst,
             );
-            self.header(pos)[0].store(
-                HeaderWord::new(pos, 0, BlockState::Absorbed).value(),
+            self.header(cur.pos)[0].store(
+                HeaderWord::new(cur.pos, 0, BlockState::Absorbed).value(),
                 SeqCst,
             );
-            self.retire(l.hint);
-            (pos, size, hidden) = (l.pos, l.size + size, hidden + l.hidden);
+            self.retire(cur.hint);
+            cur = Held {
+                size: l.size + cur.size,
+                hidden: cur.hidden + l.hidden,
+                ..l
+            };
         }
-        self.publish(pos, size);
+        let (pos, hidden) = (cur.pos, cur.hidden);
+        self.republish(cur);
         self.unhide(hidden);
         self.settle(pos);
         if let Some(left) = resettle {
@@ -374,23 +423,51 @@ impl Engine {
         Ok((requested, (h.size as u64) << GRANULE_LOG))
     }
 
-    /// Claims the free right neighbour of the owned block `[pos, pos + size)`
-    /// and absorbs it; the block keeps `state`. Returns what was absorbed.
-    /// A re-check request on the absorbed node is served by the caller, which
-    /// settles (or uses) the grown block.
-    fn absorb_right(&self, pos: u32, size: u32, state: BlockState) -> Option<Held> {
+    /// Claims the free right neighbour of the held free block `cur` and
+    /// absorbs it: the store that grows `cur`'s header over it is the
+    /// commit (before it, a recovery gives both back; after it, the
+    /// neighbour is covered). Returns what was absorbed. A re-check request
+    /// on the absorbed node is served by the caller, which settles the
+    /// grown block.
+    fn absorb_right(&self, cur: &Held) -> Option<Held> {
+        let right = self.claim_right(cur.pos, cur.size)?;
+        self.header(cur.pos)[0].store(
+            HeaderWord::new(cur.pos, cur.size + right.size, BlockState::Free).value(),
+            SeqCst,
+        );
+        self.absorbed(&right);
+        Some(right)
+    }
+
+    /// Claims the free block right after `[pos, pos + size)`, if there is one.
+    fn claim_right(&self, pos: u32, size: u32) -> Option<Held> {
         let right = pos + size;
         if right >= self.heap_end || self.live_block_size(right).is_none() {
             return None;
         }
-        let r = self.take(self.hint_at(right), Some(right))?;
-        self.header(pos)[0].store(HeaderWord::new(pos, size + r.size, state).value(), SeqCst);
-        self.header(right)[0].store(
-            HeaderWord::new(right, 0, BlockState::Absorbed).value(),
+        self.take(self.hint_at(right), Some(right))
+    }
+
+    /// After the commit that covered the held block `h`: it is no longer a
+    /// block start.
+    fn absorbed(&self, h: &Held) {
+        self.header(h.pos)[0].store(
+            HeaderWord::new(h.pos, 0, BlockState::Absorbed).value(),
             SeqCst,
         );
-        self.retire(r.hint);
-        Some(r)
+        self.retire(h.hint);
+    }
+
+    /// Publishes the held free block `h` as it stands now. Its size may have
+    /// changed since it was claimed (and with it its list), so a fresh node
+    /// takes it over: binding that node rewrites word 1 of the header, after
+    /// which the old node no longer stands for the block, and is retired.
+    pub(super) fn republish(&self, h: Held) {
+        let fresh = self.prepare(h.pos, h.size, None);
+        self.retire(h.hint);
+        if let Some(f) = fresh {
+            self.go_live(f, h.size);
+        }
     }
 
     // ---- settling ------------------------------------------------------------------
@@ -437,37 +514,32 @@ impl Engine {
     }
 
     /// Claims the block `left_hint` names, then its right neighbour, and
-    /// merges them into one published block. The merged block is published
-    /// before the old nodes are retired and un-hidden, so the memory is never
-    /// invisible and uncounted at once.
+    /// merges them into one published block.
     fn merge_pair(&self, left_hint: Hint) -> Pair {
         let Some(l) = self.take(left_hint, None) else {
             return Pair::LeftUnavailable;
         };
-        let (left, right) = (l.pos, l.pos + l.size);
-        let r = if right < self.heap_end && self.live_block_size(right).is_some() {
-            self.take(self.hint_at(right), Some(right))
-        } else {
-            None
-        };
-        let Some(r) = r else {
+        let left = l.pos;
+        let Some(r) = self.claim_right(l.pos, l.size) else {
             return Pair::RightUnavailable {
                 left,
                 again: self.give_back(l),
             };
         };
+        // The commit: the left block's header covers the right one. The
+        // merged block is published before it is un-hidden, so the memory is
+        // never invisible and uncounted at once.
         self.header(left)[0].store(
-            HeaderWord::new(left, l.size + r.size, BlockState::Freeing).value(),
+            HeaderWord::new(left, l.size + r.size, BlockState::Free).value(),
             SeqCst,
         );
-        self.header(right)[0].store(
-            HeaderWord::new(right, 0, BlockState::Absorbed).value(),
-            SeqCst,
-        );
-        self.publish(left, l.size + r.size);
-        self.retire(l.hint);
-        self.retire(r.hint);
-        self.unhide(l.hidden + r.hidden);
+        self.absorbed(&r);
+        let hidden = l.hidden + r.hidden;
+        self.republish(Held {
+            size: l.size + r.size,
+            ..l
+        });
+        self.unhide(hidden);
         Pair::Merged(left)
     }
 
@@ -481,7 +553,7 @@ impl Engine {
         let original = self.used_block(pos).ok()?.size;
         let mut size = original;
         while size < need {
-            let Some(r) = self.absorb_right(pos, size, BlockState::Used) else {
+            let Some(r) = self.grow_over_right(pos, size) else {
                 // Not enough room: give back what was absorbed, so that a
                 // failed grow leaves the block as it was.
                 self.trim(pos, size, original);
@@ -492,6 +564,21 @@ impl Engine {
         }
         self.header(pos)[1].store(new_size as u64, SeqCst);
         Some(self.trim(pos, size, need))
+    }
+
+    /// Claims the free right neighbour of the `Used` block `[pos, pos +
+    /// size)` and grows the block over it. The neighbour is marked
+    /// `BESIDE_USED` first, so that a recovery decides by the `Used` block's
+    /// header whether the growth (the commit) happened.
+    fn grow_over_right(&self, pos: u32, size: u32) -> Option<Held> {
+        let right = self.claim_right(pos, size)?;
+        self.header(right.pos)[1].store(Hint::beside_used(pos).value(), SeqCst);
+        self.header(pos)[0].store(
+            HeaderWord::new(pos, size + right.size, BlockState::Used).value(),
+            SeqCst,
+        );
+        self.absorbed(&right);
+        Some(right)
     }
 
     /// Shrinks the `Used` block at `pos` to `new_size` payload bytes, giving
@@ -511,12 +598,15 @@ impl Engine {
             return (size as u64) << GRANULE_LOG;
         }
         let tail = pos + need;
-        self.header(tail)[0].store(
-            HeaderWord::new(tail, size - need, BlockState::Freeing).value(),
-            SeqCst,
-        );
+        // The tail is prepared inside the block, marked as beside it; the
+        // cut is the commit (see `BESIDE_USED`), after which the tail's
+        // header names its node.
+        let node = self.prepare(tail, size - need, Some(Hint::beside_used(pos)));
         self.header(pos)[0].store(HeaderWord::new(pos, need, BlockState::Used).value(), SeqCst);
-        self.publish(tail, size - need);
+        if let Some(t) = node {
+            self.header(tail)[1].store(t.value(), SeqCst);
+            self.go_live(t, size - need);
+        }
         self.settle(tail);
         (need as u64) << GRANULE_LOG
     }

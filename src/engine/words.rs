@@ -87,7 +87,22 @@ pub(crate) struct Hint {
     pub gen: u32,
 }
 
+/// `Hint::node` of a marker, not a node: the free block is held by the
+/// thread that is moving the boundary between it and the `Used` block at
+/// granule `Hint::gen` (growing that block over it, or cutting it off that
+/// block's end). Whichever side the `Used` block's header puts the block on
+/// is the truth (see `recover`).
+pub(crate) const BESIDE_USED: u32 = NIL - 1;
+
 impl Hint {
+    /// The marker for a block beside the `Used` block at `used`.
+    pub(crate) fn beside_used(used: u32) -> Self {
+        Hint {
+            node: BESIDE_USED,
+            gen: used,
+        }
+    }
+
     pub(crate) fn from(v: u64) -> Self {
         Hint {
             node: v as u32,
@@ -122,15 +137,24 @@ pub(crate) enum NodeState {
 ///              its publisher); cleared only by the thread that pops it
 /// bit   3      recheck: a claim failed while the node was Claimed; the holder
 ///              must settle the block again when it lets go of it
+/// bits  8..32  holder: who holds a Claimed node ([`Engine::holder_tag`]:
+///              slot + 1 and the slot generation's low 16 bits), so that
+///              what a killed process held can be found; 0 otherwise
 /// bits 32..64  generation, bumped each time the node leaves the pool
 /// ```
+///
+/// [`Engine::holder_tag`]: super::Engine::holder_tag
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ClaimWord {
     pub state: NodeState,
     pub listed: bool,
     pub recheck: bool,
+    pub holder: u32,
     pub gen: u32,
 }
+
+/// Bits of [`ClaimWord::holder`].
+pub(crate) const HOLDER_MASK: u32 = (1 << 24) - 1;
 
 impl ClaimWord {
     pub(crate) fn from(v: u64) -> Self {
@@ -144,6 +168,7 @@ impl ClaimWord {
             state,
             listed: v & 4 != 0,
             recheck: v & 8 != 0,
+            holder: (v >> 8) as u32 & HOLDER_MASK,
             gen: (v >> 32) as u32,
         }
     }
@@ -152,11 +177,8 @@ impl ClaimWord {
         self.state as u64
             | (self.listed as u64) << 2
             | (self.recheck as u64) << 3
+            | ((self.holder & HOLDER_MASK) as u64) << 8
             | (self.gen as u64) << 32
-    }
-
-    pub(crate) fn with_state(self, state: NodeState) -> Self {
-        ClaimWord { state, ..self }
     }
 }
 
@@ -232,13 +254,16 @@ mod tests {
             NodeState::Dead,
         ] {
             for (listed, recheck) in [(false, false), (true, false), (false, true), (true, true)] {
-                let w = ClaimWord {
-                    state,
-                    listed,
-                    recheck,
-                    gen: 0xdead_beef,
-                };
-                assert_eq!(ClaimWord::from(w.value()), w);
+                for holder in [0, 1, HOLDER_MASK] {
+                    let w = ClaimWord {
+                        state,
+                        listed,
+                        recheck,
+                        holder,
+                        gen: 0xdead_beef,
+                    };
+                    assert_eq!(ClaimWord::from(w.value()), w);
+                }
             }
         }
     }
