@@ -124,32 +124,81 @@ fn child_exchange(id: Uuid, table_at: u64, maker: u64, ops: u64) {
     println!("freed own={own} foreign={foreign}");
 }
 
-/// Engine-only work (every request above the small-object limit, some
-/// over-aligned, some resized in place or moved), keeping its blocks in the
-/// table, until it kills itself at engine step `die_at`.
+/// One engine-only operation on a random entry of `slots` (offsets of
+/// blocks, 0 for none): every request is above the small-object limit, some
+/// over-aligned; a recorded block is freed or resized (in place or moved).
+/// An entry is updated after an allocation returns and cleared before a
+/// free, so that a process killed in the middle leaves at most the block in
+/// flight unrecorded (or a moved block's old offset recorded).
+fn engine_op(m: &Matrix, slots: &[AtomicU64], rng: &mut SmallRng) {
+    let slot = &slots[rng.gen_range(0..slots.len())];
+    let off = slot.load(Acquire);
+    if off == 0 {
+        let align = [8, 64, 256, 4096][rng.gen_range(0..4)];
+        let p = m.alloc(layout(rng.gen_range(1100..20_000), align)).unwrap();
+        slot.store(m.offset_of(p.as_ptr()).unwrap().get(), Release);
+    } else if rng.gen_bool(0.5) {
+        let p = m.resolve::<u8>(Offset(off)).unwrap();
+        slot.store(0, Release);
+        unsafe { m.free(p).unwrap() };
+    } else {
+        let p = m.resolve::<u8>(Offset(off)).unwrap();
+        let q = unsafe { m.realloc(p, layout(rng.gen_range(1100..30_000), 8)) }.unwrap();
+        slot.store(m.offset_of(q.as_ptr()).unwrap().get(), Release);
+    }
+}
+
+/// Bytes a process may lose per thread that was inside an engine
+/// operation when it died: the block it was allocating or freeing, and for
+/// a moving realloc, both blocks (see `engine_op`).
+const IN_FLIGHT_BYTES: u64 = 2 * (30_000 + 2 * 4096 + 64);
+
+/// Frees every block recorded in `slots` (tolerating `in_flight` failures:
+/// blocks a dead process was freeing or moving when it died).
+fn free_recorded(m: &Matrix, slots: &[AtomicU64], in_flight: u32, what: &str) {
+    let mut failed = 0;
+    for slot in slots {
+        let off = slot.swap(0, AcqRel);
+        if off != 0 {
+            let p = m.resolve::<u8>(Offset(off)).unwrap();
+            failed += unsafe { m.free(p) }.is_err() as u32;
+        }
+    }
+    assert!(failed <= in_flight, "{what}: {failed} frees failed");
+}
+
+/// Runs `engine_op` on the first 64 table entries until it kills itself at
+/// engine step `die_at`.
 fn child_die_at_step(id: Uuid, table_at: u64, die_at: u64) {
     let m = Matrix::open(id).unwrap();
     let t = table(&m, Offset(table_at));
     let mut rng = SmallRng::seed_from_u64(7);
     matrix_alloc::die_at_engine_step(die_at);
     for _ in 0..STEP_DEATH_OPS {
-        let slot = &t[rng.gen_range(0..64)];
-        let off = slot.load(Acquire);
-        if off == 0 {
-            let align = [8, 64, 256, 4096][rng.gen_range(0..4)];
-            let p = m.alloc(layout(rng.gen_range(1100..20_000), align)).unwrap();
-            slot.store(m.offset_of(p.as_ptr()).unwrap().get(), Release);
-        } else if rng.gen_bool(0.5) {
-            let p = m.resolve::<u8>(Offset(off)).unwrap();
-            slot.store(0, Release);
-            unsafe { m.free(p).unwrap() };
-        } else {
-            let p = m.resolve::<u8>(Offset(off)).unwrap();
-            let q = unsafe { m.realloc(p, layout(rng.gen_range(1100..30_000), 8)) }.unwrap();
-            slot.store(m.offset_of(q.as_ptr()).unwrap().get(), Release);
-        }
+        engine_op(&m, &t[..64], &mut rng);
     }
     println!("done");
+}
+
+/// Two threads run `engine_op` on their own halves of the table until the
+/// process is killed.
+fn child_engine_churn(id: Uuid, table_at: u64) {
+    let m = Matrix::open(id).unwrap();
+    let t = table(&m, Offset(table_at));
+    std::thread::scope(|s| {
+        for half in t.chunks(SLOTS / 2) {
+            let m = &m;
+            s.spawn(move || {
+                let mut rng = SmallRng::from_entropy();
+                for seq in 0.. {
+                    if seq == 500 {
+                        println!("ready");
+                    }
+                    engine_op(m, half, &mut rng);
+                }
+            });
+        }
+    });
 }
 
 /// Races its siblings on `bootstrap`, then allocates and frees.
@@ -459,28 +508,15 @@ fn killed_at_every_engine_step_loses_no_free_memory() {
             died += 1;
         }
         engine_bytes += m.reclaim_dead().engine_bytes;
-        // Free what the child recorded. One entry may name the block it was
-        // freeing or moving when it died: that free may fail.
-        let mut failed = 0;
-        for slot in table(&m, table_at) {
-            let off = slot.swap(0, AcqRel);
-            if off != 0 {
-                let p = m.resolve::<u8>(Offset(off)).unwrap();
-                failed += unsafe { m.free(p) }.is_err() as u32;
-            }
-        }
+        let what = format!("death at step {k}");
+        free_recorded(&m, table(&m, table_at), 1, &what);
         unsafe { m.free(table_ptr).unwrap() };
-        let r = m
-            .check()
-            .unwrap_or_else(|e| panic!("death at step {k}: {e}"));
-        assert!(failed <= 1, "death at step {k}: {failed} frees failed");
-        // In flight at the death: the block being freed or allocated, and
-        // for a move both the old and the new block.
+        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
         let in_flight = r.used_blocks + r.orphaned_blocks;
         let lost = r.capacity - r.free_bytes;
         assert!(
-            in_flight <= 2 && lost <= 2 * (30_000 + 2 * 4096 + 64),
-            "death at step {k} lost {lost} bytes in {in_flight} blocks: {r:?}"
+            in_flight <= 2 && lost <= IN_FLIGHT_BYTES,
+            "{what} lost {lost} bytes in {in_flight} blocks: {r:?}"
         );
         assert_eq!(
             (r.unlisted_free_blocks, r.unmerged_pairs),
@@ -495,6 +531,69 @@ fn killed_at_every_engine_step_loses_no_free_memory() {
     assert!(died > 0, "the child never died: no step was reached");
 }
 
+/// A child with two threads inside the engine is killed (`kill -9` from
+/// outside, at a random moment) while two threads of the parent keep
+/// allocating, freeing and resizing engine blocks, and go on while the
+/// parent's main thread runs `reclaim_dead()`. Afterwards, with every
+/// recorded block freed, the heap has lost at most what the child's two
+/// threads had in flight.
+fn kill_9_inside_the_engine_loses_no_free_memory() {
+    let mut rng = SmallRng::from_entropy();
+    for round in 0..6 {
+        let m = Matrix::create(SEGMENT).unwrap();
+        let (table_ptr, table_at) = new_table(&m);
+        let mut child = spawn(&[
+            "engine_churn".into(),
+            m.id().to_string(),
+            table_at.get().to_string(),
+        ]);
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        let stop = AtomicU64::new(0);
+        let ours: Vec<AtomicU64> = (0..128).map(|_| AtomicU64::new(0)).collect();
+        let reclaimed = std::thread::scope(|s| {
+            for half in ours.chunks(64) {
+                let (m, stop) = (&m, &stop);
+                s.spawn(move || {
+                    let mut rng = SmallRng::from_entropy();
+                    while stop.load(Relaxed) == 0 {
+                        engine_op(m, half, &mut rng);
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_millis(rng.gen_range(1..30)));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            let reclaimed = m.reclaim_dead();
+            std::thread::sleep(Duration::from_millis(5));
+            stop.store(1, Relaxed);
+            reclaimed
+        });
+        let what = format!("round {round}");
+        free_recorded(&m, &ours, 0, &what);
+        free_recorded(&m, table(&m, table_at), 2, &what);
+        unsafe { m.free(table_ptr).unwrap() };
+        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (in_flight, lost) = (r.used_blocks + r.orphaned_blocks, r.capacity - r.free_bytes);
+        println!(
+            "  kill {round}: reclaim_dead() gave back {} bytes; {in_flight} blocks ({lost} bytes) were in flight",
+            reclaimed.engine_bytes
+        );
+        assert!(
+            in_flight <= 4 && lost <= 2 * IN_FLIGHT_BYTES,
+            "{what} lost {lost} bytes in {in_flight} blocks: {r:?}"
+        );
+        assert_eq!(
+            (r.unlisted_free_blocks, r.unmerged_pairs),
+            (0, 0),
+            "{what}: {r:?}"
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--child") {
@@ -506,11 +605,12 @@ fn main() {
             "churn" => child_churn(id, num(4)),
             "cache_then_die" => child_cache_then_die(id, num(4), num(5)),
             "die_at_step" => child_die_at_step(id, num(4), num(5)),
+            "engine_churn" => child_engine_churn(id, num(4)),
             role => panic!("unknown child role {role}"),
         }
         return;
     }
-    let tests: [(&str, fn()); 5] = [
+    let tests: [(&str, fn()); 6] = [
         (
             "processes_free_each_others_blocks",
             processes_free_each_others_blocks,
@@ -523,6 +623,10 @@ fn main() {
         (
             "pages_of_a_killed_process_are_reclaimed",
             pages_of_a_killed_process_are_reclaimed,
+        ),
+        (
+            "kill_9_inside_the_engine_loses_no_free_memory",
+            kill_9_inside_the_engine_loses_no_free_memory,
         ),
         (
             "killed_at_every_engine_step_loses_no_free_memory",

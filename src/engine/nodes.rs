@@ -601,6 +601,12 @@ impl Engine {
         again
     }
 
+    /// Whether the node `hint`, which the caller holds, is on a list. Only
+    /// its holder lists a held node, so an answer of no stays true.
+    pub(super) fn is_listed(&self, hint: Hint) -> bool {
+        ClaimWord::from(self.node(hint.node).claim.load(SeqCst)).listed
+    }
+
     /// Counts the free block at `pos` as hidden; returns its granules.
     fn hide(&self, pos: u32) -> u32 {
         let size = self.live_block_size(pos).unwrap_or(0);

@@ -458,11 +458,24 @@ impl Engine {
         self.retire(h.hint);
     }
 
-    /// Publishes the held free block `h` as it stands now. Its size may have
-    /// changed since it was claimed (and with it its list), so a fresh node
-    /// takes it over: binding that node rewrites word 1 of the header, after
-    /// which the old node no longer stands for the block, and is retired.
+    /// Publishes the held free block `h` as it stands now (its header says
+    /// so already). A node on no list (bound by this thread, or popped) is
+    /// published as it is, once the header and the footer at the block's
+    /// end name it.
+    /// One still on a list is on the list of the size it was claimed at, so
+    /// a fresh node takes the block over: binding it rewrites word 1 of the
+    /// header, after which the old node no longer stands for the block and
+    /// is retired.
     pub(super) fn republish(&self, h: Held) {
+        if !self.is_listed(h.hint) {
+            // Word 1 too: a recovered block may still carry its
+            // `BESIDE_USED` marker there.
+            self.header(h.pos)[1].store(h.hint.value(), SeqCst);
+            self.word_below(h.pos + h.size)
+                .store(h.hint.value(), SeqCst);
+            self.go_live(h.hint, h.size);
+            return;
+        }
         let fresh = self.prepare(h.pos, h.size, None);
         self.retire(h.hint);
         if let Some(f) = fresh {
