@@ -183,6 +183,15 @@ fn child_die_at_step(id: Uuid, table_at: u64, die_at: u64) {
 /// Two threads run `engine_op` on their own halves of the table until the
 /// process is killed.
 fn child_engine_churn(id: Uuid, table_at: u64) {
+    // A failure in either thread ends the process at once, so that the
+    // parent sees it (a panicking scoped thread would leave the other one
+    // running until the kill).
+    // (No backtrace: printing one takes long enough for the kill to land
+    // first.)
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("{info}");
+        std::process::abort();
+    }));
     let m = Matrix::open(id).unwrap();
     let t = table(&m, Offset(table_at));
     std::thread::scope(|s| {
@@ -251,6 +260,13 @@ fn spawn(args: &[String]) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap()
+}
+
+/// Spawns a child in `role` on `m`'s segment and the table at `table_at`.
+fn spawn_on(m: &Matrix, role: &str, table_at: Offset, more: &[String]) -> Child {
+    let mut args = vec![role.into(), m.id().to_string(), table_at.get().to_string()];
+    args.extend_from_slice(more);
+    spawn(&args)
 }
 
 /// Waits for a child; kills it and fails if it outlives the watchdog.
@@ -434,12 +450,7 @@ fn child_cache_then_die(id: Uuid, table_at: u64, maker: u64) {
 fn pages_of_a_killed_process_are_reclaimed() {
     let m = Matrix::create(SEGMENT).unwrap();
     let (table_ptr, table_at) = new_table(&m);
-    let mut child = spawn(&[
-        "cache_then_die".into(),
-        m.id().to_string(),
-        table_at.get().to_string(),
-        "5".into(),
-    ]);
+    let mut child = spawn_on(&m, "cache_then_die", table_at, &["5".into()]);
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap())
         .read_line(&mut line)
@@ -497,12 +508,7 @@ fn killed_at_every_engine_step_loses_no_free_memory() {
     for k in steps {
         let m = Matrix::create(SEGMENT).unwrap();
         let (table_ptr, table_at) = new_table(&m);
-        let mut child = spawn(&[
-            "die_at_step".into(),
-            m.id().to_string(),
-            table_at.get().to_string(),
-            k.to_string(),
-        ]);
+        let mut child = spawn_on(&m, "die_at_step", table_at, &[k.to_string()]);
         let status = child.wait().unwrap();
         if !status.success() {
             died += 1;
@@ -534,7 +540,7 @@ fn killed_at_every_engine_step_loses_no_free_memory() {
 /// A child with two threads inside the engine is killed (`kill -9` from
 /// outside, at a random moment) while two threads of the parent keep
 /// allocating, freeing and resizing engine blocks, and go on while the
-/// parent's main thread runs `reclaim_dead()`. Afterwards, with every
+/// parent runs `reclaim_dead()` on two more threads at once. Afterwards, with every
 /// recorded block freed, the heap has lost at most what the child's two
 /// threads had in flight.
 fn kill_9_inside_the_engine_loses_no_free_memory() {
@@ -542,11 +548,7 @@ fn kill_9_inside_the_engine_loses_no_free_memory() {
     for round in 0..6 {
         let m = Matrix::create(SEGMENT).unwrap();
         let (table_ptr, table_at) = new_table(&m);
-        let mut child = spawn(&[
-            "engine_churn".into(),
-            m.id().to_string(),
-            table_at.get().to_string(),
-        ]);
+        let mut child = spawn_on(&m, "engine_churn", table_at, &[]);
         let mut line = String::new();
         BufReader::new(child.stdout.as_mut().unwrap())
             .read_line(&mut line)
@@ -566,8 +568,18 @@ fn kill_9_inside_the_engine_loses_no_free_memory() {
             }
             std::thread::sleep(Duration::from_millis(rng.gen_range(1..30)));
             child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            let reclaimed = m.reclaim_dead();
+            let status = child.wait().unwrap();
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&status),
+                Some(9),
+                "round {round}: the child failed before it was killed ({status})"
+            );
+            // Two recoveries at once: each node goes to one of them.
+            let recoveries = [s.spawn(|| m.reclaim_dead()), s.spawn(|| m.reclaim_dead())];
+            let reclaimed: u64 = recoveries
+                .map(|r| r.join().unwrap().engine_bytes)
+                .iter()
+                .sum();
             std::thread::sleep(Duration::from_millis(5));
             stop.store(1, Relaxed);
             reclaimed
@@ -579,8 +591,7 @@ fn kill_9_inside_the_engine_loses_no_free_memory() {
         let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
         let (in_flight, lost) = (r.used_blocks + r.orphaned_blocks, r.capacity - r.free_bytes);
         println!(
-            "  kill {round}: reclaim_dead() gave back {} bytes; {in_flight} blocks ({lost} bytes) were in flight",
-            reclaimed.engine_bytes
+            "  kill {round}: reclaim_dead() gave back {reclaimed} bytes; {in_flight} blocks ({lost} bytes) were in flight"
         );
         assert!(
             in_flight <= 4 && lost <= 2 * IN_FLIGHT_BYTES,

@@ -73,6 +73,19 @@ pub(crate) enum Claim {
     Gone,
 }
 
+/// CAS of a held node's claim word from `cur` to `Live` (keeping `listed`
+/// and the generation, dropping `recheck` and the holder).
+fn make_live(node: &super::Node, cur: u64) -> Result<u64, u64> {
+    let live = ClaimWord {
+        state: NodeState::Live,
+        recheck: false,
+        holder: 0,
+        ..ClaimWord::from(cur)
+    };
+    node.claim
+        .compare_exchange(cur, live.value(), SeqCst, SeqCst)
+}
+
 impl Engine {
     // ---- lists -------------------------------------------------------------
 
@@ -330,6 +343,11 @@ impl Engine {
         let (fl, sl) = map_floor(size);
         let head = &self.control().heads[fl][sl];
         self.drop_dead_tops(head);
+        // A popper that takes the held node off the list finds nothing it
+        // may use: until the block is `Live` it counts as hidden, so that
+        // such an allocation waits for this publication instead of
+        // reporting out-of-memory (see `ops::take_block`).
+        self.my_slot().hidden.fetch_add(size as u64, SeqCst);
         'list: loop {
             let mut cur = node.claim.load(SeqCst);
             loop {
@@ -347,22 +365,12 @@ impl Engine {
             self.push(head, hint.node);
             let mut cur = node.claim.load(SeqCst);
             loop {
-                let w = ClaimWord::from(cur);
-                if !w.listed {
+                if !ClaimWord::from(cur).listed {
                     continue 'list;
                 }
-                let live = ClaimWord {
-                    state: NodeState::Live,
-                    recheck: false,
-                    holder: 0,
-                    ..w
-                };
                 // From this CAS on the block may be claimed and rewritten by
                 // someone else, so nothing of it may be written after it.
-                match node
-                    .claim
-                    .compare_exchange(cur, live.value(), SeqCst, SeqCst)
-                {
+                match make_live(node, cur) {
                     Ok(_) => break 'list,
                     Err(v) => cur = v,
                 }
@@ -372,6 +380,7 @@ impl Engine {
         // After the push: an allocation that saw `hidden` drop after this
         // publication also sees this increment (see `ops::take_block`).
         self.control().epoch.fetch_add(1, SeqCst);
+        self.unhide(size);
     }
 
     /// Pops `Dead` nodes off the top of a list and recycles them, so that
@@ -583,16 +592,7 @@ impl Engine {
                 self.recycle(hint.node);
                 break true;
             }
-            let live = ClaimWord {
-                state: NodeState::Live,
-                recheck: false,
-                holder: 0,
-                ..w
-            };
-            match node
-                .claim
-                .compare_exchange(cur, live.value(), SeqCst, SeqCst)
-            {
+            match make_live(node, cur) {
                 Ok(_) => break w.recheck,
                 Err(v) => cur = v,
             }

@@ -39,9 +39,11 @@ use crate::Error;
 /// the wait is bounded (and this path only runs when the heap looks full:
 /// the clock is never read on the fast path). Generous, because a young
 /// segment is one large free block that every engine allocation claims in
-/// turn: at 200 ms a `GlobalAlloc` test on a loaded two-core machine once
-/// failed a 32 KiB allocation in a 16 GiB segment (not reproduced since),
-/// which a holder descheduled that long would explain.
+/// turn. (A `GlobalAlloc` test once failed a 32 KiB allocation in a 16 GiB
+/// segment, which led to raising this from 200 ms; the likelier cause was
+/// found later: `grow_in_place` un-hid what it absorbed before publishing
+/// the excess, which made the memory briefly neither listed nor hidden and
+/// failed the allocation at once, without waiting.)
 const OOM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Outcome of trying to merge a pair of neighbours.
@@ -564,19 +566,27 @@ impl Engine {
     pub(crate) fn grow_in_place(&self, pos: u32, new_size: usize) -> Option<u64> {
         let need = granules_for(new_size)?;
         let original = self.used_block(pos).ok()?.size;
-        let mut size = original;
-        while size < need {
+        let (mut size, mut hidden) = (original, 0);
+        // What was absorbed stays counted as hidden until `trim` has
+        // published the part the block does not keep: un-hidden before, it
+        // would be neither listed nor hidden for a moment, and an
+        // allocation that looked then would report out-of-memory.
+        let bytes = loop {
+            if size >= need {
+                self.header(pos)[1].store(new_size as u64, SeqCst);
+                break Some(self.trim(pos, size, need));
+            }
             let Some(r) = self.grow_over_right(pos, size) else {
                 // Not enough room: give back what was absorbed, so that a
                 // failed grow leaves the block as it was.
                 self.trim(pos, size, original);
-                return None;
+                break None;
             };
             size += r.size;
-            self.unhide(r.hidden);
-        }
-        self.header(pos)[1].store(new_size as u64, SeqCst);
-        Some(self.trim(pos, size, need))
+            hidden += r.hidden;
+        };
+        self.unhide(hidden);
+        bytes
     }
 
     /// Claims the free right neighbour of the `Used` block `[pos, pos +
