@@ -159,6 +159,27 @@ pub struct Reclaimed {
     pub pages: usize,
 }
 
+/// What `Matrix::reclaim_dead` does, for any path that needs it (the
+/// out-of-memory paths of the engine and the caches). The engine's nodes
+/// are only looked through when a slot's process died; then those slots
+/// are freed, so that the next out-of-memory does not look again. (Holders
+/// of a dead slot that a new process took over were recovered by it when
+/// it joined.)
+pub(crate) fn reclaim_dead(engine: &Engine) -> Reclaimed {
+    let dead = engine.dead_slots();
+    let engine_bytes = if dead != 0 {
+        engine.recover_dead_holds()
+    } else {
+        0
+    };
+    let pages = cache::reclaim_dead(engine);
+    engine.free_dead_slots(dead);
+    Reclaimed {
+        engine_bytes,
+        pages,
+    }
+}
+
 impl Reclaimed {
     /// Whether anything was taken back.
     pub fn any(&self) -> bool {
@@ -414,10 +435,7 @@ impl Matrix {
     /// when the heap runs out of memory. What stays lost is the block each
     /// of their threads was allocating or freeing at that instant.
     pub fn reclaim_dead(&self) -> Reclaimed {
-        Reclaimed {
-            engine_bytes: self.engine().recover_dead_holds(),
-            pages: cache::reclaim_dead(self.engine()),
-        }
+        reclaim_dead(self.engine())
     }
 
     /// Walks the heap and verifies every invariant: the blocks cover the heap
@@ -519,7 +537,9 @@ impl Matrix {
             }
         }
         let a = match self.engine().alloc(layout.size(), layout.align()) {
-            Err(Error::OutOfMemory { .. }) if self.reclaim_dead().any() => {
+            Err(Error::OutOfMemory { .. })
+                if self.engine().dead_slots() != 0 && self.reclaim_dead().any() =>
+            {
                 self.engine().alloc(layout.size(), layout.align())?
             }
             other => other?,

@@ -585,6 +585,10 @@ fn kill_9_inside_the_engine_loses_no_free_memory() {
             reclaimed
         });
         let what = format!("round {round}");
+        assert!(
+            !m.reclaim_dead().any(),
+            "{what}: a second reclaim_dead() found more"
+        );
         free_recorded(&m, &ours, 0, &what);
         free_recorded(&m, table(&m, table_at), 2, &what);
         unsafe { m.free(table_ptr).unwrap() };

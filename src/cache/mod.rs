@@ -230,8 +230,7 @@ impl Heap {
         if let Some(page) = self.new_page(class) {
             return Some(page);
         }
-        self.engine().recover_dead_holds();
-        reclaim_dead(self.engine());
+        crate::matrix::reclaim_dead(self.engine());
         self.adopt(class).or_else(|| self.new_page(class))
     }
 

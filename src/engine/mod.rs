@@ -80,6 +80,7 @@ pub(crate) const PAGE_MARK: u32 = 1 << 31;
 /// How many processes (handles) can be attached with their own slot. More
 /// share the last slot, which is never considered dead.
 pub(crate) const SLOTS: usize = 128;
+const _: () = assert!(SLOTS <= 128, "dead_slots keeps one bit per slot in a u128");
 
 /// Per-process bookkeeping: who is attached, and what it holds in flight.
 #[repr(C)]
@@ -287,6 +288,39 @@ impl Engine {
             let gen = slot.gen.fetch_add(1, SeqCst) + 1;
             self.slot = i;
             self.holder = holder_tag(i, gen);
+            if free.is_none() {
+                // The slot's last holder died: what its threads held inside
+                // the engine would no longer show as a dead slot.
+                self.recover_dead_holds();
+            }
+        }
+    }
+
+    /// Slots (a bit each) whose process died without giving its slot
+    /// back. Slow path: it asks the OS about each pid in use.
+    pub(crate) fn dead_slots(&self) -> u128 {
+        let me = std::process::id() as u64;
+        let mut dead = 0u128;
+        for (i, slot) in self.control().slots[..SLOTS - 1].iter().enumerate() {
+            let pid = slot.pid.load(SeqCst);
+            if pid != 0 && pid != me && !crate::os::process_alive(pid as u32) {
+                dead |= 1 << i;
+            }
+        }
+        dead
+    }
+
+    /// Frees the slots in `dead` (from `dead_slots`) once what their
+    /// processes held has been taken back, so that later out-of-memory
+    /// paths do not look again. A slot taken over meanwhile is left alone.
+    /// Their holder tags stay dead: a freed slot holds no live process, and
+    /// the next one to take it bumps its generation.
+    pub(crate) fn free_dead_slots(&self, dead: u128) {
+        for (i, slot) in self.control().slots[..SLOTS - 1].iter().enumerate() {
+            let pid = slot.pid.load(SeqCst);
+            if dead & (1 << i) != 0 && pid != 0 && !crate::os::process_alive(pid as u32) {
+                let _ = slot.pid.compare_exchange(pid, 0, SeqCst, Relaxed);
+            }
         }
     }
 
