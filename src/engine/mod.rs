@@ -417,7 +417,7 @@ impl Engine {
         ctrl.page_pool.store(ListHead::EMPTY, Relaxed);
         let size = self.heap_end - self.heap_start;
         // The initial block has no neighbours to merge with: no settle needed.
-        self.publish(self.heap_start, size);
+        self.publish(self.heap_start, size, nodes::Covered::Yes);
     }
 
     #[inline]

@@ -73,6 +73,14 @@ pub(crate) enum Claim {
     Gone,
 }
 
+/// Whether the caller of a publication still counts the block as hidden
+/// (its claim's `hidden` covers it) until the publication is done.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Covered {
+    Yes,
+    No,
+}
+
 /// CAS of a held node's claim word from `cur` to `Live` (keeping `listed`
 /// and the generation, dropping `recheck` and the holder).
 fn make_live(node: &super::Node, cur: u64) -> Result<u64, u64> {
@@ -278,9 +286,9 @@ impl Engine {
     /// If the node table is exhausted the block stays owned by nobody and is
     /// reported by `check()` as unlisted; this cannot happen while free
     /// blocks are coalesced (see `HEAP_BYTES_PER_NODE`).
-    pub(super) fn publish(&self, pos: u32, size: u32) {
+    pub(super) fn publish(&self, pos: u32, size: u32, covered: Covered) {
         if let Some(hint) = self.prepare(pos, size, None) {
-            self.go_live(hint, size);
+            self.go_live(hint, size, covered);
         }
     }
 
@@ -338,16 +346,19 @@ impl Engine {
     /// `ops`). Claims that failed on the held node may have set `recheck`;
     /// the caller settles the block after publishing it in any case, which
     /// serves them.
-    pub(super) fn go_live(&self, hint: Hint, size: u32) {
+    pub(super) fn go_live(&self, hint: Hint, size: u32, covered: Covered) {
         let node = self.node(hint.node);
         let (fl, sl) = map_floor(size);
         let head = &self.control().heads[fl][sl];
         self.drop_dead_tops(head);
         // A popper that takes the held node off the list finds nothing it
-        // may use: until the block is `Live` it counts as hidden, so that
-        // such an allocation waits for this publication instead of
+        // may use: until the block is `Live` it must count as hidden, so
+        // that such an allocation waits for this publication instead of
         // reporting out-of-memory (see `ops::take_block`).
-        self.my_slot().hidden.fetch_add(size as u64, SeqCst);
+        let hide = covered == Covered::No;
+        if hide {
+            self.my_slot().hidden.fetch_add(size as u64, SeqCst);
+        }
         'list: loop {
             let mut cur = node.claim.load(SeqCst);
             loop {
@@ -380,7 +391,9 @@ impl Engine {
         // After the push: an allocation that saw `hidden` drop after this
         // publication also sees this increment (see `ops::take_block`).
         self.control().epoch.fetch_add(1, SeqCst);
-        self.unhide(size);
+        if hide {
+            self.unhide(size);
+        }
     }
 
     /// Pops `Dead` nodes off the top of a list and recycles them, so that
@@ -588,7 +601,7 @@ impl Engine {
                 // Popped while we held it (the popper left it to us), or
                 // never listed. Published through a fresh node before this
                 // one goes, so that it is held at every moment (`recover`).
-                self.publish(pos, size);
+                self.publish(pos, size, Covered::Yes);
                 self.recycle(hint.node);
                 break true;
             }

@@ -26,7 +26,7 @@
 //! which means the block was republished and settled again later.
 
 use super::mapping::{map_ceil, map_floor};
-use super::nodes::Claim;
+use super::nodes::{Claim, Covered};
 use super::words::{BlockState, HeaderWord, Hint, GRANULE, GRANULE_LOG, HEADER, MIN_BLOCK};
 use super::Engine;
 use crate::sync::Ordering::*;
@@ -310,11 +310,11 @@ impl Engine {
         };
         self.retire(hint);
         if let Some(t) = tail_node {
-            self.go_live(t, end - tail);
+            self.go_live(t, end - tail, Covered::Yes);
             self.settle(tail);
         }
         if let Some(p) = pad_node {
-            self.go_live(p, start - pos);
+            self.go_live(p, start - pos, Covered::Yes);
             self.settle(pos);
         }
         Allocated {
@@ -469,19 +469,26 @@ impl Engine {
     /// header, after which the old node no longer stands for the block and
     /// is retired.
     pub(super) fn republish(&self, h: Held) {
+        // Covered when its claims hid all of it (a merge of two claimed
+        // blocks), not when part of it was the caller's own (a freed block).
+        let covered = if h.hidden >= h.size {
+            Covered::Yes
+        } else {
+            Covered::No
+        };
         if !self.is_listed(h.hint) {
             // Word 1 too: a recovered block may still carry its
             // `BESIDE_USED` marker there.
             self.header(h.pos)[1].store(h.hint.value(), SeqCst);
             self.word_below(h.pos + h.size)
                 .store(h.hint.value(), SeqCst);
-            self.go_live(h.hint, h.size);
+            self.go_live(h.hint, h.size, covered);
             return;
         }
         let fresh = self.prepare(h.pos, h.size, None);
         self.retire(h.hint);
         if let Some(f) = fresh {
-            self.go_live(f, h.size);
+            self.go_live(f, h.size, covered);
         }
     }
 
@@ -552,6 +559,7 @@ impl Engine {
         let hidden = l.hidden + r.hidden;
         self.republish(Held {
             size: l.size + r.size,
+            hidden,
             ..l
         });
         self.unhide(hidden);
@@ -628,7 +636,7 @@ impl Engine {
         self.header(pos)[0].store(HeaderWord::new(pos, need, BlockState::Used).value(), SeqCst);
         if let Some(t) = node {
             self.header(tail)[1].store(t.value(), SeqCst);
-            self.go_live(t, size - need);
+            self.go_live(t, size - need, Covered::No);
         }
         self.settle(tail);
         (need as u64) << GRANULE_LOG
