@@ -7,7 +7,7 @@
 //! invariant at every instruction, so that a process may die anywhere:
 //!
 //! > Every free granule outside the published (`Live`) blocks lies in the
-//! > extent of a node its holder holds *intact*, or is part of the one user
+//! > extent of a node its holder holds *intact*, or is part of a user
 //! > block that holder is allocating or freeing right then.
 //!
 //! A held node `X` bound to position `p` is *intact* when the header at `p`
@@ -18,8 +18,10 @@
 //! - a merge or absorption grows the left block's header over its right
 //!   neighbour (the neighbour is still intact, but *covered*: its position
 //!   lies inside another intact extent);
-//! - a publication binds a fresh node and rewrites word 1, after which the
-//!   old node is no longer intact;
+//! - a publication either keeps the block's node, when that node is on no
+//!   list, or binds a fresh one and rewrites word 1, after which the old
+//!   node is no longer intact; the node goes on its list while still held
+//!   and only then becomes `Live` (`go_live`);
 //! - a split prepares its pieces inside the block, then shrinks the block's
 //!   header to its first piece;
 //! - growing or cutting a `Used` block marks the free piece `BESIDE_USED`
@@ -43,7 +45,9 @@
 //!
 //! What is lost: the user block a dead thread was allocating or freeing at
 //! that instant (a `Used` block nobody knows of, or a block `check()`
-//! reports as orphaned), never the free memory around it.
+//! reports as orphaned; both, for a realloc that moves), never the free
+//! memory around it. A death between marking a node listed and pushing it
+//! also leaves that one node unusable (it is retired as if listed).
 
 use super::words::{BlockState, ClaimWord, HeaderWord, Hint, NodeState, BESIDE_USED, GRANULE_LOG};
 use super::Engine;
