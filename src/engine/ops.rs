@@ -399,16 +399,7 @@ impl Engine {
                 }
                 break;
             }
-            // The commit: the left block's header covers ours.
-            self.header(l.pos)[0].store(
-                HeaderWord::new(l.pos, l.size + cur.size, BlockState::Free).value(),
-                SeqCst,
-            );
-            self.header(cur.pos)[0].store(
-                HeaderWord::new(cur.pos, 0, BlockState::Absorbed).value(),
-                SeqCst,
-            );
-            self.retire(cur.hint);
+            self.cover(&l, &cur);
             cur = Held {
                 size: l.size + cur.size,
                 hidden: cur.hidden + l.hidden,
@@ -433,12 +424,20 @@ impl Engine {
     /// grown block.
     fn absorb_right(&self, cur: &Held) -> Option<Held> {
         let right = self.claim_right(cur.pos, cur.size)?;
-        self.header(cur.pos)[0].store(
-            HeaderWord::new(cur.pos, cur.size + right.size, BlockState::Free).value(),
+        self.cover(cur, &right);
+        Some(right)
+    }
+
+    /// Merges the held free block `right` into the held free block `left`
+    /// that ends where it starts. The commit is the store that grows
+    /// `left`'s header over `right` (from then on a recovery finds `right`
+    /// covered); `right` is then no longer a block start, and its node goes.
+    fn cover(&self, left: &Held, right: &Held) {
+        self.header(left.pos)[0].store(
+            HeaderWord::new(left.pos, left.size + right.size, BlockState::Free).value(),
             SeqCst,
         );
-        self.absorbed(&right);
-        Some(right)
+        self.absorbed(right);
     }
 
     /// Claims the free block right after `[pos, pos + size)`, if there is one.
@@ -463,11 +462,10 @@ impl Engine {
     /// Publishes the held free block `h` as it stands now (its header says
     /// so already). A node on no list (bound by this thread, or popped) is
     /// published as it is, once the header and the footer at the block's
-    /// end name it.
-    /// One still on a list is on the list of the size it was claimed at, so
-    /// a fresh node takes the block over: binding it rewrites word 1 of the
-    /// header, after which the old node no longer stands for the block and
-    /// is retired.
+    /// end name it. One still on a list is on the list of the size it was
+    /// claimed at, so a fresh node takes the block over: binding it
+    /// rewrites word 1 of the header, after which the old node no longer
+    /// stands for the block and is retired.
     pub(super) fn republish(&self, h: Held) {
         // Covered when its claims hid all of it (a merge of two claimed
         // blocks), not when part of it was the caller's own (a freed block).
@@ -548,14 +546,9 @@ impl Engine {
                 again: self.give_back(l),
             };
         };
-        // The commit: the left block's header covers the right one. The
-        // merged block is published before it is un-hidden, so the memory is
-        // never invisible and uncounted at once.
-        self.header(left)[0].store(
-            HeaderWord::new(left, l.size + r.size, BlockState::Free).value(),
-            SeqCst,
-        );
-        self.absorbed(&r);
+        // The merged block is published before it is un-hidden, so the
+        // memory is never invisible and uncounted at once.
+        self.cover(&l, &r);
         let hidden = l.hidden + r.hidden;
         self.republish(Held {
             size: l.size + r.size,
