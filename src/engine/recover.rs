@@ -86,10 +86,9 @@ impl Engine {
     pub(crate) fn recover_dead_holds(&self) -> u64 {
         let holders = Holders::default();
         // 1. Retire what is not intact or is covered.
-        for n in self.dead_held(&holders) {
-            let (claim, extent) = (n.1, self.intact_extent(n.0, n.1));
-            if extent.is_none_or(|(pos, _)| self.covered(pos, &holders)) {
-                if let Some(hint) = self.steal(n.0, claim) {
+        for (n, claim) in self.dead_held(&holders) {
+            if self.kept_extent(n, claim, &holders).is_none() {
+                if let Some(hint) = self.steal(n, claim) {
                     self.retire(hint);
                 }
             }
@@ -97,10 +96,7 @@ impl Engine {
         // 2. Republish the rest.
         let mut bytes = 0;
         for (n, claim) in self.dead_held(&holders) {
-            let Some((pos, _)) = self.intact_extent(n, claim) else {
-                continue;
-            };
-            if self.covered(pos, &holders) {
+            if self.kept_extent(n, claim, &holders).is_none() {
                 continue;
             }
             let Some(hint) = self.steal(n, claim) else {
@@ -123,6 +119,13 @@ impl Engine {
         bytes
     }
 
+    /// The extent of the dead-held node `n` if recovery republishes it:
+    /// intact, and covered by no other intact dead-held node.
+    fn kept_extent(&self, n: u32, claim: u64, holders: &Holders) -> Option<(u32, u32)> {
+        self.intact_extent(n, claim)
+            .filter(|&(pos, _)| !self.covered(pos, holders))
+    }
+
     /// The nodes held by dead holders right now, with their claim words.
     fn dead_held<'a>(&'a self, holders: &'a Holders) -> impl Iterator<Item = (u32, u64)> + 'a {
         let hwm = self.control().node_hwm.load(SeqCst).min(self.node_capacity);
@@ -137,16 +140,9 @@ impl Engine {
     /// Whether `pos` lies strictly inside the extent of an intact node that
     /// a dead holder holds.
     fn covered(&self, pos: u32, holders: &Holders) -> bool {
-        let hwm = self.control().node_hwm.load(SeqCst).min(self.node_capacity);
-        (0..hwm).any(|n| {
-            let claim = self.node(n).claim.load(SeqCst);
-            let w = ClaimWord::from(claim);
-            w.state == NodeState::Claimed
-                && w.holder != 0
-                && holders.dead(self, w.holder)
-                && self
-                    .intact_extent(n, claim)
-                    .is_some_and(|(start, size)| start < pos && pos < start + size)
+        self.dead_held(holders).any(|(n, claim)| {
+            self.intact_extent(n, claim)
+                .is_some_and(|(start, size)| start < pos && pos < start + size)
         })
     }
 
