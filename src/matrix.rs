@@ -166,7 +166,11 @@ pub struct Reclaimed {
 /// of a dead slot that a new process took over were recovered by it when
 /// it joined.)
 pub(crate) fn reclaim_dead(engine: &Engine) -> Reclaimed {
-    let dead = engine.dead_slots();
+    reclaim_dead_slots(engine, engine.dead_slots())
+}
+
+/// `reclaim_dead` for the slots `dead` (from `Engine::dead_slots`).
+fn reclaim_dead_slots(engine: &Engine, dead: u128) -> Reclaimed {
     let engine_bytes = if dead != 0 {
         engine.recover_dead_holds()
     } else {
@@ -537,9 +541,13 @@ impl Matrix {
             }
         }
         let a = match self.engine().alloc(layout.size(), layout.align()) {
-            Err(Error::OutOfMemory { .. })
-                if self.engine().dead_slots() != 0 && self.reclaim_dead().any() =>
-            {
+            // Only when a process died: this path runs on every failed
+            // engine allocation, and taking back pages walks the page table.
+            Err(oom @ Error::OutOfMemory { .. }) => {
+                let dead = self.engine().dead_slots();
+                if dead == 0 || !reclaim_dead_slots(self.engine(), dead).any() {
+                    return Err(oom);
+                }
                 self.engine().alloc(layout.size(), layout.align())?
             }
             other => other?,
