@@ -609,6 +609,45 @@ fn kill_9_inside_the_engine_loses_no_free_memory() {
     }
 }
 
+/// A process that dies inside the engine holds a slot; when every other
+/// slot is taken by a live handle, the next `Matrix::open` takes the dead
+/// slot over, and, as it joins, takes back what the dead process held in
+/// the engine: nobody calls `reclaim_dead()` here.
+fn taking_a_dead_slot_over_recovers_what_it_held() {
+    // Slots a process can hold a slot of its own in (the engine has 128;
+    // the last is shared and never taken over).
+    const OWN_SLOTS: usize = 127;
+    let mut held_at_death = 0;
+    for k in (5000..5040).step_by(8) {
+        let m = Matrix::create(SEGMENT).unwrap();
+        let (table_ptr, table_at) = new_table(&m);
+        let mut child = spawn_on(&m, "die_at_step", table_at, &[k.to_string()]);
+        child.wait().unwrap();
+        // `m` and the dead child hold two slots; live handles take the rest.
+        let others: Vec<Matrix> = (0..OWN_SLOTS - 2)
+            .map(|_| Matrix::open(m.id()).unwrap())
+            .collect();
+        held_at_death += m.check().unwrap().orphaned_bytes;
+        let heir = Matrix::open(m.id()).unwrap();
+        let what = format!("death at step {k}, slot taken over");
+        free_recorded(&m, table(&m, table_at), 1, &what);
+        unsafe { m.free(table_ptr).unwrap() };
+        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (in_flight, lost) = (r.used_blocks + r.orphaned_blocks, r.capacity - r.free_bytes);
+        assert!(
+            in_flight <= 2 && lost <= IN_FLIGHT_BYTES,
+            "{what} lost {lost} bytes in {in_flight} blocks: {r:?}"
+        );
+        assert_eq!(
+            (r.unlisted_free_blocks, r.unmerged_pairs),
+            (0, 0),
+            "{what}: {r:?}"
+        );
+        drop((heir, others));
+    }
+    assert!(held_at_death > 0, "no death fell inside the engine");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--child") {
@@ -625,7 +664,7 @@ fn main() {
         }
         return;
     }
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 7] = [
         (
             "processes_free_each_others_blocks",
             processes_free_each_others_blocks,
@@ -642,6 +681,10 @@ fn main() {
         (
             "kill_9_inside_the_engine_loses_no_free_memory",
             kill_9_inside_the_engine_loses_no_free_memory,
+        ),
+        (
+            "taking_a_dead_slot_over_recovers_what_it_held",
+            taking_a_dead_slot_over_recovers_what_it_held,
         ),
         (
             "killed_at_every_engine_step_loses_no_free_memory",
