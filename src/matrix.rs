@@ -543,11 +543,15 @@ impl Matrix {
         let a = match self.engine().alloc(layout.size(), layout.align()) {
             // Only when a process died: this path runs on every failed
             // engine allocation, and taking back pages walks the page table.
+            // Then once more, even if another thread took the memory back
+            // first (it is counted as hidden while that thread republishes
+            // it, so the second attempt waits for it).
             Err(oom @ Error::OutOfMemory { .. }) => {
                 let dead = self.engine().dead_slots();
-                if dead == 0 || !reclaim_dead_slots(self.engine(), dead).any() {
+                if dead == 0 {
                     return Err(oom);
                 }
+                reclaim_dead_slots(self.engine(), dead);
                 self.engine().alloc(layout.size(), layout.align())?
             }
             other => other?,

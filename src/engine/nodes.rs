@@ -621,7 +621,7 @@ impl Engine {
     }
 
     /// Counts the free block at `pos` as hidden; returns its granules.
-    fn hide(&self, pos: u32) -> u32 {
+    pub(super) fn hide(&self, pos: u32) -> u32 {
         let size = self.live_block_size(pos).unwrap_or(0);
         if size != 0 {
             self.my_slot().hidden.fetch_add(size as u64, SeqCst);

@@ -96,23 +96,30 @@ impl Engine {
         // 2. Republish the rest.
         let mut bytes = 0;
         for (n, claim) in self.dead_held(&holders) {
-            if self.kept_extent(n, claim, &holders).is_none() {
+            let Some((pos, _)) = self.kept_extent(n, claim, &holders) else {
                 continue;
-            }
+            };
+            // Counted as hidden before it is ours, as a claim does: an
+            // allocation that finds the heap empty meanwhile then waits for
+            // this republication instead of failing.
+            let hidden = self.hide(pos);
             let Some(hint) = self.steal(n, claim) else {
+                self.unhide(hidden);
                 continue;
             };
             // Frozen since the look: nobody but a holder changes it.
             let Some((pos, size)) = self.intact_extent(n, claim) else {
                 self.retire(hint);
+                self.unhide(hidden);
                 continue;
             };
             self.republish(super::ops::Held {
                 hint,
                 pos,
                 size,
-                hidden: 0,
+                hidden,
             });
+            self.unhide(hidden);
             self.settle(pos);
             bytes += (size as u64) << GRANULE_LOG;
         }
