@@ -515,6 +515,10 @@ fn killed_at_every_engine_step_loses_no_free_memory() {
         }
         engine_bytes += m.reclaim_dead().engine_bytes;
         let what = format!("death at step {k}");
+        // Right after the recovery, before any free could merge a stray
+        // block back: every free block is on its list.
+        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(r.unlisted_free_blocks, 0, "{what}: {r:?}");
         free_recorded(&m, table(&m, table_at), 1, &what);
         unsafe { m.free(table_ptr).unwrap() };
         let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));

@@ -61,6 +61,18 @@ use super::words::{BlockState, ClaimWord, HeaderWord, Hint, ListHead, NodeState,
 use super::Engine;
 use crate::sync::{AtomicU64, Ordering::*};
 
+/// Outcome of taking the top of a free list ([`Engine::take_top`]).
+pub(crate) enum Top {
+    /// The list is empty.
+    Empty,
+    /// The caller now holds the node `.0` of the free block at `.1`, whose
+    /// `.2` granules were added to `hidden`.
+    Taken(Hint, u32, u32),
+    /// Nothing taken this time (a race, or a top that was not `Live`): look
+    /// again.
+    Other,
+}
+
 /// Outcome of claiming a block through a hint.
 pub(crate) enum Claim {
     /// The caller now owns the free block at `.0`, whose `.1` granules were
@@ -500,6 +512,70 @@ impl Engine {
                     self.unhide(size);
                     cur = v;
                 }
+            }
+        }
+    }
+
+    /// Takes the block of the top node of the free list `head`, if that node
+    /// is `Live`: claims it where it lies, then unlinks it if it is still
+    /// the top. Claiming first means that the block is held (hidden, and
+    /// recoverable after a death) whenever it is off the list; a claim
+    /// whose unlink loses a race leaves the node listed below the new top,
+    /// as a claim through a hint does, to be retired `Dead`. A top that is
+    /// not `Live` is unlinked and handed to `take_popped`.
+    pub(super) fn take_top(&self, head: &AtomicU64) -> Top {
+        let cur = head.load(Acquire);
+        let n = ListHead::from(cur).top;
+        if n == NIL || n >= self.node_capacity {
+            return Top::Empty;
+        }
+        let w = ClaimWord::from(self.node(n).claim.load(SeqCst));
+        if w.state == NodeState::Live {
+            let hint = Hint {
+                node: n,
+                gen: w.gen,
+            };
+            let Claim::Got(pos, hidden) = self.claim(hint) else {
+                return Top::Other;
+            };
+            if self.unlink_top(head, cur, n) {
+                self.unlist_held(n);
+            }
+            return Top::Taken(hint, pos, hidden);
+        }
+        if !self.unlink_top(head, cur, n) {
+            return Top::Other;
+        }
+        match self.take_popped(n) {
+            Some((hint, pos, hidden)) => Top::Taken(hint, pos, hidden),
+            None => Top::Other,
+        }
+    }
+
+    /// Unlinks `n` from `head` if the head is still `cur` (whose top is
+    /// `n`): the tag makes the CAS fail if anything was pushed or popped
+    /// since, so `next` read now is `n`'s successor.
+    fn unlink_top(&self, head: &AtomicU64, cur: u64, n: u32) -> bool {
+        let next = self.node(n).next.load(Relaxed);
+        let new = ListHead::from(cur).replaced(next).value();
+        head.compare_exchange(cur, new, Acquire, Acquire).is_ok()
+    }
+
+    /// Clears `listed` on a node the caller holds and has just unlinked.
+    fn unlist_held(&self, n: u32) {
+        let node = self.node(n);
+        let mut cur = node.claim.load(SeqCst);
+        loop {
+            let unlisted = ClaimWord {
+                listed: false,
+                ..ClaimWord::from(cur)
+            };
+            match node
+                .claim
+                .compare_exchange(cur, unlisted.value(), SeqCst, SeqCst)
+            {
+                Ok(_) => return,
+                Err(v) => cur = v,
             }
         }
     }

@@ -26,7 +26,7 @@
 //! which means the block was republished and settled again later.
 
 use super::mapping::{map_ceil, map_floor};
-use super::nodes::{Claim, Covered};
+use super::nodes::{Claim, Covered, Top};
 use super::words::{BlockState, HeaderWord, Hint, GRANULE, GRANULE_LOG, HEADER, MIN_BLOCK};
 use super::Engine;
 use crate::sync::Ordering::*;
@@ -197,18 +197,20 @@ impl Engine {
                 std::thread::yield_now();
                 continue;
             };
-            // Between the pop and the claim inside `take_popped` the block is
-            // neither listed nor hidden: `popping` covers that window.
+            // A top that is not `Live` is popped before it is looked at:
+            // if it turns `Live` in between, the block is neither listed
+            // nor hidden until `take_popped` claims it, which `popping`
+            // covers.
             self.my_slot().popping.fetch_add(1, SeqCst);
-            let Some(n) = self.pop(&ctrl.heads[fl][sl]) else {
-                self.my_slot().popping.fetch_sub(1, SeqCst);
-                self.clear_bits_if_empty(fl, sl);
-                continue;
-            };
-            let taken = self.take_popped(n);
+            let top = self.take_top(&ctrl.heads[fl][sl]);
             self.my_slot().popping.fetch_sub(1, SeqCst);
-            let Some((hint, pos, hidden)) = taken else {
-                continue;
+            let (hint, pos, hidden) = match top {
+                Top::Taken(hint, pos, hidden) => (hint, pos, hidden),
+                Top::Empty => {
+                    self.clear_bits_if_empty(fl, sl);
+                    continue;
+                }
+                Top::Other => continue,
             };
             let Some(size) = self.claimed_size(hint, pos) else {
                 // Corrupt entry (cannot happen under the protocol): drop it
