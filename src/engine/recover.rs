@@ -47,12 +47,12 @@
 //! that instant (a `Used` block nobody knows of, or a block `check()`
 //! reports as orphaned; both, for a realloc that moves), never the free
 //! memory around it. A death between marking a node listed and pushing it
-//! also leaves that one node unusable (it is retired as if listed). And a
-//! death between popping a `Live` node and claiming it (`take_popped`, a few
-//! instructions) leaves that free block published but on no list: nobody
-//! holds it, so this recovery does not see it; allocations cannot find it
-//! until a neighbour's free or settle merges it into a listed block
-//! (`check()` counts it in `unlisted_free_blocks` meanwhile).
+//! also leaves that one node unusable (it is retired as if listed).
+//! Allocations claim a list's top node before they unlink it
+//! (`take_top`), so no free block is ever off its list without a holder.
+//! (Left: a top seen `Claimed`, unlinked, that its holder makes `Live`
+//! again before `take_popped` claims it; a death in that race leaves the
+//! block published on no list until a neighbour merges it.)
 
 use super::words::{BlockState, ClaimWord, HeaderWord, Hint, NodeState, BESIDE_USED, GRANULE_LOG};
 use super::Engine;
