@@ -167,6 +167,33 @@ fn free_recorded(m: &Matrix, slots: &[AtomicU64], in_flight: u32, what: &str) {
     assert!(failed <= in_flight, "{what}: {failed} frees failed");
 }
 
+/// After a process died with `threads` threads inside the engine (and what
+/// it held was taken back): frees every block it recorded in the table and
+/// the table itself, then checks that no free memory was lost, only the
+/// user blocks in flight (at most two per thread, see `engine_op`), and
+/// that every free block is listed and merged.
+fn assert_only_in_flight_lost(
+    m: &Matrix,
+    (table_ptr, table_at): (NonNull<u8>, Offset),
+    threads: u64,
+    what: &str,
+) -> matrix_alloc::HeapReport {
+    free_recorded(m, table(m, table_at), threads as u32, what);
+    unsafe { m.free(table_ptr).unwrap() };
+    let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (in_flight, lost) = (r.used_blocks + r.orphaned_blocks, r.capacity - r.free_bytes);
+    assert!(
+        in_flight <= 2 * threads && lost <= threads * IN_FLIGHT_BYTES,
+        "{what} lost {lost} bytes in {in_flight} blocks: {r:?}"
+    );
+    assert_eq!(
+        (r.unlisted_free_blocks, r.unmerged_pairs),
+        (0, 0),
+        "{what}: {r:?}"
+    );
+    r
+}
+
 /// Runs `engine_op` on the first 64 table entries until it kills itself at
 /// engine step `die_at`.
 fn child_die_at_step(id: Uuid, table_at: u64, die_at: u64) {
@@ -519,22 +546,9 @@ fn killed_at_every_engine_step_loses_no_free_memory() {
         // block back: every free block is on its list.
         let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(r.unlisted_free_blocks, 0, "{what}: {r:?}");
-        free_recorded(&m, table(&m, table_at), 1, &what);
-        unsafe { m.free(table_ptr).unwrap() };
-        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
-        let in_flight = r.used_blocks + r.orphaned_blocks;
-        let lost = r.capacity - r.free_bytes;
-        assert!(
-            in_flight <= 2 && lost <= IN_FLIGHT_BYTES,
-            "{what} lost {lost} bytes in {in_flight} blocks: {r:?}"
-        );
-        assert_eq!(
-            (r.unlisted_free_blocks, r.unmerged_pairs),
-            (0, 0),
-            "death at step {k}: {r:?}"
-        );
-        if in_flight == 0 {
-            assert_eq!(r.free_blocks, 1, "death at step {k}: {r:?}");
+        let r = assert_only_in_flight_lost(&m, (table_ptr, table_at), 1, &what);
+        if r.used_blocks + r.orphaned_blocks == 0 {
+            assert_eq!(r.free_blocks, 1, "{what}: {r:?}");
         }
     }
     println!("  {died} deaths; reclaim_dead() gave back {engine_bytes} bytes held mid-operation");
@@ -594,21 +608,11 @@ fn kill_9_inside_the_engine_loses_no_free_memory() {
             "{what}: a second reclaim_dead() found more"
         );
         free_recorded(&m, &ours, 0, &what);
-        free_recorded(&m, table(&m, table_at), 2, &what);
-        unsafe { m.free(table_ptr).unwrap() };
-        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
-        let (in_flight, lost) = (r.used_blocks + r.orphaned_blocks, r.capacity - r.free_bytes);
+        let r = assert_only_in_flight_lost(&m, (table_ptr, table_at), 2, &what);
         println!(
-            "  kill {round}: reclaim_dead() gave back {reclaimed} bytes; {in_flight} blocks ({lost} bytes) were in flight"
-        );
-        assert!(
-            in_flight <= 4 && lost <= 2 * IN_FLIGHT_BYTES,
-            "{what} lost {lost} bytes in {in_flight} blocks: {r:?}"
-        );
-        assert_eq!(
-            (r.unlisted_free_blocks, r.unmerged_pairs),
-            (0, 0),
-            "{what}: {r:?}"
+            "  kill {round}: reclaim_dead() gave back {reclaimed} bytes; {} blocks ({} bytes) were in flight",
+            r.used_blocks + r.orphaned_blocks,
+            r.capacity - r.free_bytes
         );
     }
 }
@@ -634,19 +638,7 @@ fn taking_a_dead_slot_over_recovers_what_it_held() {
         held_at_death += m.check().unwrap().orphaned_bytes;
         let heir = Matrix::open(m.id()).unwrap();
         let what = format!("death at step {k}, slot taken over");
-        free_recorded(&m, table(&m, table_at), 1, &what);
-        unsafe { m.free(table_ptr).unwrap() };
-        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
-        let (in_flight, lost) = (r.used_blocks + r.orphaned_blocks, r.capacity - r.free_bytes);
-        assert!(
-            in_flight <= 2 && lost <= IN_FLIGHT_BYTES,
-            "{what} lost {lost} bytes in {in_flight} blocks: {r:?}"
-        );
-        assert_eq!(
-            (r.unlisted_free_blocks, r.unmerged_pairs),
-            (0, 0),
-            "{what}: {r:?}"
-        );
+        assert_only_in_flight_lost(&m, (table_ptr, table_at), 1, &what);
         drop((heir, others));
     }
     assert!(held_at_death > 0, "no death fell inside the engine");
