@@ -372,19 +372,11 @@ impl Engine {
             self.my_slot().hidden.fetch_add(size as u64, SeqCst);
         }
         'list: loop {
-            let mut cur = node.claim.load(SeqCst);
-            loop {
-                let w = ClaimWord::from(cur);
-                debug_assert!(w.state == NodeState::Claimed && w.gen == hint.gen && !w.listed);
-                let listed = ClaimWord { listed: true, ..w };
-                match node
-                    .claim
-                    .compare_exchange(cur, listed.value(), SeqCst, SeqCst)
-                {
-                    Ok(_) => break,
-                    Err(v) => cur = v,
-                }
-            }
+            debug_assert!({
+                let w = ClaimWord::from(node.claim.load(SeqCst));
+                w.state == NodeState::Claimed && w.gen == hint.gen && !w.listed
+            });
+            self.set_listed(hint.node, true);
             self.push(head, hint.node);
             let mut cur = node.claim.load(SeqCst);
             loop {
@@ -421,15 +413,10 @@ impl Engine {
             if h.top == NIL || h.top >= self.node_capacity {
                 return;
             }
-            let node = self.node(h.top);
-            if ClaimWord::from(node.claim.load(SeqCst)).state != NodeState::Dead {
+            if ClaimWord::from(self.node(h.top).claim.load(SeqCst)).state != NodeState::Dead {
                 return;
             }
-            let next = node.next.load(Relaxed);
-            if head
-                .compare_exchange(cur, h.replaced(next).value(), Acquire, Relaxed)
-                .is_ok()
-            {
+            if self.unlink_top(head, cur, h.top) {
                 self.recycle(h.top);
             }
         }
@@ -539,7 +526,7 @@ impl Engine {
                 return Top::Other;
             };
             if self.unlink_top(head, cur, n) {
-                self.unlist_held(n);
+                self.set_listed(n, false);
             }
             return Top::Taken(hint, pos, hidden);
         }
@@ -561,18 +548,20 @@ impl Engine {
         head.compare_exchange(cur, new, Acquire, Acquire).is_ok()
     }
 
-    /// Clears `listed` on a node the caller holds and has just unlinked.
-    fn unlist_held(&self, n: u32) {
+    /// Sets `listed` on a node the caller holds: before pushing it, or
+    /// (clearing it) after unlinking it. A CAS loop, because others may set
+    /// `recheck` on the held node meanwhile.
+    fn set_listed(&self, n: u32, listed: bool) {
         let node = self.node(n);
         let mut cur = node.claim.load(SeqCst);
         loop {
-            let unlisted = ClaimWord {
-                listed: false,
+            let new = ClaimWord {
+                listed,
                 ..ClaimWord::from(cur)
             };
             match node
                 .claim
-                .compare_exchange(cur, unlisted.value(), SeqCst, SeqCst)
+                .compare_exchange(cur, new.value(), SeqCst, SeqCst)
             {
                 Ok(_) => return,
                 Err(v) => cur = v,
