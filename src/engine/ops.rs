@@ -92,6 +92,16 @@ impl Engine {
         let Claim::Got(pos, hidden) = self.claim(hint) else {
             return None;
         };
+        self.checked(hint, pos, hidden, at)
+    }
+
+    /// After `hint` was claimed with the block at `pos` (`hidden` granules
+    /// hidden): the held block if its header matches (and, with `at`, it is
+    /// the block at that position). A block elsewhere is given back; a
+    /// header that does not match (corruption, which the protocol never
+    /// produces) drops the block rather than hand out memory we cannot
+    /// vouch for.
+    fn checked(&self, hint: Hint, pos: u32, hidden: u32, at: Option<u32>) -> Option<Held> {
         match self.claimed_size(hint, pos) {
             Some(size) if at.is_none_or(|a| a == pos) => Some(Held {
                 hint,
@@ -212,20 +222,10 @@ impl Engine {
                 }
                 Top::Other => continue,
             };
-            let Some(size) = self.claimed_size(hint, pos) else {
-                // Corrupt entry (cannot happen under the protocol): drop it
-                // rather than hand out memory we cannot vouch for.
-                self.retire(hint);
-                self.unhide(hidden);
+            let Some(held) = self.checked(hint, pos, hidden, None) else {
                 continue;
             };
-            let held = Held {
-                hint,
-                pos,
-                size,
-                hidden,
-            };
-            if size < search {
+            if held.size < search {
                 // Filed under a larger class than its size (cannot happen
                 // with map_floor filing); put it back and go on.
                 if self.give_back(held) {

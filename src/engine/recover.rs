@@ -162,14 +162,14 @@ impl Engine {
     fn intact_extent(&self, n: u32, claim: u64) -> Option<(u32, u32)> {
         let gen = ClaimWord::from(claim).gen;
         let pos = self.node(n).block.load(SeqCst);
-        let size = self.live_block_size(pos)?;
-        if size < super::words::MIN_BLOCK || pos as u64 + size as u64 > self.heap_end as u64 {
-            return None;
-        }
+        // A free block starts at `pos` (inside the heap: word 1 may be read).
+        self.live_block_size(pos)?;
         let word1 = self.hint_at(pos);
         let intact = word1 == Hint { node: n, gen }
             || (word1.node == BESIDE_USED && self.used_ends_at(word1.gen, pos));
-        intact.then_some((pos, size))
+        // The same header checks as after a claim through word 1.
+        let size = intact.then(|| self.claimed_size(word1, pos))??;
+        Some((pos, size))
     }
 
     /// Whether the block at `used` is `Used` and ends exactly at `end`.
