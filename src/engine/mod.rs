@@ -159,6 +159,13 @@ impl Layout {
     }
 }
 
+/// The pid held in `slot` if that process is gone (it died without giving
+/// the slot back). Slow path: it asks the OS.
+fn dead_pid(slot: &Slot) -> Option<u64> {
+    let pid = slot.pid.load(SeqCst);
+    (pid != 0 && !crate::os::process_alive(pid as u32)).then_some(pid)
+}
+
 /// `ClaimWord::holder` of the threads of the handle in slot `slot` at
 /// generation `gen`: slot + 1 in bits 16..24, the generation's low 16 bits
 /// below.
@@ -275,10 +282,8 @@ impl Engine {
             .position(|s| s.pid.compare_exchange(0, me, SeqCst, Relaxed).is_ok());
         let taken = free.or_else(|| {
             slots.iter().position(|s| {
-                let pid = s.pid.load(SeqCst);
-                pid != 0
-                    && !crate::os::process_alive(pid as u32)
-                    && s.pid.compare_exchange(pid, me, SeqCst, Relaxed).is_ok()
+                dead_pid(s)
+                    .is_some_and(|pid| s.pid.compare_exchange(pid, me, SeqCst, Relaxed).is_ok())
             })
         });
         if let Some(i) = taken {
@@ -299,11 +304,9 @@ impl Engine {
     /// Slots (a bit each) whose process died without giving its slot
     /// back. Slow path: it asks the OS about each pid in use.
     pub(crate) fn dead_slots(&self) -> u128 {
-        let me = std::process::id() as u64;
         let mut dead = 0u128;
         for (i, slot) in self.control().slots[..SLOTS - 1].iter().enumerate() {
-            let pid = slot.pid.load(SeqCst);
-            if pid != 0 && pid != me && !crate::os::process_alive(pid as u32) {
+            if dead_pid(slot).is_some() {
                 dead |= 1 << i;
             }
         }
@@ -317,8 +320,10 @@ impl Engine {
     /// the next one to take it bumps its generation.
     pub(crate) fn free_dead_slots(&self, dead: u128) {
         for (i, slot) in self.control().slots[..SLOTS - 1].iter().enumerate() {
-            let pid = slot.pid.load(SeqCst);
-            if dead & (1 << i) != 0 && pid != 0 && !crate::os::process_alive(pid as u32) {
+            if dead & (1 << i) == 0 {
+                continue;
+            }
+            if let Some(pid) = dead_pid(slot) {
                 let _ = slot.pid.compare_exchange(pid, 0, SeqCst, Relaxed);
             }
         }
