@@ -4,7 +4,9 @@
 //! Dimensions: workload (mixed 32-544 B with ~10,000 live / 64-byte pair /
 //! producer-consumer / cross-process exchange / small objects 32-1024 B)
 //! × threads or processes (1, 2, 8) × allocator (matrix, System, mimalloc,
-//! atomic-matrix 0.4.1, rts-alloc 5).
+//! atomic-matrix 0.4.1, rts-alloc 5). The thread groups also measure the
+//! machine itself (`machine`: arithmetic only), so that each run shows what
+//! scaling its two cores allowed at the time.
 //!
 //! Every group takes turns over `ROUNDS` rounds, and each figure is the
 //! lowest round median (see `bench.rs`).
@@ -84,9 +86,34 @@ fn thread_scaling(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
                     });
                 }
             }
+            if pairs_per_iter == 0 {
+                // The machine's own scaling in the same round: work that
+                // shares nothing and touches no memory. On 2 cores it
+                // would be 2.0 at 2 threads; a neighbour's load lowers it,
+                // and then no allocator can do better.
+                for threads in [1, 2, 8] {
+                    bench_threads(&mut g, MACHINE, round, threads, |iters| {
+                        (0..iters).for_each(|_| {
+                            criterion::black_box(compute());
+                        })
+                    });
+                }
+            }
         }
         g.finish();
     }
+}
+
+/// The name under which `thread_scaling` measures `compute`.
+const MACHINE: &str = "machine";
+
+/// A few microseconds of dependent arithmetic, no memory access.
+fn compute() -> u64 {
+    let mut x = criterion::black_box(1u64);
+    for i in 0..10_000 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+    }
+    x
 }
 
 /// A bounded single-producer single-consumer ring of pointers.
@@ -474,7 +501,7 @@ fn print_ratios() {
             let (ratio, per_round) = time_ratio(group, a, a, ("/1", &format!("/{n}")))?;
             Some((n as f64 * ratio, n as f64 * per_round))
         };
-        for a in ["matrix", "system", "mimalloc"] {
+        for a in ["matrix", "system", "mimalloc", MACHINE] {
             if let (Some((s2, s2_round)), Some((s8, s8_round))) = (scaling(a, 2), scaling(a, 8)) {
                 println!(
                     "{group:>16} {a:>9}: throughput 2 threads / 1 = {s2:.2} (per round {s2_round:.2}), 8 threads / 1 = {s8:.2} (per round {s8_round:.2})"
