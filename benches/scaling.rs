@@ -4,9 +4,9 @@
 //! Dimensions: workload (mixed 32-544 B with ~10,000 live / 64-byte pair /
 //! producer-consumer / cross-process exchange / small objects 32-1024 B)
 //! × threads or processes (1, 2, 8) × allocator (matrix, System, mimalloc,
-//! atomic-matrix 0.4.1, rts-alloc 5). The thread groups also measure the
-//! machine itself (`machine`: arithmetic only), so that each run shows what
-//! scaling its two cores allowed at the time.
+//! atomic-matrix 0.4.1, rts-alloc 5). The mixed thread group also measures
+//! the machine itself (`machine-cpu`, `machine-memory`: no allocation), so
+//! that each run shows what scaling its two cores allowed at the time.
 //!
 //! Every group takes turns over `ROUNDS` rounds, and each figure is the
 //! lowest round median (see `bench.rs`).
@@ -87,16 +87,22 @@ fn thread_scaling(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
                 }
             }
             if pairs_per_iter == 0 {
-                // The machine's own scaling in the same round: work that
-                // shares nothing and touches no memory. On 2 cores it
-                // would be 2.0 at 2 threads; a neighbour's load lowers it,
-                // and then no allocator can do better.
-                for threads in [1, 2, 8] {
-                    bench_threads(&mut g, MACHINE, round, threads, |iters| {
-                        (0..iters).for_each(|_| {
-                            criterion::black_box(compute());
-                        })
-                    });
+                // The machine's own scaling in the same round, on work
+                // that shares nothing: arithmetic alone (`cpu`), and
+                // random updates of a private buffer the size of the
+                // workload's live set (`memory`). On 2 idle cores both
+                // would reach 2.0 at 2 threads; a neighbour's load lowers
+                // them, and an allocator's figure with them.
+                for (name, work) in [(CPU, cpu as fn(usize) -> u64), (MEMORY, memory)] {
+                    let next = AtomicUsize::new(0);
+                    for threads in [1, 2, 8] {
+                        bench_threads(&mut g, name, round, threads, |iters| {
+                            let t = next.fetch_add(1, Relaxed);
+                            (0..iters).for_each(|_| {
+                                criterion::black_box(work(t));
+                            })
+                        });
+                    }
                 }
             }
         }
@@ -104,16 +110,42 @@ fn thread_scaling(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
     }
 }
 
-/// The name under which `thread_scaling` measures `compute`.
-const MACHINE: &str = "machine";
+/// The names under which `thread_scaling` measures `cpu` and `memory`.
+const CPU: &str = "machine-cpu";
+const MEMORY: &str = "machine-memory";
 
-/// A few microseconds of dependent arithmetic, no memory access.
-fn compute() -> u64 {
-    let mut x = criterion::black_box(1u64);
-    for i in 0..10_000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
-    }
-    x
+/// Steps of `cpu` and `memory` per call: some tens of microseconds.
+const MACHINE_STEPS: usize = 10_000;
+
+/// One step of xorshift64: dependent arithmetic the compiler cannot fold.
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^ (x << 17)
+}
+
+/// Arithmetic only, no memory access.
+fn cpu(_: usize) -> u64 {
+    (0..MACHINE_STEPS).fold(criterion::black_box(1), |x, _| xorshift(x))
+}
+
+/// Random updates of buffer `t % 8`, 3 MiB (about the mixed workload's
+/// live set per thread), so that concurrent threads use different ones.
+fn memory(t: usize) -> u64 {
+    const WORDS: usize = 3 << 17;
+    static BUFFERS: std::sync::OnceLock<Vec<Vec<AtomicU64>>> = std::sync::OnceLock::new();
+    let buffers = BUFFERS.get_or_init(|| {
+        (0..8)
+            .map(|_| (0..WORDS).map(|_| AtomicU64::new(0)).collect())
+            .collect()
+    });
+    let buffer = &buffers[t % buffers.len()];
+    (0..MACHINE_STEPS).fold(criterion::black_box(1), |x, _| {
+        let x = xorshift(x);
+        let word = &buffer[x as usize % WORDS];
+        word.store(word.load(Relaxed).wrapping_add(x), Relaxed);
+        x
+    })
 }
 
 /// A bounded single-producer single-consumer ring of pointers.
@@ -501,7 +533,7 @@ fn print_ratios() {
             let (ratio, per_round) = time_ratio(group, a, a, ("/1", &format!("/{n}")))?;
             Some((n as f64 * ratio, n as f64 * per_round))
         };
-        for a in ["matrix", "system", "mimalloc", MACHINE] {
+        for a in ["matrix", "system", "mimalloc", CPU, MEMORY] {
             if let (Some((s2, s2_round)), Some((s8, s8_round))) = (scaling(a, 2), scaling(a, 8)) {
                 println!(
                     "{group:>16} {a:>9}: throughput 2 threads / 1 = {s2:.2} (per round {s2_round:.2}), 8 threads / 1 = {s8:.2} (per round {s8_round:.2})"
