@@ -15,7 +15,7 @@
 //! ```text
 //! Pool --prepare--> Claimed(unlisted) --go_live--> Live(listed) --claim--> Claimed
 //! Claimed --retire--> Dead (if listed) / Pool      Claimed --release--> Live (if listed) / republish
-//!  popper: Live -> Claimed(unlisted) | Claimed -> Claimed(unlisted) | Dead -> Pool
+//!  popper: Live -> Claimed(unlisted) | Claimed -> Claimed(unlisting) -> Claimed(unlisted) | Dead -> Pool
 //! ```
 //!
 //! Invariants:
@@ -28,6 +28,10 @@
 //!   popped; the popper clears it. A node that is not listed and not `Pool`
 //!   is recycled by its holder, a listed one by its popper: exactly one
 //!   party recycles a node;
+//! - a holder makes a listed node `Live` again only while it is not marked
+//!   `unlisting`: a popper marks a `Claimed` top before it unlinks it, so a
+//!   node that may be off its list is never made `Live` where it is (see
+//!   `mark_unlisting`);
 //! - a failed claim on a `Claimed` node sets `recheck`, and the holder settles
 //!   the block again when it lets go of it. So no thread ever waits for a
 //!   holder, and no merge is lost: the holder inherits it.
@@ -99,6 +103,7 @@ fn make_live(node: &super::Node, cur: u64) -> Result<u64, u64> {
     let live = ClaimWord {
         state: NodeState::Live,
         recheck: false,
+        unlisting: false,
         holder: 0,
         ..ClaimWord::from(cur)
     };
@@ -190,6 +195,7 @@ impl Engine {
                 state: NodeState::Pool,
                 listed: false,
                 recheck: false,
+                unlisting: false,
                 holder: 0,
                 gen: w.gen,
             }
@@ -312,12 +318,20 @@ impl Engine {
     /// node table is exhausted: the block is then written free but bound to
     /// no node.
     pub(super) fn prepare(&self, pos: u32, size: u32, word1: Option<Hint>) -> Option<Hint> {
-        let header = self.header(pos);
-        let Some((n, gen)) = self.node_alloc() else {
+        let hint = self.bind(pos, size, word1);
+        if hint.is_none() {
+            let header = self.header(pos);
             header[1].store(Hint { node: NIL, gen: 0 }.value(), SeqCst);
             header[0].store(HeaderWord::new(pos, size, BlockState::Free).value(), SeqCst);
-            return None;
-        };
+        }
+        hint
+    }
+
+    /// `prepare`, except that when no node is left it returns `None` with
+    /// nothing written.
+    fn bind(&self, pos: u32, size: u32, word1: Option<Hint>) -> Option<Hint> {
+        let header = self.header(pos);
+        let (n, gen) = self.node_alloc()?;
         let node = self.node(n);
         node.block.store(pos, Relaxed);
         // Held before anything of the block names it, so that no claim
@@ -327,6 +341,7 @@ impl Engine {
                 state: NodeState::Claimed,
                 listed: false,
                 recheck: false,
+                unlisting: false,
                 holder: self.holder_tag(),
                 gen,
             }
@@ -349,7 +364,9 @@ impl Engine {
     /// which `recover` gives back, where a `Live` node that never reached
     /// its list would leave its block to merges only. A popper that takes
     /// the held node off the list meanwhile clears `listed` and leaves it to
-    /// us (`take_popped`): it goes on the list again.
+    /// us (`take_popped`): it goes on the list again. One that marked it
+    /// `unlisting` may be about to take it off, or have died doing so: the
+    /// block then moves to a fresh node (see `mark_unlisting`).
     ///
     /// The `Live` CAS is the publication point and comes after the header
     /// and footer: a thread whose claim reads it also sees them. All stores
@@ -358,8 +375,7 @@ impl Engine {
     /// `ops`). Claims that failed on the held node may have set `recheck`;
     /// the caller settles the block after publishing it in any case, which
     /// serves them.
-    pub(super) fn go_live(&self, hint: Hint, size: u32, covered: Covered) {
-        let node = self.node(hint.node);
+    pub(super) fn go_live(&self, mut hint: Hint, size: u32, covered: Covered) {
         let (fl, sl) = map_floor(size);
         let head = &self.control().heads[fl][sl];
         self.drop_dead_tops(head);
@@ -371,24 +387,16 @@ impl Engine {
         if hide {
             self.my_slot().hidden.fetch_add(size as u64, SeqCst);
         }
-        'list: loop {
+        loop {
             debug_assert!({
-                let w = ClaimWord::from(node.claim.load(SeqCst));
+                let w = ClaimWord::from(self.node(hint.node).claim.load(SeqCst));
                 w.state == NodeState::Claimed && w.gen == hint.gen && !w.listed
             });
             self.set_listed(hint.node, true);
             self.push(head, hint.node);
-            let mut cur = node.claim.load(SeqCst);
-            loop {
-                if !ClaimWord::from(cur).listed {
-                    continue 'list;
-                }
-                // From this CAS on the block may be claimed and rewritten by
-                // someone else, so nothing of it may be written after it.
-                match make_live(node, cur) {
-                    Ok(_) => break 'list,
-                    Err(v) => cur = v,
-                }
+            match self.make_pushed_live(hint, size) {
+                Ok(()) => break,
+                Err(next) => hint = next,
             }
         }
         self.set_bits(fl, sl);
@@ -397,6 +405,36 @@ impl Engine {
         self.control().epoch.fetch_add(1, SeqCst);
         if hide {
             self.unhide(size);
+        }
+    }
+
+    /// The end of `go_live`, once the held node `hint` is pushed: makes it
+    /// `Live`, or returns the held, unlisted node to push instead: the same
+    /// one if a popper took it off the list meanwhile, or a fresh one bound
+    /// to the block if a popper marked it `unlisting` (it may have taken it
+    /// off the list and been killed before clearing `listed`, see
+    /// `mark_unlisting`; the old node goes to its popper). With no node to
+    /// spare, a marked node goes `Live` where it is, as before the mark.
+    fn make_pushed_live(&self, hint: Hint, size: u32) -> Result<(), Hint> {
+        let node = self.node(hint.node);
+        let mut cur = node.claim.load(SeqCst);
+        loop {
+            let w = ClaimWord::from(cur);
+            if !w.listed {
+                return Err(hint);
+            }
+            if w.unlisting {
+                if let Some(fresh) = self.bind(node.block.load(Relaxed), size, None) {
+                    self.retire(hint);
+                    return Err(fresh);
+                }
+            }
+            // From this CAS on the block may be claimed and rewritten by
+            // someone else, so nothing of it may be written after it.
+            match make_live(node, cur) {
+                Ok(_) => return Ok(()),
+                Err(v) => cur = v,
+            }
         }
     }
 
@@ -509,7 +547,8 @@ impl Engine {
     /// recoverable after a death) whenever it is off the list; a claim
     /// whose unlink loses a race leaves the node listed below the new top,
     /// as a claim through a hint does, to be retired `Dead`. A top that is
-    /// not `Live` is unlinked and handed to `take_popped`.
+    /// not `Live` is unlinked and handed to `take_popped`; a `Claimed` one
+    /// is first marked `unlisting` (see `mark_unlisting`).
     pub(super) fn take_top(&self, head: &AtomicU64) -> Top {
         let cur = head.load(Acquire);
         let n = ListHead::from(cur).top;
@@ -530,6 +569,9 @@ impl Engine {
             }
             return Top::Taken(hint, pos, hidden);
         }
+        if w.state == NodeState::Claimed && !self.mark_unlisting(n, w) {
+            return Top::Other;
+        }
         if !self.unlink_top(head, cur, n) {
             return Top::Other;
         }
@@ -548,15 +590,58 @@ impl Engine {
         head.compare_exchange(cur, new, Acquire, Acquire).is_ok()
     }
 
+    /// Marks the `Claimed` node `n` (claim word as `seen`, flags aside)
+    /// `unlisting` before a popper unlinks it from the top of its list.
+    /// Returns false if it is no longer so held (the caller looks again).
+    ///
+    /// Why: between the unlink and `take_popped`, which clears `listed`,
+    /// the node is off its list yet still says listed. A holder letting go
+    /// of it then would make it `Live` where it is (right for a listed
+    /// node), and were the popper killed before `take_popped`, the block
+    /// would stay published on no list, out of reach of allocations. The
+    /// mark, a CAS on the claim word that the holder's own CAS is ordered
+    /// with, tells the holder that the node may be off its list: it
+    /// publishes the block through a fresh node instead and retires this
+    /// one (`Dead`, which its popper, if alive, recycles; a killed popper
+    /// leaves one node unused, no memory). A popper whose unlink then fails
+    /// leaves the mark: it costs the holder a fresh node, nothing else.
+    fn mark_unlisting(&self, n: u32, seen: ClaimWord) -> bool {
+        let node = self.node(n);
+        let mut cur = node.claim.load(SeqCst);
+        loop {
+            let w = ClaimWord::from(cur);
+            if w.state != NodeState::Claimed || w.gen != seen.gen || !w.listed {
+                return false;
+            }
+            if w.unlisting {
+                return true;
+            }
+            let marked = ClaimWord {
+                unlisting: true,
+                ..w
+            };
+            match node
+                .claim
+                .compare_exchange(cur, marked.value(), SeqCst, SeqCst)
+            {
+                Ok(_) => return true,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
     /// Sets `listed` on a node the caller holds: before pushing it, or
-    /// (clearing it) after unlinking it. A CAS loop, because others may set
-    /// `recheck` on the held node meanwhile.
+    /// (clearing it) after unlinking it. Either way an `unlisting` mark from
+    /// an earlier stay on a list is stale, and goes. A CAS loop, because
+    /// others may set `recheck` (or `unlisting`, while it is listed) on the
+    /// held node meanwhile.
     fn set_listed(&self, n: u32, listed: bool) {
         let node = self.node(n);
         let mut cur = node.claim.load(SeqCst);
         loop {
             let new = ClaimWord {
                 listed,
+                unlisting: false,
                 ..ClaimWord::from(cur)
             };
             match node
@@ -591,10 +676,15 @@ impl Engine {
                     state: NodeState::Claimed,
                     listed: false,
                     recheck: false,
+                    unlisting: false,
                     holder: self.holder_tag(),
                     gen: w.gen,
                 },
-                NodeState::Claimed => ClaimWord { listed: false, ..w },
+                NodeState::Claimed => ClaimWord {
+                    listed: false,
+                    unlisting: false,
+                    ..w
+                },
                 NodeState::Dead => {
                     self.recycle(n);
                     return None;
@@ -662,12 +752,15 @@ impl Engine {
         let mut cur = node.claim.load(SeqCst);
         let again = loop {
             let w = ClaimWord::from(cur);
-            if !w.listed {
-                // Popped while we held it (the popper left it to us), or
-                // never listed. Published through a fresh node before this
-                // one goes, so that it is held at every moment (`recover`).
+            if !w.listed || w.unlisting {
+                // Popped while we held it (the popper left it to us), never
+                // listed, or maybe taken off its list by a popper that has
+                // not cleared `listed` yet (`mark_unlisting`). Published
+                // through a fresh node before this one goes, so that it is
+                // held at every moment (`recover`); this one is recycled,
+                // or left `Dead` to its popper while it says listed.
                 self.publish(pos, size, Covered::Yes);
-                self.recycle(hint.node);
+                self.retire(hint);
                 break true;
             }
             match make_live(node, cur) {
@@ -806,5 +899,94 @@ impl Engine {
             n = next;
         }
         best
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::words::{ClaimWord, ListHead, NodeState};
+    use super::super::Engine;
+    use super::{map_floor, Claim, Covered, Hint};
+    use crate::sync::Ordering::SeqCst;
+    use crate::Matrix;
+
+    /// A free block between two used ones, on its list (its node the top),
+    /// with its position and size.
+    fn lone_free_block(e: &Engine) -> (u32, u32) {
+        let [_, mid, _] = [1, 2, 3].map(|_| e.alloc(4000, 16).unwrap().pos);
+        e.free(mid).unwrap();
+        let size = e
+            .live_block_size(mid)
+            .expect("a free block, merged with nothing");
+        (mid, size)
+    }
+
+    /// What a popper does to a `Claimed` top before it is killed: marks it,
+    /// and unlinks it from its list.
+    fn popper_dies_after_unlink(e: &Engine, hint: Hint, size: u32) {
+        let (fl, sl) = map_floor(size);
+        let head = &e.control().heads[fl][sl];
+        let cur = head.load(SeqCst);
+        assert_eq!(ListHead::from(cur).top, hint.node);
+        let seen = ClaimWord::from(e.node(hint.node).claim.load(SeqCst));
+        assert_eq!(seen.state, NodeState::Claimed);
+        assert!(e.mark_unlisting(hint.node, seen));
+        assert!(e.unlink_top(head, cur, hint.node));
+    }
+
+    /// Every free block is on a list, and one allocation can take the block.
+    fn assert_listed_and_usable(e: &Engine, pos: u32) {
+        assert_eq!(e.check().unwrap().unlisted_free_blocks, 0);
+        assert_eq!(e.alloc(3000, 16).unwrap().pos, pos);
+    }
+
+    #[test]
+    fn a_claimed_block_whose_popper_died_goes_back_on_a_list_when_released() {
+        let m = Matrix::anonymous(1 << 20).unwrap();
+        let e = m.engine();
+        let (pos, size) = lone_free_block(e);
+        let hint = e.hint_at(pos);
+        let Claim::Got(_, hidden) = e.claim(hint) else {
+            panic!("claim");
+        };
+        popper_dies_after_unlink(e, hint, size);
+        e.release(hint, pos, size, hidden);
+        assert_listed_and_usable(e, pos);
+        assert_eq!(
+            ClaimWord::from(e.node(hint.node).claim.load(SeqCst)).state,
+            NodeState::Dead,
+            "the old node is left to its (dead) popper"
+        );
+    }
+
+    #[test]
+    fn a_block_being_published_whose_popper_died_goes_on_a_list_through_a_fresh_node() {
+        let m = Matrix::anonymous(1 << 20).unwrap();
+        let e = m.engine();
+        let (pos, size) = lone_free_block(e);
+        // Held and off its list, as a block about to be published is (a
+        // popper leaves a held node to its holder), then pushed again, as
+        // `go_live` does before it makes the node `Live`.
+        let hint = e.hint_at(pos);
+        let Claim::Got(_, hidden) = e.claim(hint) else {
+            panic!("claim");
+        };
+        popper_dies_after_unlink(e, hint, size);
+        assert!(
+            e.take_popped(hint.node).is_none(),
+            "held: left to its holder"
+        );
+        e.set_listed(hint.node, true);
+        let (fl, sl) = map_floor(size);
+        e.push(&e.control().heads[fl][sl], hint.node);
+        popper_dies_after_unlink(e, hint, size);
+        let Err(fresh) = e.make_pushed_live(hint, size) else {
+            panic!("made Live off every list");
+        };
+        assert_ne!(fresh, hint);
+        assert_eq!(e.hint_at(pos), fresh, "word 1 names the fresh node");
+        e.go_live(fresh, size, Covered::Yes);
+        e.unhide(hidden);
+        assert_listed_and_usable(e, pos);
     }
 }

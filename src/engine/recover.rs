@@ -49,10 +49,16 @@
 //! memory around it. A death between marking a node listed and pushing it
 //! also leaves that one node unusable (it is retired as if listed).
 //! Allocations claim a list's top node before they unlink it
-//! (`take_top`), so no free block is ever off its list without a holder.
-//! (Left: a top seen `Claimed`, unlinked, that its holder makes `Live`
-//! again before `take_popped` claims it; a death in that race leaves the
-//! block published on no list until a neighbour merges it.)
+//! (`take_top`), and mark a `Claimed` top `unlisting` before they unlink
+//! it, so that its holder publishes the block through a fresh node rather
+//! than make an unlinked node `Live` (`mark_unlisting`): no free block is
+//! ever off its list without a holder. A popper killed between that
+//! unlink and `take_popped` leaves the node itself unused (`Dead`, off
+//! every list, once its holder lets go), as a death between listing a node
+//! and pushing it does. Not covered: the last-resort sweep for `Dead` nodes
+//! when the node table is full (`sweep_dead`, which cannot run while free
+//! blocks are coalesced) takes each list private for a moment; a death
+//! inside it leaves that list's blocks on no list until merges reach them.
 
 use super::words::{BlockState, ClaimWord, HeaderWord, Hint, NodeState, BESIDE_USED, GRANULE_LOG};
 use super::Engine;

@@ -137,6 +137,9 @@ pub(crate) enum NodeState {
 ///              its publisher); cleared only by the thread that pops it
 /// bit   3      recheck: a claim failed while the node was Claimed; the holder
 ///              must settle the block again when it lets go of it
+/// bit   4      unlisting: a popper found the node Claimed at the top of its
+///              list and may unlink it (and die before clearing `listed`);
+///              its holder must then not make it Live where it is
 /// bits  8..32  holder: who holds a Claimed node ([`Engine::holder_tag`]:
 ///              slot + 1 and the slot generation's low 16 bits), so that
 ///              what a killed process held can be found; 0 otherwise
@@ -149,6 +152,7 @@ pub(crate) struct ClaimWord {
     pub state: NodeState,
     pub listed: bool,
     pub recheck: bool,
+    pub unlisting: bool,
     pub holder: u32,
     pub gen: u32,
 }
@@ -168,6 +172,7 @@ impl ClaimWord {
             state,
             listed: v & 4 != 0,
             recheck: v & 8 != 0,
+            unlisting: v & 16 != 0,
             holder: (v >> 8) as u32 & HOLDER_MASK,
             gen: (v >> 32) as u32,
         }
@@ -177,6 +182,7 @@ impl ClaimWord {
         self.state as u64
             | (self.listed as u64) << 2
             | (self.recheck as u64) << 3
+            | (self.unlisting as u64) << 4
             | ((self.holder & HOLDER_MASK) as u64) << 8
             | (self.gen as u64) << 32
     }
@@ -253,12 +259,14 @@ mod tests {
             NodeState::Claimed,
             NodeState::Dead,
         ] {
-            for (listed, recheck) in [(false, false), (true, false), (false, true), (true, true)] {
+            for flags in 0..8 {
+                let (listed, recheck, unlisting) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
                 for holder in [0, 1, HOLDER_MASK] {
                     let w = ClaimWord {
                         state,
                         listed,
                         recheck,
+                        unlisting,
                         holder,
                         gen: 0xdead_beef,
                     };
