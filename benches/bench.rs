@@ -10,14 +10,16 @@
 //! rounds (in `common`), each measuring every allocator once, and each
 //! allocator's figure is the lowest of its round medians (load only ever
 //! adds time). After criterion's own report, every round's medians and the
-//! ratios are printed.
+//! ratios are printed, then the same comparisons made by `interleaved`
+//! calls (see `common`): calls milliseconds apart instead of turns.
 //!
 //! Run: `cargo bench --bench bench`
 
 mod common;
 
 use common::{
-    median_ratio, pair, round_medians, round_name, BenchAlloc, GlobalMatrix, Mixed, Peer, ROUNDS,
+    interleaved, median_ratio, pair, round_medians, round_name, timed, timed_pairs, BenchAlloc,
+    GlobalMatrix, Mixed, Peer, ALTERNATIONS, PAIRS_PER_CALL, ROUNDS,
 };
 use criterion::Criterion;
 use matrix_alloc::Matrix;
@@ -106,4 +108,31 @@ fn main() {
     ] {
         print_ratios(group, &names, 2, per_op_div);
     }
+    println!(
+        "\ninterleaved: median of {ALTERNATIONS} paired calls (one mixed run, or {PAIRS_PER_CALL} pairs, each), time matrix / peer"
+    );
+    for (mine, peer, (mixed, pair)) in [
+        ("matrix", "system", interleaved_pair(&w, &matrix, &system)),
+        (
+            "matrix",
+            "mimalloc",
+            interleaved_pair(&w, &matrix, &mimalloc),
+        ),
+        (
+            "matrix-global",
+            "mimalloc",
+            interleaved_pair(&w, &global, &mimalloc),
+        ),
+    ] {
+        println!("{mine:>13} / {peer:<8}: mixed {mixed:5.2}, pair {pair:5.2}");
+    }
+}
+
+/// `a`'s time over `b`'s on the mixed workload and on the pair, by
+/// `interleaved` calls.
+fn interleaved_pair<A: BenchAlloc, B: BenchAlloc>(w: &Mixed, a: &A, b: &B) -> (f64, f64) {
+    let mut live = [(); 2].map(|_| Vec::with_capacity(20_000));
+    let [la, lb] = &mut live;
+    let mixed = interleaved(|| timed(|| w.run(a, la)), || timed(|| w.run(b, lb)));
+    (mixed, interleaved(|| timed_pairs(a), || timed_pairs(b)))
 }

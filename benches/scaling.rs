@@ -15,7 +15,10 @@
 
 mod common;
 
-use common::{median_ratio, pair, round_medians, round_name, BenchAlloc, Mixed, Peer, ROUNDS};
+use common::{
+    interleaved, median, median_ratio, pair, round_medians, round_name, timed_pairs, BenchAlloc,
+    Mixed, Peer, ALTERNATIONS, ROUNDS,
+};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 use matrix_alloc::{Matrix, Offset};
@@ -23,30 +26,41 @@ use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::alloc::{Layout, System};
 use std::process::Command;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::time::{Duration, Instant};
 
 /// Runs `work(thread)` on `threads` threads that start together; returns the
-/// wall time until the last one is done.
+/// wall time from their start until the last one is done.
+///
+/// The clock starts before the threads are let go and stops in the last
+/// thread to finish: were it read by this thread after a barrier, with 8
+/// threads on 2 cores it could be scheduled a time slice after the workers
+/// had started, and miss that much of their work (the `machine` rows then
+/// showed 8 threads doing more than twice the work of one on 2 cores).
 fn timed_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
-    let barrier = Barrier::new(threads + 1);
+    let ready = AtomicUsize::new(0);
+    let go = AtomicBool::new(false);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (barrier, work) = (&barrier, &work);
+                let (ready, go, work) = (&ready, &go, &work);
                 s.spawn(move || {
-                    barrier.wait();
+                    ready.fetch_add(1, AcqRel);
+                    while !go.load(Acquire) {
+                        std::thread::yield_now();
+                    }
                     work(t);
+                    Instant::now()
                 })
             })
             .collect();
-        barrier.wait();
-        let start = Instant::now();
-        for h in handles {
-            h.join().unwrap();
+        while ready.load(Acquire) < threads {
+            std::thread::yield_now();
         }
-        start.elapsed()
+        let start = Instant::now();
+        go.store(true, Release);
+        let end = handles.into_iter().map(|h| h.join().unwrap()).max();
+        end.map_or(Duration::ZERO, |end| end - start)
     })
 }
 
@@ -148,6 +162,68 @@ fn memory(t: usize) -> u64 {
     })
 }
 
+/// The thread scaling and producer/consumer comparisons again, by
+/// `interleaved` calls (see `common`): a call of one thread against a call
+/// of 2 or 8 threads that each do the same work, milliseconds apart.
+/// Returns the lines to print.
+fn interleaved_views(allocators: &[&(dyn BenchAlloc + Sync)]) -> Vec<String> {
+    let w = Mixed::new();
+    let scaling = |n: usize, work: &(dyn Fn(usize) + Sync)| {
+        n as f64 * interleaved(|| timed_threads(1, work), || timed_threads(n, work))
+    };
+    let mut lines = vec![format!(
+        "interleaved: median of {ALTERNATIONS} paired calls; throughput n threads / 1 = n x time(1 thread) / time(n threads), each thread doing the same work"
+    )];
+    for &a in allocators {
+        // Each thread's work in one call: a few milliseconds, so that
+        // starting the thread (and its cache) is a small part of it.
+        let w = &w;
+        let m = move |_: usize| {
+            let mut live = Vec::with_capacity(20_000);
+            (0..4).for_each(|_| w.run(a, &mut live));
+        };
+        let p = move |_: usize| {
+            (0..40).for_each(|_| {
+                timed_pairs(a);
+            })
+        };
+        lines.push(format!(
+            "{:>14}: mixed 2/1 = {:.2}, 8/1 = {:.2}; pair 2/1 = {:.2}, 8/1 = {:.2}",
+            a.name(),
+            scaling(2, &m),
+            scaling(8, &m),
+            scaling(2, &p),
+            scaling(8, &p)
+        ));
+    }
+    for (name, work) in [(CPU, cpu as fn(usize) -> u64), (MEMORY, memory)] {
+        let call = move |t: usize| {
+            (0..50).for_each(|_| {
+                criterion::black_box(work(t));
+            })
+        };
+        lines.push(format!(
+            "{name:>14}: 2/1 = {:.2}, 8/1 = {:.2}",
+            scaling(2, &call),
+            scaling(8, &call)
+        ));
+    }
+    let [matrix, peers @ ..] = allocators else {
+        return lines;
+    };
+    for peer in peers {
+        let r = interleaved(
+            || produce_consume(*matrix, 20_000),
+            || produce_consume(*peer, 20_000),
+        );
+        lines.push(format!(
+            "producer/consumer, 20,000 blocks a call: matrix / {} = {r:.2} (time)",
+            peer.name()
+        ));
+    }
+    lines
+}
+
 /// A bounded single-producer single-consumer ring of pointers.
 struct Ring {
     slots: Vec<AtomicUsize>,
@@ -186,27 +262,31 @@ impl Ring {
 fn producer_consumer(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
     let mut g = c.benchmark_group("producer_consumer_64");
     g.throughput(criterion::Throughput::Elements(1));
-    let layout = Layout::from_size_align(64, 8).unwrap();
     for round in 0..ROUNDS {
         for a in allocators {
             g.bench_function(round_name(a.name(), round), |b| {
-                b.iter_custom(|iters| {
-                    let ring = Ring::new(4096);
-                    timed_threads(2, |t| {
-                        for _ in 0..iters {
-                            if t == 0 {
-                                ring.push(a.alloc(layout) as usize);
-                            } else {
-                                // SAFETY: every pointer was allocated with `layout`, once.
-                                unsafe { a.free(ring.pop() as *mut u8, layout) };
-                            }
-                        }
-                    })
-                })
+                b.iter_custom(|iters| produce_consume(*a, iters))
             });
         }
     }
     g.finish();
+}
+
+/// One thread allocates `blocks` 64-byte blocks and hands them through a
+/// ring to another, which frees them; the time until both are done.
+fn produce_consume(a: &(dyn BenchAlloc + Sync), blocks: u64) -> Duration {
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    let ring = Ring::new(4096);
+    timed_threads(2, |t| {
+        for _ in 0..blocks {
+            if t == 0 {
+                ring.push(a.alloc(layout) as usize);
+            } else {
+                // SAFETY: every pointer was allocated with `layout`, once.
+                unsafe { a.free(ring.pop() as *mut u8, layout) };
+            }
+        }
+    })
 }
 
 // ---- two processes against two threads ----------------------------------------
@@ -453,6 +533,13 @@ impl BenchAlloc for RtsWorker<'_> {
 
 static PEER_CRASHES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
+/// Where the atomic-matrix child of `round` leaves its interleaved ratio
+/// on the pair.
+fn interleaved_peer_file(round: &str) -> std::path::PathBuf {
+    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    std::path::Path::new(&dir).join(format!("criterion/atomic-matrix-interleaved-r{round}"))
+}
+
 /// One single-thread workload for one allocator, in group `peers_single_thread`.
 /// Generic, as in `bench`: each allocator's calls inline into the loop
 /// as far as its code allows.
@@ -486,6 +573,7 @@ fn peers(c: &mut Criterion, matrix: &Matrix) {
                 continue;
             }
             let id = uuid::Uuid::new_v4().to_string();
+            let _ = std::fs::remove_file(interleaved_peer_file(&round.to_string()));
             let status = Command::new(std::env::current_exe().unwrap())
                 .env("MATRIX_BENCH_ISOLATED", format!("{workload} {id} {round}"))
                 .args(std::env::args().skip(1))
@@ -618,6 +706,12 @@ fn main() {
             .configure_from_args();
         let am = AtomicMatrixPeer::new(id, 256 << 20);
         single_thread(&mut c, &am, workload, round.parse().unwrap());
+        if workload == "pair_64" {
+            // Side by side in this process too, for the interleaved view.
+            let m = Matrix::anonymous(64 << 20).expect("segment");
+            let r = interleaved(|| timed_pairs(&am), || timed_pairs(&m));
+            std::fs::write(interleaved_peer_file(round), r.to_string()).unwrap();
+        }
         return;
     }
     let mut c = Criterion::default()
@@ -632,6 +726,22 @@ fn main() {
     producer_consumer(&mut c, &all);
     cross_process(&mut c);
     peers(&mut c, &matrix);
+    let views = interleaved_views(&all);
     c.final_summary();
     print_ratios();
+    println!();
+    for line in views {
+        println!("{line}");
+    }
+    let am: Vec<f64> = (0..ROUNDS)
+        .filter_map(|r| std::fs::read_to_string(interleaved_peer_file(&r.to_string())).ok())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    if !am.is_empty() {
+        println!(
+            "pair, {} child runs: atomic-matrix / matrix = {:.1}x (median of the runs' interleaved medians)",
+            am.len(),
+            median(am.clone())
+        );
+    }
 }

@@ -185,13 +185,62 @@ pub fn round_medians(group: &str, name: &str, suffix: &str) -> Vec<f64> {
 /// load (a second view besides the ratio of the lowest medians, which one
 /// lucky turn can move).
 pub fn median_ratio(mine: &[f64], peer: &[f64]) -> f64 {
-    let mut r: Vec<f64> = mine.iter().zip(peer).map(|(a, b)| a / b).collect();
-    r.sort_by(f64::total_cmp);
-    match r.len() {
+    median(mine.iter().zip(peer).map(|(a, b)| a / b).collect())
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
         0 => f64::NAN,
-        n if n % 2 == 1 => r[n / 2],
-        n => (r[n / 2 - 1] + r[n / 2]) / 2.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
+}
+
+/// Calls of each side in `interleaved`.
+pub const ALTERNATIONS: usize = 201;
+
+/// The median over `ALTERNATIONS` pairs of calls of `time(a) / time(b)`,
+/// each call timing itself (a few milliseconds at most), in the order
+/// a b, b a, a b, ... so that a drift in the machine's speed favours
+/// neither side.
+///
+/// A third view besides criterion's turns, for these shared machines: the
+/// two calls of a pair run milliseconds apart and share that moment's
+/// load, where two turns of a round are a second or more apart.
+pub fn interleaved(
+    mut a: impl FnMut() -> std::time::Duration,
+    mut b: impl FnMut() -> std::time::Duration,
+) -> f64 {
+    median(
+        (0..ALTERNATIONS)
+            .map(|k| {
+                let (ta, tb) = if k % 2 == 0 {
+                    let ta = a();
+                    (ta, b())
+                } else {
+                    let tb = b();
+                    (a(), tb)
+                };
+                ta.as_secs_f64() / tb.as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// How long `f` takes.
+pub fn timed(f: impl FnOnce()) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    f();
+    start.elapsed()
+}
+
+/// 64-byte pairs per call of `interleaved`.
+pub const PAIRS_PER_CALL: usize = 10_000;
+
+/// `PAIRS_PER_CALL` pairs of `a`, timed.
+pub fn timed_pairs<A: BenchAlloc + ?Sized>(a: &A) -> std::time::Duration {
+    timed(|| (0..PAIRS_PER_CALL).for_each(|_| pair(a)))
 }
 
 /// Reads criterion's median estimate (ns) for one benchmark.
