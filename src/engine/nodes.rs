@@ -910,15 +910,20 @@ mod tests {
     use crate::sync::Ordering::SeqCst;
     use crate::Matrix;
 
-    /// A free block between two used ones, on its list (its node the top),
-    /// with its position and size.
-    fn lone_free_block(e: &Engine) -> (u32, u32) {
-        let [_, mid, _] = [1, 2, 3].map(|_| e.alloc(4000, 16).unwrap().pos);
-        e.free(mid).unwrap();
+    /// A free block between two used ones, its node the top of its list,
+    /// claimed through its hint: its position, size, hint, and the
+    /// granules the claim hid.
+    fn claimed_lone_block(e: &Engine) -> (u32, u32, Hint, u32) {
+        let [_, pos, _] = [1, 2, 3].map(|_| e.alloc(4000, 16).unwrap().pos);
+        e.free(pos).unwrap();
         let size = e
-            .live_block_size(mid)
+            .live_block_size(pos)
             .expect("a free block, merged with nothing");
-        (mid, size)
+        let hint = e.hint_at(pos);
+        let Claim::Got(_, hidden) = e.claim(hint) else {
+            panic!("claim");
+        };
+        (pos, size, hint, hidden)
     }
 
     /// What a popper does to a `Claimed` top before it is killed: marks it,
@@ -944,11 +949,7 @@ mod tests {
     fn a_claimed_block_whose_popper_died_goes_back_on_a_list_when_released() {
         let m = Matrix::anonymous(1 << 20).unwrap();
         let e = m.engine();
-        let (pos, size) = lone_free_block(e);
-        let hint = e.hint_at(pos);
-        let Claim::Got(_, hidden) = e.claim(hint) else {
-            panic!("claim");
-        };
+        let (pos, size, hint, hidden) = claimed_lone_block(e);
         popper_dies_after_unlink(e, hint, size);
         e.release(hint, pos, size, hidden);
         assert_listed_and_usable(e, pos);
@@ -963,14 +964,10 @@ mod tests {
     fn a_block_being_published_whose_popper_died_goes_on_a_list_through_a_fresh_node() {
         let m = Matrix::anonymous(1 << 20).unwrap();
         let e = m.engine();
-        let (pos, size) = lone_free_block(e);
         // Held and off its list, as a block about to be published is (a
         // popper leaves a held node to its holder), then pushed again, as
         // `go_live` does before it makes the node `Live`.
-        let hint = e.hint_at(pos);
-        let Claim::Got(_, hidden) = e.claim(hint) else {
-            panic!("claim");
-        };
+        let (pos, size, hint, hidden) = claimed_lone_block(e);
         popper_dies_after_unlink(e, hint, size);
         assert!(
             e.take_popped(hint.node).is_none(),
