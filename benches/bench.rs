@@ -68,6 +68,7 @@ fn print_ratios(group: &str, names: &[&str], ours: usize, per_op_div: f64) {
 }
 
 fn main() {
+    let cpu = common::CpuTimes::now();
     let mut c = Criterion::default()
         .warm_up_time(common::WARM_UP)
         .measurement_time(common::MEASURE)
@@ -125,6 +126,9 @@ fn main() {
         ),
     ] {
         println!("{mine:>13} / {peer:<8}: mixed {mixed:5.2}, pair {pair:5.2}");
+    }
+    if let Some(cpu) = cpu {
+        println!("{}", cpu.steal_line());
     }
 }
 

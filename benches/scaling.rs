@@ -714,6 +714,7 @@ fn main() {
         }
         return;
     }
+    let cpu = common::CpuTimes::now();
     let mut c = Criterion::default()
         .warm_up_time(common::WARM_UP)
         .measurement_time(common::MEASURE)
@@ -743,5 +744,8 @@ fn main() {
             am.len(),
             median(am.clone())
         );
+    }
+    if let Some(cpu) = cpu {
+        println!("{}", cpu.steal_line());
     }
 }

@@ -251,3 +251,49 @@ fn median_ns(group: &str, name: &str) -> Option<f64> {
         serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     json["median"]["point_estimate"].as_f64()
 }
+
+/// The machine's CPU time counters (`/proc/stat`, all CPUs, in ticks):
+/// what this VM ran, and what the hypervisor gave to others while this VM
+/// had work (steal).
+#[derive(Clone, Copy)]
+pub struct CpuTimes {
+    busy: u64,
+    steal: u64,
+}
+
+impl CpuTimes {
+    /// `None` where `/proc/stat` cannot be read.
+    pub fn now() -> Option<CpuTimes> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .map(|t| t.parse().unwrap_or(0))
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        let field = |i: usize| ticks.get(i).copied().unwrap_or(0);
+        Some(CpuTimes {
+            busy: field(0) + field(1) + field(2) + field(5) + field(6),
+            steal: field(7),
+        })
+    }
+
+    /// The line that says how much of the run's CPU time the hypervisor
+    /// took for its other guests since `self`: time the benchmarks waited
+    /// for, on every allocator alike but not at the same moments.
+    pub fn steal_line(self) -> String {
+        match CpuTimes::now() {
+            Some(end) => {
+                let (busy, steal) = (end.busy - self.busy, end.steal - self.steal);
+                format!(
+                    "machine: the hypervisor took {:.0}% of this run's CPU time for other guests (steal {steal} of {} ticks)",
+                    100.0 * steal as f64 / (busy + steal).max(1) as f64,
+                    busy + steal
+                )
+            }
+            None => "machine: /proc/stat not readable".into(),
+        }
+    }
+}
