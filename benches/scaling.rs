@@ -107,7 +107,7 @@ fn thread_scaling(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
                 // workload's live set (`memory`). On 2 idle cores both
                 // would reach 2.0 at 2 threads; a neighbour's load lowers
                 // them, and an allocator's figure with them.
-                for (name, work) in [(CPU, cpu as fn(usize) -> u64), (MEMORY, memory)] {
+                for (name, work) in MACHINE_ROWS {
                     let next = AtomicUsize::new(0);
                     for threads in [1, 2, 8] {
                         bench_threads(&mut g, name, round, threads, |iters| {
@@ -127,6 +127,12 @@ fn thread_scaling(c: &mut Criterion, allocators: &[&(dyn BenchAlloc + Sync)]) {
 /// The names under which `thread_scaling` measures `cpu` and `memory`.
 const CPU: &str = "machine-cpu";
 const MEMORY: &str = "machine-memory";
+
+/// One call's work of a machine row, given the thread.
+type MachineWork = fn(usize) -> u64;
+
+/// The machine's own rows, by name.
+const MACHINE_ROWS: [(&str, MachineWork); 2] = [(CPU, cpu), (MEMORY, memory)];
 
 /// Steps of `cpu` and `memory` per call: some tens of microseconds.
 const MACHINE_STEPS: usize = 10_000;
@@ -196,7 +202,7 @@ fn interleaved_views(allocators: &[&(dyn BenchAlloc + Sync)]) -> Vec<String> {
             scaling(8, &p)
         ));
     }
-    for (name, work) in [(CPU, cpu as fn(usize) -> u64), (MEMORY, memory)] {
+    for (name, work) in MACHINE_ROWS {
         let call = move |t: usize| {
             (0..50).for_each(|_| {
                 criterion::black_box(work(t));
@@ -742,7 +748,7 @@ fn main() {
         println!(
             "pair, {} child runs: atomic-matrix / matrix = {:.1}x (median of the runs' interleaved medians)",
             am.len(),
-            median(am.clone())
+            median(am)
         );
     }
     if let Some(cpu) = cpu {
