@@ -476,22 +476,35 @@ impl Engine {
     /// Last resort when the node table is exhausted: takes every free list
     /// private for a moment, recycles its `Dead` nodes and pushes the others
     /// back. Blocks are invisible to allocators only during the sweep of
-    /// their own list.
+    /// their own list, and the sweep counts as a pop in flight meanwhile
+    /// (`popping`), so that an allocation that finds nothing waits for it
+    /// instead of reporting out-of-memory. It ends as a publication does
+    /// (bits set after the pushes, then `epoch`, then the count), so that
+    /// an allocation that sees the count drop also sees the blocks back
+    /// (see `ops::take_block`).
     fn sweep_dead(&self) {
-        for fl in self.control().heads.iter() {
-            for head in fl.iter() {
+        self.my_slot().popping.fetch_add(1, SeqCst);
+        for (fl, row) in self.control().heads.iter().enumerate() {
+            for (sl, head) in row.iter().enumerate() {
                 let mut n = self.take_all(head);
+                let mut pushed = false;
                 while n != NIL && n < self.node_capacity {
                     let next = self.node(n).next.load(Relaxed);
                     if ClaimWord::from(self.node(n).claim.load(SeqCst)).state == NodeState::Dead {
                         self.recycle(n);
                     } else {
                         self.push(head, n);
+                        pushed = true;
                     }
                     n = next;
                 }
+                if pushed {
+                    self.set_bits(fl, sl);
+                }
             }
         }
+        self.control().epoch.fetch_add(1, SeqCst);
+        self.my_slot().popping.fetch_sub(1, SeqCst);
     }
 
     /// Tries to take ownership of the free block a hint points to.
@@ -958,6 +971,39 @@ mod tests {
             NodeState::Dead,
             "the old node is left to its (dead) popper"
         );
+    }
+
+    #[test]
+    fn the_last_resort_sweep_recycles_buried_dead_nodes_and_keeps_the_rest_listed() {
+        let m = Matrix::anonymous(1 << 20).unwrap();
+        let e = m.engine();
+        // A `Dead` node under two others on one list: the block's node is
+        // retired while listed, after the block went back through a fresh
+        // node (as a release of a marked node does), and another block of
+        // the class is freed on top.
+        let (pos, size, hint, hidden) = claimed_lone_block(e);
+        e.publish(pos, size, Covered::Yes);
+        e.retire(hint);
+        e.unhide(hidden);
+        let [_, other, _] = [1, 2, 3].map(|_| e.alloc(4000, 16).unwrap().pos);
+        e.free(other).unwrap();
+        let state = |n: u32| ClaimWord::from(e.node(n).claim.load(SeqCst)).state;
+        assert_eq!(state(hint.node), NodeState::Dead);
+        let epoch = e.control().epoch.load(SeqCst);
+
+        e.sweep_dead();
+
+        assert_eq!(state(hint.node), NodeState::Pool, "recycled");
+        assert!(e.control().epoch.load(SeqCst) > epoch);
+        assert_eq!(e.my_slot().popping.load(SeqCst), 0);
+        let report = e.check().unwrap();
+        assert_eq!(report.unlisted_free_blocks, 0);
+        // Both blocks are still there for allocations.
+        let mut got = [0, 1].map(|_| e.alloc(3000, 16).unwrap().pos);
+        got.sort();
+        let mut want = [pos, other];
+        want.sort();
+        assert_eq!(got, want);
     }
 
     #[test]
