@@ -939,38 +939,91 @@ mod tests {
         (pos, size, hint, hidden)
     }
 
-    /// What a popper does to a `Claimed` top before it is killed: marks it,
-    /// and unlinks it from its list.
-    fn popper_dies_after_unlink(e: &Engine, hint: Hint, size: u32) {
+    /// A popper that finds the held node `hint` at the top of its list and
+    /// takes it as `take_top` does (reads the head, marks the node, unlinks
+    /// it, `take_popped`), killed after `steps` of those steps, with
+    /// `holder` run before the popper's step `holder_at` (or after its
+    /// last). Then the block at `pos` must be on a list, and allocatable.
+    fn popper_killed_around(
+        e: &Engine,
+        (pos, size, hint): (u32, u32, Hint),
+        steps: usize,
+        holder_at: usize,
+        holder: impl FnOnce(),
+    ) {
         let (fl, sl) = map_floor(size);
         let head = &e.control().heads[fl][sl];
+        let n = hint.node;
         let cur = head.load(SeqCst);
-        assert_eq!(ListHead::from(cur).top, hint.node);
-        let seen = ClaimWord::from(e.node(hint.node).claim.load(SeqCst));
-        assert_eq!(seen.state, NodeState::Claimed);
-        assert!(e.mark_unlisting(hint.node, seen));
-        assert!(e.unlink_top(head, cur, hint.node));
+        assert_eq!(ListHead::from(cur).top, n);
+        let seen = ClaimWord::from(e.node(n).claim.load(SeqCst));
+        let mut holder = Some(holder);
+        let mut going = true;
+        for step in 0..=steps {
+            if step == holder_at {
+                holder.take().unwrap()();
+            }
+            if step < steps && going {
+                going = match step {
+                    0 => e.mark_unlisting(n, seen),
+                    1 => e.unlink_top(head, cur, n),
+                    _ => {
+                        // A holder never makes a marked node `Live`, so
+                        // there is nothing for the popper to take.
+                        assert!(e.take_popped(n).is_none());
+                        true
+                    }
+                };
+            }
+        }
+        let why = format!("popper killed after {steps} steps, holder before step {holder_at}");
+        assert_eq!(e.check().unwrap().unlisted_free_blocks, 0, "{why}");
+        assert_eq!(e.alloc(3000, 16).unwrap().pos, pos, "{why}");
     }
 
-    /// Every free block is on a list, and one allocation can take the block.
-    fn assert_listed_and_usable(e: &Engine, pos: u32) {
-        assert_eq!(e.check().unwrap().unlisted_free_blocks, 0);
-        assert_eq!(e.alloc(3000, 16).unwrap().pos, pos);
+    /// Every (steps, holder_at) that `popper_killed_around` takes.
+    fn interleavings() -> impl Iterator<Item = (usize, usize)> {
+        (0..=3).flat_map(|steps| (0..=steps).map(move |at| (steps, at)))
     }
 
+    /// A holder that lets go of a `Claimed` top (`release`) while a popper
+    /// takes it, and the popper is killed at any step.
     #[test]
-    fn a_claimed_block_whose_popper_died_goes_back_on_a_list_when_released() {
-        let m = Matrix::anonymous(1 << 20).unwrap();
-        let e = m.engine();
-        let (pos, size, hint, hidden) = claimed_lone_block(e);
-        popper_dies_after_unlink(e, hint, size);
-        e.release(hint, pos, size, hidden);
-        assert_listed_and_usable(e, pos);
-        assert_eq!(
-            ClaimWord::from(e.node(hint.node).claim.load(SeqCst)).state,
-            NodeState::Dead,
-            "the old node is left to its (dead) popper"
-        );
+    fn a_released_top_survives_its_popper_dying_at_any_step() {
+        for (steps, at) in interleavings() {
+            let m = Matrix::anonymous(1 << 20).unwrap();
+            let e = m.engine();
+            let (pos, size, hint, hidden) = claimed_lone_block(e);
+            popper_killed_around(e, (pos, size, hint), steps, at, || {
+                e.release(hint, pos, size, hidden);
+            });
+        }
+    }
+
+    /// A holder that publishes a block (`go_live`, its node pushed and not
+    /// yet `Live`) while a popper takes the node, and the popper is killed
+    /// at any step.
+    #[test]
+    fn a_top_being_published_survives_its_popper_dying_at_any_step() {
+        for (steps, at) in interleavings() {
+            let m = Matrix::anonymous(1 << 20).unwrap();
+            let e = m.engine();
+            let (pos, size, hint, hidden) = claimed_lone_block(e);
+            // Off its list and held, as an allocation leaves a node it took
+            // (`take_top`), then listed and pushed again, as `go_live` does
+            // before it makes the node `Live`.
+            let head = &e.control().heads[map_floor(size).0][map_floor(size).1];
+            assert!(e.unlink_top(head, head.load(SeqCst), hint.node));
+            e.set_listed(hint.node, false);
+            e.set_listed(hint.node, true);
+            e.push(head, hint.node);
+            popper_killed_around(e, (pos, size, hint), steps, at, || {
+                if let Err(next) = e.make_pushed_live(hint, size) {
+                    e.go_live(next, size, Covered::Yes);
+                }
+                e.unhide(hidden);
+            });
+        }
     }
 
     #[test]
@@ -1004,32 +1057,5 @@ mod tests {
         let mut want = [pos, other];
         want.sort();
         assert_eq!(got, want);
-    }
-
-    #[test]
-    fn a_block_being_published_whose_popper_died_goes_on_a_list_through_a_fresh_node() {
-        let m = Matrix::anonymous(1 << 20).unwrap();
-        let e = m.engine();
-        // Held and off its list, as a block about to be published is (a
-        // popper leaves a held node to its holder), then pushed again, as
-        // `go_live` does before it makes the node `Live`.
-        let (pos, size, hint, hidden) = claimed_lone_block(e);
-        popper_dies_after_unlink(e, hint, size);
-        assert!(
-            e.take_popped(hint.node).is_none(),
-            "held: left to its holder"
-        );
-        e.set_listed(hint.node, true);
-        let (fl, sl) = map_floor(size);
-        e.push(&e.control().heads[fl][sl], hint.node);
-        popper_dies_after_unlink(e, hint, size);
-        let Err(fresh) = e.make_pushed_live(hint, size) else {
-            panic!("made Live off every list");
-        };
-        assert_ne!(fresh, hint);
-        assert_eq!(e.hint_at(pos), fresh, "word 1 names the fresh node");
-        e.go_live(fresh, size, Covered::Yes);
-        e.unhide(hidden);
-        assert_listed_and_usable(e, pos);
     }
 }
