@@ -920,13 +920,20 @@ mod tests {
     use super::super::words::{ClaimWord, ListHead, NodeState};
     use super::super::Engine;
     use super::{map_floor, Claim, Covered, Hint};
-    use crate::sync::Ordering::SeqCst;
+    use crate::sync::{AtomicU64, Ordering::SeqCst};
     use crate::Matrix;
 
     /// A free block between two used ones, its node the top of its list,
-    /// claimed through its hint: its position, size, hint, and the
-    /// granules the claim hid.
-    fn claimed_lone_block(e: &Engine) -> (u32, u32, Hint, u32) {
+    /// claimed through its hint.
+    struct Lone {
+        pos: u32,
+        size: u32,
+        hint: Hint,
+        /// Granules the claim hid.
+        hidden: u32,
+    }
+
+    fn claimed_lone_block(e: &Engine) -> Lone {
         let [_, pos, _] = [1, 2, 3].map(|_| e.alloc(4000, 16).unwrap().pos);
         e.free(pos).unwrap();
         let size = e
@@ -936,68 +943,77 @@ mod tests {
         let Claim::Got(_, hidden) = e.claim(hint) else {
             panic!("claim");
         };
-        (pos, size, hint, hidden)
+        Lone {
+            pos,
+            size,
+            hint,
+            hidden,
+        }
     }
 
-    /// A popper that finds the held node `hint` at the top of its list and
-    /// takes it as `take_top` does (reads the head, marks the node, unlinks
-    /// it, `take_popped`), killed after `steps` of those steps, with
-    /// `holder` run before the popper's step `holder_at` (or after its
-    /// last). Then the block at `pos` must be on a list, and allocatable.
-    fn popper_killed_around(
-        e: &Engine,
-        (pos, size, hint): (u32, u32, Hint),
-        steps: usize,
-        holder_at: usize,
-        holder: impl FnOnce(),
-    ) {
+    /// The free list of blocks of `size` granules.
+    fn list_of(e: &Engine, size: u32) -> &AtomicU64 {
         let (fl, sl) = map_floor(size);
-        let head = &e.control().heads[fl][sl];
-        let n = hint.node;
-        let cur = head.load(SeqCst);
-        assert_eq!(ListHead::from(cur).top, n);
-        let seen = ClaimWord::from(e.node(n).claim.load(SeqCst));
-        let mut holder = Some(holder);
-        let mut going = true;
-        for step in 0..=steps {
-            if step == holder_at {
-                holder.take().unwrap()();
-            }
-            if step < steps && going {
-                going = match step {
-                    0 => e.mark_unlisting(n, seen),
-                    1 => e.unlink_top(head, cur, n),
-                    _ => {
-                        // A holder never makes a marked node `Live`, so
-                        // there is nothing for the popper to take.
-                        assert!(e.take_popped(n).is_none());
-                        true
+        &e.control().heads[fl][sl]
+    }
+
+    /// For every interleaving: a popper that finds the held node of a
+    /// `claimed_lone_block` (after `prepare`) at the top of its list and
+    /// takes it as `take_top` does (reads the head, marks the node, unlinks
+    /// it, `take_popped`), killed after 0 to 3 of those steps, with
+    /// `holder` run before any one of the popper's steps or after its
+    /// last. Then the block must be on a list, and allocatable.
+    fn popper_killed_at_any_step(
+        prepare: impl Fn(&Engine, &Lone),
+        holder: impl Fn(&Engine, &Lone),
+    ) {
+        for steps in 0..=3 {
+            for holder_at in 0..=steps {
+                let m = Matrix::anonymous(1 << 20).unwrap();
+                let e = m.engine();
+                let b = claimed_lone_block(e);
+                prepare(e, &b);
+                let head = list_of(e, b.size);
+                let n = b.hint.node;
+                let cur = head.load(SeqCst);
+                assert_eq!(ListHead::from(cur).top, n);
+                let seen = ClaimWord::from(e.node(n).claim.load(SeqCst));
+                let mut going = true;
+                for step in 0..=steps {
+                    if step == holder_at {
+                        holder(e, &b);
                     }
-                };
+                    if step < steps && going {
+                        going = match step {
+                            0 => e.mark_unlisting(n, seen),
+                            1 => e.unlink_top(head, cur, n),
+                            _ => {
+                                // A holder never makes a marked node
+                                // `Live`, so there is nothing to take.
+                                assert!(e.take_popped(n).is_none());
+                                true
+                            }
+                        };
+                    }
+                }
+                let why =
+                    format!("popper killed after {steps} steps, holder before step {holder_at}");
+                assert_eq!(e.check().unwrap().unlisted_free_blocks, 0, "{why}");
+                assert_eq!(e.alloc(3000, 16).unwrap().pos, b.pos, "{why}");
             }
         }
-        let why = format!("popper killed after {steps} steps, holder before step {holder_at}");
-        assert_eq!(e.check().unwrap().unlisted_free_blocks, 0, "{why}");
-        assert_eq!(e.alloc(3000, 16).unwrap().pos, pos, "{why}");
-    }
-
-    /// Every (steps, holder_at) that `popper_killed_around` takes.
-    fn interleavings() -> impl Iterator<Item = (usize, usize)> {
-        (0..=3).flat_map(|steps| (0..=steps).map(move |at| (steps, at)))
     }
 
     /// A holder that lets go of a `Claimed` top (`release`) while a popper
     /// takes it, and the popper is killed at any step.
     #[test]
     fn a_released_top_survives_its_popper_dying_at_any_step() {
-        for (steps, at) in interleavings() {
-            let m = Matrix::anonymous(1 << 20).unwrap();
-            let e = m.engine();
-            let (pos, size, hint, hidden) = claimed_lone_block(e);
-            popper_killed_around(e, (pos, size, hint), steps, at, || {
-                e.release(hint, pos, size, hidden);
-            });
-        }
+        popper_killed_at_any_step(
+            |_, _| {},
+            |e, b| {
+                e.release(b.hint, b.pos, b.size, b.hidden);
+            },
+        );
     }
 
     /// A holder that publishes a block (`go_live`, its node pushed and not
@@ -1005,25 +1021,21 @@ mod tests {
     /// at any step.
     #[test]
     fn a_top_being_published_survives_its_popper_dying_at_any_step() {
-        for (steps, at) in interleavings() {
-            let m = Matrix::anonymous(1 << 20).unwrap();
-            let e = m.engine();
-            let (pos, size, hint, hidden) = claimed_lone_block(e);
-            // Off its list and held, as an allocation leaves a node it took
-            // (`take_top`), then listed and pushed again, as `go_live` does
-            // before it makes the node `Live`.
-            let head = &e.control().heads[map_floor(size).0][map_floor(size).1];
-            assert!(e.unlink_top(head, head.load(SeqCst), hint.node));
-            e.set_listed(hint.node, false);
-            e.set_listed(hint.node, true);
-            e.push(head, hint.node);
-            popper_killed_around(e, (pos, size, hint), steps, at, || {
-                if let Err(next) = e.make_pushed_live(hint, size) {
-                    e.go_live(next, size, Covered::Yes);
+        popper_killed_at_any_step(
+            // Held, listed, and pushed again after an unlink: the state
+            // `go_live` leaves a node in before it makes it `Live`.
+            |e, b| {
+                let head = list_of(e, b.size);
+                assert!(e.unlink_top(head, head.load(SeqCst), b.hint.node));
+                e.push(head, b.hint.node);
+            },
+            |e, b| {
+                if let Err(next) = e.make_pushed_live(b.hint, b.size) {
+                    e.go_live(next, b.size, Covered::Yes);
                 }
-                e.unhide(hidden);
-            });
-        }
+                e.unhide(b.hidden);
+            },
+        );
     }
 
     #[test]
@@ -1034,7 +1046,12 @@ mod tests {
         // retired while listed, after the block went back through a fresh
         // node (as a release of a marked node does), and another block of
         // the class is freed on top.
-        let (pos, size, hint, hidden) = claimed_lone_block(e);
+        let Lone {
+            pos,
+            size,
+            hint,
+            hidden,
+        } = claimed_lone_block(e);
         e.publish(pos, size, Covered::Yes);
         e.retire(hint);
         e.unhide(hidden);
