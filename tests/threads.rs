@@ -279,6 +279,102 @@ fn emptied_pages_stay_with_their_thread_up_to_the_stash_limit() {
     assert_pristine(&m);
 }
 
+/// A page emptied by its thread and taken back from the stash for its own
+/// class keeps its free list (the blocks come back last freed first, as
+/// from any page in use); taken for another class, it is formatted for
+/// that class. Either way every block is whole and the heap comes back.
+#[test]
+fn stashed_pages_keep_their_free_list_for_their_class() {
+    const PAGE: usize = 16 << 10;
+    let m = Matrix::anonymous(16 << 20).unwrap();
+    let page_of = |p: NonNull<u8>| p.as_ptr() as usize & !(PAGE - 1);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // 64-byte blocks over three pages: the first is full and not
+            // the page in use.
+            let mut blocks = Vec::new();
+            let mut pages = Vec::new();
+            while pages.len() < 3 {
+                let p = m.alloc(layout(64, 8)).unwrap();
+                stamp(p, 64, blocks.len() as u64);
+                if pages.last() != Some(&page_of(p)) {
+                    pages.push(page_of(p));
+                }
+                blocks.push(p);
+            }
+            let first = pages[0];
+            let (emptied, mut rest): (Vec<_>, Vec<_>) =
+                blocks.into_iter().partition(|&p| page_of(p) == first);
+            // Free the first page's blocks in a scattered order: it goes
+            // to the stash.
+            let n = emptied.len();
+            let order: Vec<NonNull<u8>> = (0..n).map(|i| emptied[(i * 7) % n]).collect();
+            assert_eq!(
+                order.iter().collect::<std::collections::HashSet<_>>().len(),
+                n
+            );
+            for &p in &order {
+                unsafe { m.free(p).unwrap() };
+            }
+            // Allocate until the page comes back: from then on the blocks
+            // come in the reverse order of their frees.
+            let mut again = Vec::new();
+            while again.len() < n {
+                let p = m.alloc(layout(64, 8)).unwrap();
+                if page_of(p) == first {
+                    again.push(p);
+                } else {
+                    rest.push(p);
+                }
+            }
+            let expected: Vec<_> = order.iter().rev().copied().collect();
+            assert!(again == expected, "the page kept its free list");
+            for (i, &p) in again.iter().enumerate() {
+                stamp(p, 64, i as u64);
+            }
+            // The page is full again: the next block makes another page the
+            // one in use. Empty this one again, then allocate another class
+            // until it comes back: formatted for 128-byte blocks, each whole.
+            let p = m.alloc(layout(64, 8)).unwrap();
+            assert_ne!(page_of(p), first);
+            rest.push(p);
+            for &p in &again {
+                unsafe { m.free(p).unwrap() };
+            }
+            let mut big = Vec::new();
+            for _ in 0..PAGE / 128 {
+                let p = m.alloc(layout(128, 8)).unwrap();
+                stamp(p, 128, big.len() as u64);
+                big.push(p);
+                if page_of(p) == first {
+                    break;
+                }
+            }
+            assert_eq!(
+                page_of(*big.last().unwrap()),
+                first,
+                "the stashed page served"
+            );
+            let mut spans: Vec<_> = big
+                .iter()
+                .map(|p| (p.as_ptr() as usize, 128))
+                .chain(rest.iter().map(|p| (p.as_ptr() as usize, 64)))
+                .collect();
+            assert_disjoint(&mut spans);
+            for (i, &p) in big.iter().enumerate() {
+                assert!(has_stamp(p, 128, i as u64));
+                unsafe { m.free(p).unwrap() };
+            }
+            for p in rest {
+                unsafe { m.free(p).unwrap() };
+            }
+        })
+        .join()
+        .unwrap()
+    });
+    assert_pristine(&m);
+}
+
 /// Blocks allocated by a thread that exited stay valid, and any thread can
 /// free them into the abandoned pages; trim() then returns those pages.
 #[test]

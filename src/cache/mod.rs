@@ -18,7 +18,8 @@
 //! Memory held by caches is the pages: `Stats::page_bytes`. Besides its
 //! current page per class, a thread keeps up to `stash_limit` empty pages
 //! (1/128 of the heap, between 8 and 256 pages: 128 KiB to 4 MiB) for reuse
-//! by any class, and the segment keeps at most `pool_pages` empty pages
+//! by any class (its own class first: such a page keeps its free list, and
+//! is not formatted and listed again block by block), and the segment keeps at most `pool_pages` empty pages
 //! (1/32 of the heap) for any thread of any process (one CAS to take one,
 //! instead of an engine allocation); `Matrix::trim` gives both back to the
 //! engine. The thread's own stash comes first because the pool is shared:
@@ -47,6 +48,8 @@ use std::ptr::NonNull;
 pub(crate) const SMALL_MAX: usize = 1024;
 /// Size classes: 16, 32, ..., `SMALL_MAX` bytes.
 pub(crate) const SMALL_CLASSES: usize = SMALL_MAX / 16;
+// `Heap::stash_classes` has a bit per class.
+const _: () = assert!(SMALL_CLASSES <= 64);
 /// Full pages a slow allocation looks at for remote frees (`revisit_full`).
 const REVISIT_FULL: usize = 8;
 
@@ -111,8 +114,12 @@ pub(crate) struct Heap {
     full: [Ring; SMALL_CLASSES],
     /// Empty pages kept for reuse by any class, so that a thread that frees
     /// everything and allocates again does not go back to the pool or the
-    /// engine; most recently emptied first. At most `stash_limit`.
-    stash: Ring,
+    /// engine; per class, most recently emptied first (a page taken again
+    /// for its own class keeps its free list and needs no formatting). At
+    /// most `stash_limit` in all; `stash_classes` has bit `c` set when
+    /// `stash[c]` is not empty.
+    stash: [Ring; SMALL_CLASSES],
+    stash_classes: u64,
     stashed: usize,
     stash_limit: usize,
 }
@@ -132,7 +139,8 @@ impl Heap {
             current: [no_page(); SMALL_CLASSES],
             available: [Ring::EMPTY; SMALL_CLASSES],
             full: [Ring::EMPTY; SMALL_CLASSES],
-            stash: Ring::EMPTY,
+            stash: [Ring::EMPTY; SMALL_CLASSES],
+            stash_classes: 0,
             stashed: 0,
             stash_limit,
             delta,
@@ -298,12 +306,18 @@ impl Heap {
     }
 
     fn new_page(&mut self, class: usize) -> Option<Page> {
-        let reused = self.unstash().or_else(|| pop_pooled(self.engine()));
-        if let Some(page) = reused {
-            let offset = colour_offset(page_number(self.engine(), page) as usize);
-            // SAFETY: a stashed page is empty and ours: no live block points
-            // into it, so nothing but a double free can touch it.
-            unsafe { page.init(class as u16, block_size(class), self.token, offset) };
+        let stashed = self.unstash(class);
+        // A page stashed by this class is ready as it is: empty, with every
+        // block on its free list or never used.
+        let ready = stashed.is_some_and(|page| page.header().class as usize == class);
+        if let Some(page) = stashed.or_else(|| pop_pooled(self.engine())) {
+            if !ready {
+                let offset = colour_offset(page_number(self.engine(), page) as usize);
+                // SAFETY: a stashed or pooled page is empty and ours: no live
+                // block points into it, so nothing but a double free can
+                // touch it.
+                unsafe { page.init(class as u16, block_size(class), self.token, offset) };
+            }
             self.link(class, page);
             return Some(page);
         }
@@ -338,24 +352,37 @@ impl Heap {
             self.set_current(class, no_page());
         }
         if self.stashed < self.stash_limit {
-            self.stash.push_front(&self.shared.engine, n);
+            self.stash[class].push_front(&self.shared.engine, n);
+            self.stash_classes |= 1 << class;
             self.stashed += 1;
         } else {
             pool_or_release(self.engine(), page);
         }
     }
 
-    /// Takes the most recently stashed empty page.
-    fn unstash(&mut self) -> Option<Page> {
-        let n = self.stash.head()?;
-        self.stash.remove(&self.shared.engine, n);
+    /// Takes the most recently stashed empty page of `class`, or else of
+    /// the lowest class that has one.
+    fn unstash(&mut self, class: usize) -> Option<Page> {
+        let from = if self.stash_classes & 1 << class != 0 {
+            class
+        } else if self.stash_classes != 0 {
+            self.stash_classes.trailing_zeros() as usize
+        } else {
+            return None;
+        };
+        let ring = &mut self.stash[from];
+        let n = ring.head()?;
+        ring.remove(&self.shared.engine, n);
+        if ring.head().is_none() {
+            self.stash_classes &= !(1 << from);
+        }
         self.stashed -= 1;
         Some(self.page(n))
     }
 
     /// Moves the stashed empty pages to the shared pool (or the engine).
     fn drain_stash(&mut self) {
-        while let Some(page) = self.unstash() {
+        while let Some(page) = self.unstash(0) {
             pool_or_release(self.engine(), page);
         }
     }
