@@ -173,9 +173,9 @@ fn soak_eight_threads_many_rounds() {
 #[test]
 fn thread_caches_are_bounded_shown_and_returned_on_exit() {
     const PAGE: u64 = 16 << 10;
-    // Current page per class + the thread's stash (1/128 of a 64 MiB heap:
-    // 32 pages) + the segment's pool (1/32: 128 pages).
-    const BOUND: u64 = (64 + 32 + 128) * (PAGE + 64);
+    // Current page per class + the thread's stash (1/64 of a 64 MiB heap:
+    // 64 pages) + the segment's pool (1/32: 128 pages).
+    const BOUND: u64 = (64 + 64 + 128) * (PAGE + 64);
     let m = Matrix::anonymous(64 << 20).unwrap();
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -213,9 +213,9 @@ fn thread_caches_are_bounded_shown_and_returned_on_exit() {
 #[test]
 fn emptied_pages_stay_with_their_thread_up_to_the_stash_limit() {
     const PAGE: usize = 16 << 10;
-    // 1 GiB: a thread's stash holds 1/128 of the heap up to 256 pages, so
-    // 256; the pool 1/32, 2048 pages.
-    const STASH: usize = 256;
+    // 1 GiB: a thread's stash holds 1/64 of the heap up to 512 pages, so
+    // 512; the pool 1/32, 2048 pages.
+    const STASH: usize = 512;
     let m = Matrix::anonymous(1 << 30).unwrap();
     let page_of = |p: &NonNull<u8>| p.as_ptr() as usize & !(PAGE - 1);
     // 64-byte blocks until they span `n` pages; returns them and the pages.
