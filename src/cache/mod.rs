@@ -19,10 +19,11 @@
 //! current page per class, a thread keeps up to `stash_limit` empty pages
 //! (1/64 of the heap, between 8 and 512 pages: 128 KiB to 8 MiB) for reuse
 //! by any class (its own class first: such a page keeps its free list, and
-//! is not formatted and listed again block by block), and the segment keeps at most `pool_pages` empty pages
-//! (1/32 of the heap) for any thread of any process (one CAS to take one,
-//! instead of an engine allocation); `Matrix::trim` gives both back to the
-//! engine. The thread's own stash comes first because the pool is shared:
+//! is not formatted and listed again block by block), and the segment
+//! keeps at most `pool_pages` empty pages (1/32 of the heap) for any thread
+//! of any process (one CAS to take one, instead of an engine allocation);
+//! `Matrix::trim` gives both back to the engine. The thread's own stash
+//! comes first because the pool is shared:
 //! a workload that frees its whole live set and builds it again would
 //! otherwise move every page through the pool's contended cache lines, and
 //! get pages last touched by another core.
