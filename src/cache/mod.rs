@@ -159,11 +159,10 @@ impl Heap {
     /// The fast path of an allocation, free of calls: a block of the
     /// class's current page, counted. `None` when more is needed (no
     /// current page, a full one, or a counter flush due), with nothing
-    /// changed but the countdown to the next flush (see `Delta::fast_tick`):
-    /// the caller's slow path does it all then.
+    /// changed: the caller's slow path does it all then.
     #[inline(always)]
     pub(crate) fn alloc_fast(&mut self, size: usize) -> Option<NonNull<u8>> {
-        if !self.delta.fast_tick() {
+        if !self.delta.alloc_in_batch() {
             return None;
         }
         let p = Page(self.current[class_of(size) % SMALL_CLASSES]).pop(size)?;
@@ -426,7 +425,7 @@ impl Heap {
     /// The fast path of a free, free of calls: this thread frees a live
     /// block of its own page, counted. `None` when more is needed (not
     /// allocated, another thread's page, or a counter flush due), with
-    /// nothing changed but the countdown (as in `alloc_fast`); `Some(true)`
+    /// nothing changed (as in `alloc_fast`); `Some(true)`
     /// when the page needs `tidy` after it (this free emptied it, or it was
     /// on the full ring).
     ///
@@ -434,7 +433,7 @@ impl Heap {
     /// As for `free_owned`.
     #[inline(always)]
     pub(crate) unsafe fn free_fast(&mut self, page: Page, i: u32, block: *mut u8) -> Option<bool> {
-        if !self.delta.fast_tick() {
+        if !self.delta.free_in_batch() {
             return None;
         }
         // SAFETY: forwarded contract.
@@ -450,7 +449,7 @@ impl Heap {
     /// freed. Returns the block and whether `page` needs `tidy` (as
     /// `free_fast`). `None` when more is needed (not allocated, another
     /// thread's page, no free block at hand, a counter flush due), with
-    /// nothing changed but the countdown. Its one call is the copy.
+    /// nothing changed. Its one call is the copy.
     ///
     /// # Safety
     /// As for `free_owned`.
@@ -462,7 +461,7 @@ impl Heap {
         block: *mut u8,
         new_size: usize,
     ) -> Option<(NonNull<u8>, bool)> {
-        if !self.delta.fast_tick() {
+        if !(self.delta.alloc_in_batch() && self.delta.free_in_batch()) {
             return None;
         }
         // SAFETY: forwarded contract.
