@@ -375,67 +375,6 @@ fn stashed_pages_keep_their_free_list_for_their_class() {
     assert_pristine(&m);
 }
 
-/// The pages a thread leaves empty when it exits go to the segment's pool
-/// under the class they served; a thread that starts afterwards and asks
-/// for that class gets them with their free lists (blocks last freed
-/// first), not formatted again.
-#[test]
-fn pooled_pages_keep_their_free_list_for_their_class() {
-    const PAGE: usize = 16 << 10;
-    let m = Matrix::anonymous(16 << 20).unwrap();
-    let page_of = |p: usize| p & !(PAGE - 1);
-    // One page of 64-byte blocks, freed in a scattered order by a thread
-    // that then exits (joined: its cache has gone to the pool).
-    let order: Vec<usize> = std::thread::scope(|s| {
-        s.spawn(|| {
-            let first = m.alloc(layout(64, 8)).unwrap().as_ptr() as usize;
-            let mut blocks = vec![first];
-            loop {
-                let p = m.alloc(layout(64, 8)).unwrap().as_ptr() as usize;
-                if page_of(p) != page_of(first) {
-                    unsafe { m.free(NonNull::new(p as *mut u8).unwrap()).unwrap() };
-                    break;
-                }
-                blocks.push(p);
-            }
-            let n = blocks.len();
-            let order: Vec<usize> = (0..n).map(|i| blocks[(i * 7) % n]).collect();
-            assert_eq!(
-                order.iter().collect::<std::collections::HashSet<_>>().len(),
-                n
-            );
-            for &p in &order {
-                unsafe { m.free(NonNull::new(p as *mut u8).unwrap()).unwrap() };
-            }
-            order
-        })
-        .join()
-        .unwrap()
-    });
-    let page = page_of(order[0]);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut blocks = Vec::new();
-            let mut on_page = Vec::new();
-            while on_page.len() < order.len() && blocks.len() < 4 * order.len() {
-                let p = m.alloc(layout(64, 8)).unwrap();
-                if page_of(p.as_ptr() as usize) == page {
-                    on_page.push(p.as_ptr() as usize);
-                }
-                blocks.push(p);
-            }
-            let expected: Vec<usize> = order.iter().rev().copied().collect();
-            assert!(on_page == expected, "the page kept its free list");
-            for p in blocks {
-                unsafe { m.free(p).unwrap() };
-            }
-        })
-        .join()
-        .unwrap()
-    });
-    assert_pristine(&m);
-}
-
 /// Blocks allocated by a thread that exited stay valid, and any thread can
 /// free them into the abandoned pages; trim() then returns those pages.
 #[test]

@@ -306,15 +306,12 @@ impl Heap {
     }
 
     fn new_page(&mut self, class: usize) -> Option<Page> {
-        if let Some(page) = self
-            .unstash(class)
-            .or_else(|| pop_pooled(self.engine(), class))
-        {
-            // A page last formatted for this class is ready as it is: empty,
-            // with every block on its free list or never used.
-            if page.header().class as usize == class && page.is_idle() {
-                page.header().owner.store(self.token, Relaxed);
-            } else {
+        let stashed = self.unstash(class);
+        // A page stashed by this class is ready as it is: empty, with every
+        // block on its free list or never used.
+        let ready = stashed.is_some_and(|page| page.header().class as usize == class);
+        if let Some(page) = stashed.or_else(|| pop_pooled(self.engine())) {
+            if !ready {
                 let offset = colour_offset(page_number(self.engine(), page) as usize);
                 // SAFETY: a stashed or pooled page is empty and ours: no live
                 // block points into it, so nothing but a double free can
@@ -698,7 +695,7 @@ pub(crate) fn trim(shared: &SharedRef) {
         heap.drain_stash();
         heap.shared.engine.counters().flush(&mut heap.delta);
     });
-    while let Some(page) = pop_pooled(engine, 0) {
+    while let Some(page) = pop_pooled(engine) {
         release_page(engine, page);
     }
     for class in 0..SMALL_CLASSES {
@@ -798,32 +795,22 @@ fn stash_limit(engine: &Engine) -> usize {
     (engine.capacity() / 64 / PAGE_SIZE as u64).clamp(8, 512) as usize
 }
 
-/// Puts an empty page in the shared pool, on the list of the class it is
-/// formatted for (it keeps its free list there), or gives it back to the
-/// engine when the pool is full.
+/// Puts an empty page in the shared pool, or gives it back to the engine
+/// when the pool is full.
 fn pool_or_release(engine: &Engine, page: Page) {
     let ctrl = engine.control();
     if ctrl.pooled.fetch_add(1, Relaxed) < pool_pages(engine) {
-        let class = page.header().class as usize % SMALL_CLASSES;
         page.header().owner.store(0, Relaxed);
-        push_page(engine, &ctrl.page_pool[class], page);
+        push_page(engine, &ctrl.page_pool, page);
     } else {
         ctrl.pooled.fetch_sub(1, Relaxed);
         release_page(engine, page);
     }
 }
 
-/// A pooled page for `class`: one formatted for it if there is one, else
-/// one of the next class that has any (the caller formats it). A thread
-/// that starts up (a pool's worker, a request's thread) then gets the pages
-/// of the class it asks for as a thread before it left them, free lists
-/// and all. The walk over the classes runs only while `pooled` says that
-/// some page is there.
-fn pop_pooled(engine: &Engine, class: usize) -> Option<Page> {
+fn pop_pooled(engine: &Engine) -> Option<Page> {
     let ctrl = engine.control();
-    let page = (0..SMALL_CLASSES)
-        .take_while(|_| ctrl.pooled.load(Relaxed) > 0)
-        .find_map(|k| pop_page(engine, &ctrl.page_pool[(class + k) % SMALL_CLASSES]))?;
+    let page = pop_page(engine, &ctrl.page_pool)?;
     ctrl.pooled.fetch_sub(1, Relaxed);
     Some(page)
 }

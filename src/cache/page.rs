@@ -434,13 +434,6 @@ impl Page {
             .store((block as usize - self.0 as usize) as u32, Relaxed);
     }
 
-    /// Whether no block is in use and none is on its way back: an empty
-    /// page that can serve its class as it is.
-    pub(crate) fn is_idle(self) -> bool {
-        let h = self.header();
-        h.used.load(Relaxed) == 0 && ListHead::from(h.remote.load(Relaxed)).top == NIL
-    }
-
     /// Whether the owner could allocate here without collecting.
     pub(crate) fn has_free(self) -> bool {
         let h = self.header();

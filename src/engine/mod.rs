@@ -67,10 +67,9 @@ pub(crate) struct Control {
     /// Per small size class: a tagged list (page numbers) of pages whose
     /// owner thread exited; any thread may adopt them.
     pub(crate) abandoned: [AtomicU64; SMALL_CLASSES],
-    /// Empty pages kept for any thread of any process, per the class they
-    /// were last formatted for (tagged lists of page numbers through the
-    /// page table), and how many there are in all.
-    pub(crate) page_pool: [AtomicU64; SMALL_CLASSES],
+    /// Empty pages kept for any thread of any process (a tagged list of page
+    /// numbers through the page table), and how many there are.
+    pub(crate) page_pool: AtomicU64,
     pub(crate) pooled: AtomicU64,
     pub(crate) counters: Counters,
 }
@@ -420,9 +419,7 @@ impl Engine {
         for head in ctrl.abandoned.iter() {
             head.store(ListHead::EMPTY, Relaxed);
         }
-        for head in ctrl.page_pool.iter() {
-            head.store(ListHead::EMPTY, Relaxed);
-        }
+        ctrl.page_pool.store(ListHead::EMPTY, Relaxed);
         let size = self.heap_end - self.heap_start;
         // The initial block has no neighbours to merge with: no settle needed.
         self.publish(self.heap_start, size, nodes::Covered::Yes);
