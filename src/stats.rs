@@ -96,10 +96,10 @@ impl Stats {
 /// free to `frees` and `freed_bytes`, a reallocation to all four (one block
 /// more in the totals, the old size out and the new one in). The changes
 /// of `curr_blocks` and `curr_bytes` are the differences. Compared with
-/// keeping those two as well, this takes two stores off every allocation
-/// and the counts double as the flush countdown; on a 64-byte
-/// allocate/free pair, where every store counts, the counters cost a
-/// quarter of the time before.
+/// keeping those two as well, this takes two stores off every allocation,
+/// and the counts double as the flush countdown. On a 64-byte
+/// allocate/free pair, where every store counts, the counters had taken a
+/// quarter of the time.
 ///
 /// The peak is tracked here too: from the segment's counters as of the last
 /// flush plus this thread's changes since, the thread knows the would-be
@@ -154,7 +154,8 @@ impl Delta {
     pub(crate) const HOT_BYTES: usize = std::mem::offset_of!(Delta, base_blocks);
 }
 
-/// `*field += by` (wrapping), as a scalar update of its own.
+/// `*field += by` (wrapping), as a scalar update of its own; returns the
+/// new value.
 ///
 /// The compiler merges neighbouring counter updates into 16-byte vector
 /// loads and stores, which differ from one operation to the next (the
@@ -163,7 +164,6 @@ impl Delta {
 /// allocate/free pair that stalled every free (10.4 -> 8.9 ns per pair when
 /// kept apart), and the merged additions took more instructions too. The
 /// fence emits no instruction; it only keeps the updates apart.
-/// Returns the new value.
 #[inline(always)]
 fn add_apart(field: &mut u64, by: u64) -> u64 {
     let new = field.wrapping_add(by);

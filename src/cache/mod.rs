@@ -382,6 +382,7 @@ impl Heap {
 
     /// Moves the stashed empty pages to the shared pool (or the engine).
     fn drain_stash(&mut self) {
+        // (Class 0 first, then any: the order does not matter here.)
         while let Some(page) = self.unstash(0) {
             pool_or_release(self.engine(), page);
         }
