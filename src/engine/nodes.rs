@@ -64,6 +64,7 @@ use super::mapping::{map_floor, FL_COUNT, SL_COUNT};
 use super::words::{BlockState, ClaimWord, HeaderWord, Hint, ListHead, NodeState, NIL};
 use super::Engine;
 use crate::sync::{AtomicU64, Ordering::*};
+use std::convert::Infallible;
 
 /// Outcome of taking the top of a free list ([`Engine::take_top`]).
 pub(crate) enum Top {
@@ -619,28 +620,20 @@ impl Engine {
     /// leaves one node unused, no memory). A popper whose unlink then fails
     /// leaves the mark: it costs the holder a fresh node, nothing else.
     fn mark_unlisting(&self, n: u32, seen: ClaimWord) -> bool {
-        let node = self.node(n);
-        let mut cur = node.claim.load(SeqCst);
-        loop {
-            let w = ClaimWord::from(cur);
+        let marked = self.update_claim(n, |w| {
             if w.state != NodeState::Claimed || w.gen != seen.gen || !w.listed {
-                return false;
+                Err(false)
+            } else if w.unlisting {
+                Err(true)
+            } else {
+                Ok(ClaimWord {
+                    unlisting: true,
+                    ..w
+                })
             }
-            if w.unlisting {
-                return true;
-            }
-            let marked = ClaimWord {
-                unlisting: true,
-                ..w
-            };
-            match node
-                .claim
-                .compare_exchange(cur, marked.value(), SeqCst, SeqCst)
-            {
-                Ok(_) => return true,
-                Err(v) => cur = v,
-            }
-        }
+        });
+        // `Err(true)`: marked before; `Err(false)`: no longer so held.
+        marked.map_or_else(|held| held, |_| true)
     }
 
     /// Sets `listed` on a node the caller holds: before pushing it, or
@@ -649,19 +642,29 @@ impl Engine {
     /// others may set `recheck` (or `unlisting`, while it is listed) on the
     /// held node meanwhile.
     fn set_listed(&self, n: u32, listed: bool) {
-        let node = self.node(n);
-        let mut cur = node.claim.load(SeqCst);
-        loop {
-            let new = ClaimWord {
+        let Ok(_) = self.update_claim(n, |w| {
+            Ok::<_, Infallible>(ClaimWord {
                 listed,
                 unlisting: false,
-                ..ClaimWord::from(cur)
-            };
-            match node
-                .claim
-                .compare_exchange(cur, new.value(), SeqCst, SeqCst)
-            {
-                Ok(_) => return,
+                ..w
+            })
+        });
+    }
+
+    /// Updates node `n`'s claim word by `f` until a CAS lands: `f` maps the
+    /// word it finds to the one to write, or to `Err` to leave it as it is
+    /// (which is returned). Returns the word replaced.
+    fn update_claim<E>(
+        &self,
+        n: u32,
+        mut f: impl FnMut(ClaimWord) -> Result<ClaimWord, E>,
+    ) -> Result<ClaimWord, E> {
+        let claim = &self.node(n).claim;
+        let mut cur = claim.load(SeqCst);
+        loop {
+            let w = ClaimWord::from(cur);
+            match claim.compare_exchange(cur, f(w)?.value(), SeqCst, SeqCst) {
+                Ok(_) => return Ok(w),
                 Err(v) => cur = v,
             }
         }
@@ -732,26 +735,22 @@ impl Engine {
     /// The holder of `hint` is done with the block: it was merged or used.
     /// Returns whether someone asked for a re-check meanwhile.
     pub(super) fn retire(&self, hint: Hint) -> bool {
-        let node = self.node(hint.node);
-        let mut cur = node.claim.load(SeqCst);
-        loop {
-            let w = ClaimWord::from(cur);
+        let retired = self.update_claim(hint.node, |w| {
             debug_assert!(w.state == NodeState::Claimed && w.gen == hint.gen);
             if !w.listed {
-                self.recycle(hint.node);
-                return w.recheck;
+                return Err(w);
             }
-            let dead = ClaimWord {
+            Ok(ClaimWord {
                 state: NodeState::Dead,
                 holder: 0,
                 ..w
-            };
-            match node
-                .claim
-                .compare_exchange(cur, dead.value(), SeqCst, SeqCst)
-            {
-                Ok(_) => return w.recheck,
-                Err(v) => cur = v,
+            })
+        });
+        match retired {
+            Ok(w) => w.recheck,
+            Err(unlisted) => {
+                self.recycle(hint.node);
+                unlisted.recheck
             }
         }
     }
