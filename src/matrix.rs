@@ -442,6 +442,15 @@ impl Matrix {
         reclaim_dead(self.engine())
     }
 
+    /// Test hook for crash tests: runs the engine's last-resort sweep of
+    /// the free lists (which otherwise runs only when the node table is
+    /// exhausted), so that a child can be killed at every step of it
+    /// (`tests/processes.rs`).
+    #[doc(hidden)]
+    pub fn sweep_free_lists(&self) {
+        self.engine().sweep_dead();
+    }
+
     /// Walks the heap and verifies every invariant: the blocks cover the heap
     /// exactly, free blocks are merged and filed in the right lists, lists are
     /// acyclic and disjoint, and bitmaps agree. Small blocks in pages are

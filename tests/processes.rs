@@ -207,6 +207,39 @@ fn child_die_at_step(id: Uuid, table_at: u64, die_at: u64) {
     println!("done");
 }
 
+/// Leaves `Dead` nodes buried in a free list, records the blocks it keeps
+/// in the table, then runs the last-resort sweep of the free lists and
+/// kills itself at engine step `die_at` of it (prints "done" if the sweep
+/// ends first).
+fn child_sweep_die_at(id: Uuid, table_at: u64, die_at: u64) {
+    let m = Matrix::open(id).unwrap();
+    let t = table(&m, Offset(table_at));
+    // Engine blocks of one size, carved one after the other: in group `i`,
+    // blocks 0 and 3 stay in use; 1 is freed alone and listed, 4 is freed
+    // alone on top of it in the same list, and 2 is freed last, so that it
+    // merges with 1 and 1's node dies where it lies, under 4's.
+    const GROUPS: usize = 24;
+    let blocks: Vec<NonNull<u8>> = (0..5 * GROUPS + 1)
+        .map(|_| m.alloc(layout(2000, 8)).unwrap())
+        .collect();
+    let mut kept = 0;
+    for (k, p) in blocks.iter().enumerate() {
+        if k % 5 == 0 || k % 5 == 3 {
+            t[kept].store(m.offset_of(p.as_ptr()).unwrap().get(), Release);
+            kept += 1;
+        }
+    }
+    for second in [1, 4, 2] {
+        for g in 0..GROUPS {
+            unsafe { m.free(blocks[5 * g + second]).unwrap() };
+        }
+    }
+    matrix_alloc::die_at_engine_step(die_at);
+    m.sweep_free_lists();
+    matrix_alloc::die_at_engine_step(0);
+    println!("done");
+}
+
 /// Two threads run `engine_op` on their own halves of the table until the
 /// process is killed.
 fn child_engine_churn(id: Uuid, table_at: u64) {
@@ -314,6 +347,27 @@ fn finish(mut child: Child) -> String {
             panic!("child hung: killed by the watchdog");
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for a child that may kill itself: true if it ran to the end,
+/// false if SIGKILL ended it; fails on any other end, or a hang.
+fn wait_or_killed(mut child: Child, what: &str) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = Instant::now() + WATCHDOG;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            if status.signal() == Some(libc::SIGKILL) {
+                return false;
+            }
+            assert!(status.success(), "{what}: child failed ({status})");
+            return true;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what}: child hung: killed by the watchdog");
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -555,6 +609,46 @@ fn killed_at_every_engine_step_loses_no_free_memory() {
     assert!(died > 0, "the child never died: no step was reached");
 }
 
+/// A child that runs the last-resort sweep of the free lists (see
+/// `child_sweep_die_at`) dies at each of its engine steps in turn, until one
+/// sweep ends. After `reclaim_dead()` every free block is on its list, and
+/// with the child's blocks freed the heap is one free block again: a sweep
+/// holds every block it takes off a list, so a death in it loses nothing.
+fn killed_at_every_step_of_the_free_list_sweep_loses_nothing() {
+    let (mut k, mut died) = (1, 0);
+    loop {
+        let m = Matrix::create(SEGMENT).unwrap();
+        let (table_ptr, table_at) = new_table(&m);
+        let child = spawn_on(&m, "sweep_die_at", table_at, &[k.to_string()]);
+        let what = format!("death at sweep step {k}");
+        let finished = wait_or_killed(child, &what);
+        m.reclaim_dead();
+        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(r.unlisted_free_blocks, 0, "{what}: {r:?}");
+        free_recorded(&m, table(&m, table_at), 0, &what);
+        unsafe { m.free(table_ptr).unwrap() };
+        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(
+            (
+                r.used_blocks,
+                r.orphaned_blocks,
+                r.free_blocks,
+                r.free_bytes
+            ),
+            (0, 0, 1, r.capacity),
+            "{what}: {r:?}"
+        );
+        if finished {
+            break;
+        }
+        died += 1;
+        k += 1;
+        assert!(k < 100_000, "the sweep never ended");
+    }
+    println!("  {died} deaths inside the sweep, then one sweep to the end");
+    assert!(died > 100, "too few steps: were no nodes buried?");
+}
+
 /// A child with two threads inside the engine is killed (`kill -9` from
 /// outside, at a random moment) while two threads of the parent keep
 /// allocating, freeing and resizing engine blocks, and go on while the
@@ -656,11 +750,12 @@ fn main() {
             "cache_then_die" => child_cache_then_die(id, num(4), num(5)),
             "die_at_step" => child_die_at_step(id, num(4), num(5)),
             "engine_churn" => child_engine_churn(id, num(4)),
+            "sweep_die_at" => child_sweep_die_at(id, num(4), num(5)),
             role => panic!("unknown child role {role}"),
         }
         return;
     }
-    let tests: [(&str, fn()); 7] = [
+    let tests: [(&str, fn()); 8] = [
         (
             "processes_free_each_others_blocks",
             processes_free_each_others_blocks,
@@ -685,6 +780,10 @@ fn main() {
         (
             "killed_at_every_engine_step_loses_no_free_memory",
             killed_at_every_engine_step_loses_no_free_memory,
+        ),
+        (
+            "killed_at_every_step_of_the_free_list_sweep_loses_nothing",
+            killed_at_every_step_of_the_free_list_sweep_loses_nothing,
         ),
     ];
     // `-- --ignored` (or `--include-ignored`): the long soak, every scenario

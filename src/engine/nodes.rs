@@ -64,7 +64,15 @@ use super::mapping::{map_floor, FL_COUNT, SL_COUNT};
 use super::words::{BlockState, ClaimWord, HeaderWord, Hint, ListHead, NodeState, NIL};
 use super::Engine;
 use crate::sync::{AtomicU64, Ordering::*};
+use std::cell::Cell;
 use std::convert::Infallible;
+
+thread_local! {
+    /// Whether this thread is inside `sweep_dead` (which publishes blocks,
+    /// and so may need a node itself). Const-initialised and without
+    /// destructor: it never allocates, also under the global allocator.
+    static SWEEPING: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Outcome of taking the top of a free list ([`Engine::take_top`]).
 pub(crate) enum Top {
@@ -461,51 +469,86 @@ impl Engine {
         }
     }
 
-    /// Empties a list and returns its former top. The tag keeps counting, so
-    /// a pop that loaded the head before this cannot succeed after it.
-    fn take_all(&self, head: &AtomicU64) -> u32 {
-        let mut cur = head.load(Acquire);
-        loop {
-            let h = ListHead::from(cur);
-            match head.compare_exchange_weak(cur, h.replaced(NIL).value(), Acquire, Acquire) {
-                Ok(_) => return h.top,
-                Err(v) => cur = v,
-            }
+    /// Last resort when the node table is exhausted: recycles the `Dead`
+    /// nodes buried in the free lists. Each list is taken apart from the
+    /// top as allocations take it (`take_top`): a `Live` node is claimed
+    /// before it is unlinked, so its block is held (hidden, and recoverable
+    /// after a death) all the while it is off its list; a `Dead` one is
+    /// recycled; a `Claimed` one goes back to its holder, who lists it
+    /// again. The claimed nodes wait on a private chain through their
+    /// `next` words (off every list, ours to use), and are then published
+    /// again as they are (`republish`) and settled, to serve the claims
+    /// that found them held meanwhile. A death anywhere in the sweep leaves
+    /// at most the one node it was unlinking unusable, and no block off its
+    /// list without a holder.
+    ///
+    /// The sweep also counts as a pop in flight (`popping`), so that an
+    /// allocation that finds nothing waits for it instead of reporting
+    /// out-of-memory, and ends as a publication does (then `epoch`, then
+    /// the count; see `ops::take_block`).
+    pub(crate) fn sweep_dead(&self) {
+        if SWEEPING.with(|s| s.replace(true)) {
+            // A publication inside our own sweep that found the pool empty:
+            // sweeping again would find what this sweep has not reached yet.
+            return;
         }
-    }
-
-    /// Last resort when the node table is exhausted: takes every free list
-    /// private for a moment, recycles its `Dead` nodes and pushes the others
-    /// back. Blocks are invisible to allocators only during the sweep of
-    /// their own list, and the sweep counts as a pop in flight meanwhile
-    /// (`popping`), so that an allocation that finds nothing waits for it
-    /// instead of reporting out-of-memory. It ends as a publication does
-    /// (bits set after the pushes, then `epoch`, then the count), so that
-    /// an allocation that sees the count drop also sees the blocks back
-    /// (see `ops::take_block`).
-    fn sweep_dead(&self) {
         self.my_slot().popping.fetch_add(1, SeqCst);
-        for (fl, row) in self.control().heads.iter().enumerate() {
-            for (sl, head) in row.iter().enumerate() {
-                let mut n = self.take_all(head);
-                let mut pushed = false;
-                while n != NIL && n < self.node_capacity {
-                    let next = self.node(n).next.load(Relaxed);
-                    if ClaimWord::from(self.node(n).claim.load(SeqCst)).state == NodeState::Dead {
-                        self.recycle(n);
-                    } else {
-                        self.push(head, n);
-                        pushed = true;
+        // Bounded: others may push to a list as fast as the sweep takes from it.
+        let turns = 2 * self
+            .control()
+            .node_hwm
+            .load(Relaxed)
+            .min(self.node_capacity);
+        for row in self.control().heads.iter() {
+            for head in row.iter() {
+                let mut held = NIL;
+                for _ in 0..turns {
+                    match self.take_top(head) {
+                        Top::Empty => break,
+                        Top::Other => {}
+                        // The unlink lost a race: the node is still on its
+                        // list, below the new top; it is left there `Live`.
+                        // (`hidden` is the block's size: `take_top` hid it whole.)
+                        Top::Taken(hint, pos, hidden) if self.is_listed(hint) => {
+                            if self.release(hint, pos, hidden, hidden) {
+                                self.settle(pos);
+                            }
+                        }
+                        Top::Taken(hint, _, _) => {
+                            self.node(hint.node).next.store(held, Relaxed);
+                            held = hint.node;
+                        }
                     }
-                    n = next;
                 }
-                if pushed {
-                    self.set_bits(fl, sl);
+                while held != NIL {
+                    let node = self.node(held);
+                    let next = node.next.load(Relaxed);
+                    let hint = Hint {
+                        node: held,
+                        gen: ClaimWord::from(node.claim.load(SeqCst)).gen,
+                    };
+                    let pos = node.block.load(Relaxed);
+                    // Held since `take_top` found it free: only we change it.
+                    let Some(size) = self.live_block_size(pos) else {
+                        debug_assert!(false, "a held block that is not free");
+                        held = next;
+                        continue;
+                    };
+                    self.republish(super::ops::Held {
+                        hint,
+                        pos,
+                        size,
+                        hidden: size,
+                    });
+                    self.unhide(size);
+                    self.settle(pos);
+                    held = next;
                 }
             }
         }
         self.control().epoch.fetch_add(1, SeqCst);
         self.my_slot().popping.fetch_sub(1, SeqCst);
+        SWEEPING.with(|s| s.set(false));
     }
 
     /// Tries to take ownership of the free block a hint points to.
@@ -767,12 +810,18 @@ impl Engine {
             if !w.listed || w.unlisting {
                 // Popped while we held it (the popper left it to us), never
                 // listed, or maybe taken off its list by a popper that has
-                // not cleared `listed` yet (`mark_unlisting`). Published
-                // through a fresh node before this one goes, so that it is
-                // held at every moment (`recover`); this one is recycled,
-                // or left `Dead` to its popper while it says listed.
-                self.publish(pos, size, Covered::Yes);
-                self.retire(hint);
+                // not cleared `listed` yet (`mark_unlisting`). The first
+                // two go on their list again as they are; the last through
+                // a fresh node, this one left `Dead` to its popper (see
+                // `republish`). Held at every moment either way (`recover`),
+                // and without a new node where none is needed: a sweep of
+                // an exhausted node table hands popped nodes back this way.
+                self.republish(super::ops::Held {
+                    hint,
+                    pos,
+                    size,
+                    hidden,
+                });
                 break true;
             }
             match make_live(node, cur) {

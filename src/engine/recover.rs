@@ -55,10 +55,9 @@
 //! ever off its list without a holder. A popper killed between that
 //! unlink and `take_popped` leaves the node itself unused (`Dead`, off
 //! every list, once its holder lets go), as a death between listing a node
-//! and pushing it does. Not covered: the last-resort sweep for `Dead` nodes
-//! when the node table is full (`sweep_dead`, which cannot run while free
-//! blocks are coalesced) takes each list private for a moment; a death
-//! inside it leaves that list's blocks on no list until merges reach them.
+//! and pushing it does. The last-resort sweep for `Dead` nodes when the
+//! node table is full (`sweep_dead`) takes lists apart the same way, one
+//! claimed top at a time, and holds what it took until it lists it again.
 
 use super::words::{BlockState, ClaimWord, HeaderWord, Hint, NodeState, BESIDE_USED, GRANULE_LOG};
 use super::Engine;
