@@ -12,7 +12,7 @@ use common::*;
 use matrix_alloc::{Error, Matrix};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::Barrier;
 
 const OPS_PER_THREAD: usize = 40_000;
@@ -32,7 +32,16 @@ struct Slot {
     len: AtomicU64,
 }
 
+/// `churn`, then the heap must be one free block again.
 fn stress(threads: usize, m: &Matrix, max_size: usize) {
+    churn(threads, m, max_size);
+    assert_pristine(m);
+}
+
+/// `threads` threads allocate (1 to `max_size` bytes, aligned to up to
+/// 128), verify and free blocks, handing some to each other; at the end
+/// every block is freed.
+fn churn(threads: usize, m: &Matrix, max_size: usize) {
     let slots: Vec<Slot> = (0..threads * 64)
         .map(|_| Slot {
             ptr: AtomicUsize::new(0),
@@ -100,7 +109,6 @@ fn stress(threads: usize, m: &Matrix, max_size: usize) {
             unsafe { m.free(NonNull::new(p as *mut u8).unwrap()).unwrap() };
         }
     }
-    assert_pristine(m);
 }
 
 #[test]
@@ -157,14 +165,51 @@ fn no_spurious_out_of_memory_on_one_size_class() {
     }
 }
 
-/// Long soak: many rounds of the 8-thread stress. Run with
+/// `churn`, with the last-resort sweep of the free lists (which otherwise
+/// runs only when the node table is full) running over and over on one
+/// more thread meanwhile; then the heap must be one free block again.
+/// Returns the sweeps made.
+fn stress_while_sweeping(threads: usize, m: &Matrix, max_size: usize) -> u64 {
+    let done = AtomicBool::new(false);
+    let sweeps = std::thread::scope(|s| {
+        let sweeper = s.spawn(|| {
+            let mut sweeps = 0u64;
+            while !done.load(Acquire) {
+                m.sweep_free_lists();
+                sweeps += 1;
+            }
+            sweeps
+        });
+        churn(threads, m, max_size);
+        done.store(true, Release);
+        sweeper.join().unwrap()
+    });
+    assert_pristine(m);
+    sweeps
+}
+
+/// The sweep amid four threads that allocate, verify, free and hand
+/// around engine and small blocks: no block is overwritten, none is lost.
+#[test]
+fn the_free_list_sweep_is_safe_amid_allocations() {
+    let sweeps = stress_while_sweeping(4, &Matrix::anonymous(64 << 20).unwrap(), 20_000);
+    assert!(sweeps > 10, "only {sweeps} sweeps ran during the churn");
+}
+
+/// Long soak: many rounds of the 8-thread stress (one in five with the
+/// free-list sweep running too). Run with
 /// `cargo test --release --test threads -- --ignored`.
 #[test]
 #[ignore = "long soak; the default run has the short versions above"]
 fn soak_eight_threads_many_rounds() {
     for round in 0..200 {
         let m = Matrix::anonymous(if round % 2 == 0 { 512 << 10 } else { 16 << 20 }).unwrap();
-        stress(8, &m, if round % 3 == 0 { 20_000 } else { 600 });
+        let max_size = if round % 3 == 0 { 20_000 } else { 600 };
+        if round % 5 == 0 {
+            stress_while_sweeping(8, &m, max_size);
+        } else {
+            stress(8, &m, max_size);
+        }
     }
 }
 
