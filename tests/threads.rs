@@ -177,6 +177,11 @@ fn stress_while_sweeping(threads: usize, m: &Matrix, max_size: usize) -> u64 {
             while !done.load(Acquire) {
                 m.sweep_free_lists();
                 sweeps += 1;
+                // A sweep holds every free block until it ends; allocations
+                // that found nothing wait for it. Back-to-back sweeps would
+                // starve them (a real sweep runs only when the node table
+                // is full).
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
             sweeps
         });

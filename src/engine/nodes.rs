@@ -470,22 +470,25 @@ impl Engine {
     }
 
     /// Last resort when the node table is exhausted: recycles the `Dead`
-    /// nodes buried in the free lists. Each list is taken apart from the
+    /// nodes buried in the free lists. Every list is taken apart from the
     /// top as allocations take it (`take_top`): a `Live` node is claimed
     /// before it is unlinked, so its block is held (hidden, and recoverable
     /// after a death) all the while it is off its list; a `Dead` one is
     /// recycled; a `Claimed` one goes back to its holder, who lists it
     /// again. The claimed nodes wait on a private chain through their
-    /// `next` words (off every list, ours to use), and are then published
-    /// again as they are (`republish`) and settled, to serve the claims
-    /// that found them held meanwhile. A death anywhere in the sweep leaves
-    /// at most the one node it was unlinking unusable, and no block off its
-    /// list without a holder.
+    /// `next` words (off every list, ours to use) until every list is done,
+    /// and are then listed again as they are (`republish`) and settled, to
+    /// serve the claims that found them held meanwhile. Listing nothing
+    /// before every `Dead` node is back in the pool matters: a merge needs a
+    /// fresh node, and one that found none would leave its block free on
+    /// no node. A death anywhere in the sweep leaves at most the one node it
+    /// was unlinking unusable, and no block off its list without a holder.
     ///
-    /// The sweep also counts as a pop in flight (`popping`), so that an
-    /// allocation that finds nothing waits for it instead of reporting
-    /// out-of-memory, and ends as a publication does (then `epoch`, then
-    /// the count; see `ops::take_block`).
+    /// The price: while a sweep runs, every free block is held, and
+    /// allocations that find nothing wait for it (it counts as a pop in
+    /// flight, `popping`, besides what it hides) instead of reporting
+    /// out-of-memory. It ends as a publication does (then `epoch`, then the
+    /// count; see `ops::take_block`).
     pub(crate) fn sweep_dead(&self) {
         if SWEEPING.with(|s| s.replace(true)) {
             // A publication inside our own sweep that found the pool empty:
@@ -499,52 +502,56 @@ impl Engine {
             .node_hwm
             .load(Relaxed)
             .min(self.node_capacity);
-        for row in self.control().heads.iter() {
-            for head in row.iter() {
-                let mut held = NIL;
-                for _ in 0..turns {
-                    match self.take_top(head) {
-                        Top::Empty => break,
-                        Top::Other => {}
-                        // The unlink lost a race: the node is still on its
-                        // list, below the new top; it is left there `Live`.
-                        // (`hidden` is the block's size: `take_top` hid it whole.)
-                        Top::Taken(hint, pos, hidden) if self.is_listed(hint) => {
-                            if self.release(hint, pos, hidden, hidden) {
-                                self.settle(pos);
-                            }
-                        }
-                        Top::Taken(hint, _, _) => {
-                            self.node(hint.node).next.store(held, Relaxed);
-                            held = hint.node;
+        // 1. Take every list apart; `Dead` nodes go back to the pool as
+        //    they come. Nothing is published before all lists are done, so
+        //    that what follows finds the pool as full as the sweep can make
+        //    it (a publication needs a node only to merge, or for a block
+        //    whose node was marked `unlisting`).
+        let mut held = NIL;
+        for head in self.control().heads.iter().flatten() {
+            for _ in 0..turns {
+                match self.take_top(head) {
+                    Top::Empty => break,
+                    Top::Other => {}
+                    // The unlink lost a race: the node is still on its list,
+                    // below the new top; it is left there `Live`. (`hidden`
+                    // is the block's size: `take_top` hid it whole.)
+                    Top::Taken(hint, pos, hidden) if self.is_listed(hint) => {
+                        if self.release(hint, pos, hidden, hidden) {
+                            self.settle(pos);
                         }
                     }
-                }
-                while held != NIL {
-                    let node = self.node(held);
-                    let next = node.next.load(Relaxed);
-                    let hint = Hint {
-                        node: held,
-                        gen: ClaimWord::from(node.claim.load(SeqCst)).gen,
-                    };
-                    let pos = node.block.load(Relaxed);
-                    // Held since `take_top` found it free: only we change it.
-                    let Some(size) = self.live_block_size(pos) else {
-                        debug_assert!(false, "a held block that is not free");
-                        held = next;
-                        continue;
-                    };
-                    self.republish(super::ops::Held {
-                        hint,
-                        pos,
-                        size,
-                        hidden: size,
-                    });
-                    self.unhide(size);
-                    self.settle(pos);
-                    held = next;
+                    Top::Taken(hint, _, _) => {
+                        self.node(hint.node).next.store(held, Relaxed);
+                        held = hint.node;
+                    }
                 }
             }
+        }
+        // 2. List what was taken again, through the same nodes, and settle
+        //    it for the claims that found it held meanwhile.
+        while held != NIL {
+            let node = self.node(held);
+            let next = node.next.load(Relaxed);
+            let hint = Hint {
+                node: held,
+                gen: ClaimWord::from(node.claim.load(SeqCst)).gen,
+            };
+            let pos = node.block.load(Relaxed);
+            held = next;
+            // Held since `take_top` found it free: only we change it.
+            let Some(size) = self.live_block_size(pos) else {
+                debug_assert!(false, "a held block that is not free");
+                continue;
+            };
+            self.republish(super::ops::Held {
+                hint,
+                pos,
+                size,
+                hidden: size,
+            });
+            self.unhide(size);
+            self.settle(pos);
         }
         self.control().epoch.fetch_add(1, SeqCst);
         self.my_slot().popping.fetch_sub(1, SeqCst);
