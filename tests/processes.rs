@@ -19,7 +19,8 @@ use common::*;
 use matrix_alloc::{Matrix, Offset};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::time::{Duration, Instant};
@@ -329,46 +330,43 @@ fn spawn_on(m: &Matrix, role: &str, table_at: Offset, more: &[String]) -> Child 
     spawn(&args)
 }
 
-/// Waits for a child; kills it and fails if it outlives the watchdog.
-fn finish(mut child: Child) -> String {
+/// Waits for a child, looking every `poll`; kills it and fails if it
+/// outlives the watchdog.
+fn wait_watched(child: &mut Child, poll: Duration, what: &str) -> ExitStatus {
     let deadline = Instant::now() + WATCHDOG;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            let mut out = String::new();
-            for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-                out.push_str(&line.unwrap());
-                out.push('\n');
-            }
-            assert!(status.success(), "child failed ({status}): {out}");
-            return out;
+            return status;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("child hung: killed by the watchdog");
+            panic!("{what}child hung: killed by the watchdog");
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(poll);
     }
+}
+
+/// Waits for a child that must succeed; returns what it printed.
+fn finish(mut child: Child) -> String {
+    let status = wait_watched(&mut child, Duration::from_millis(10), "");
+    let mut out = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        out.push_str(&line.unwrap());
+        out.push('\n');
+    }
+    assert!(status.success(), "child failed ({status}): {out}");
+    out
 }
 
 /// Waits for a child that may kill itself: true if it ran to the end,
 /// false if SIGKILL ended it; fails on any other end, or a hang.
 fn wait_or_killed(mut child: Child, what: &str) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    let deadline = Instant::now() + WATCHDOG;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            if status.signal() == Some(libc::SIGKILL) {
-                return false;
-            }
-            assert!(status.success(), "{what}: child failed ({status})");
-            return true;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what}: child hung: killed by the watchdog");
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    let status = wait_watched(&mut child, Duration::from_millis(1), &format!("{what}: "));
+    if status.signal() == Some(libc::SIGKILL) {
+        return false;
     }
+    assert!(status.success(), "{what}: child failed ({status})");
+    true
 }
 
 fn processes_free_each_others_blocks() {
