@@ -503,10 +503,11 @@ impl Engine {
             .load(Relaxed)
             .min(self.node_capacity);
         // 1. Take every list apart; `Dead` nodes go back to the pool as
-        //    they come. Nothing is published before all lists are done, so
-        //    that what follows finds the pool as full as the sweep can make
-        //    it (a publication needs a node only to merge, or for a block
-        //    whose node was marked `unlisting`).
+        //    they come. Nothing is published before all lists are done (but
+        //    for a node whose unlink lost a race, below), so that what
+        //    follows finds the pool as full as the sweep can make it (a
+        //    publication needs a node only to merge, or for a block whose
+        //    node was marked `unlisting`).
         let mut held = NIL;
         for head in self.control().heads.iter().flatten() {
             for _ in 0..turns {
@@ -514,8 +515,9 @@ impl Engine {
                     Top::Empty => break,
                     Top::Other => {}
                     // The unlink lost a race: the node is still on its list,
-                    // below the new top; it is left there `Live`. (`hidden`
-                    // is the block's size: `take_top` hid it whole.)
+                    // below the new top; it is made `Live` there again (no
+                    // node needed, unless a popper marked it meanwhile).
+                    // (`hidden` is the block's size: `take_top` hid it whole.)
                     Top::Taken(hint, pos, hidden) if self.is_listed(hint) => {
                         if self.release(hint, pos, hidden, hidden) {
                             self.settle(pos);
