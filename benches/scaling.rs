@@ -349,6 +349,39 @@ fn drain(m: &Matrix, table: &[AtomicU64]) {
 }
 
 fn cross_process(c: &mut Criterion) {
+    let (m, at) = exchange_segment();
+    let mut g = c.benchmark_group("cross_process_exchange");
+    g.throughput(criterion::Throughput::Elements(2 * EXCHANGE_OPS as u64));
+    for round in 0..ROUNDS {
+        g.bench_function(
+            BenchmarkId::new(round_name("matrix", round), "2_threads"),
+            |b| b.iter_custom(|iters| exchange_threads(&m, at, iters)),
+        );
+        g.bench_function(
+            BenchmarkId::new(round_name("matrix", round), "2_processes"),
+            |b| b.iter_custom(|iters| exchange_processes(&m, at, iters)),
+        );
+    }
+    g.finish();
+}
+
+/// The interleaved view of `cross_process`: two processes against two
+/// threads, one call of each (two exchange runs per worker) at a time.
+fn interleaved_cross_process() -> String {
+    let (m, at) = exchange_segment();
+    let r = interleaved(
+        || exchange_threads(&m, at, 2),
+        || exchange_processes(&m, at, 2),
+    );
+    format!(
+        "cross-process, 2 x {} exchanges a call: 2 processes reach {:.0}% of 2 threads' throughput",
+        2 * EXCHANGE_OPS,
+        100.0 * r
+    )
+}
+
+/// A segment for the exchange, and its table (and gate) in it.
+fn exchange_segment() -> (Matrix, Offset) {
     let m = Matrix::create(512 << 20).unwrap();
     let t = m
         .alloc(Layout::from_size_align((EXCHANGE_SLOTS + 1) * 8, 8).unwrap())
@@ -356,60 +389,51 @@ fn cross_process(c: &mut Criterion) {
     // SAFETY: fresh allocation of that size.
     unsafe { t.as_ptr().write_bytes(0, (EXCHANGE_SLOTS + 1) * 8) };
     let at = m.offset_of(t.as_ptr()).unwrap();
-    let mut g = c.benchmark_group("cross_process_exchange");
-    g.throughput(criterion::Throughput::Elements(2 * EXCHANGE_OPS as u64));
-    for round in 0..ROUNDS {
-        g.bench_function(
-            BenchmarkId::new(round_name("matrix", round), "2_threads"),
-            |b| {
-                b.iter_custom(|iters| {
-                    let d = timed_threads(2, |w| {
-                        for i in 0..iters {
-                            exchange(&m, table(&m, at), i * 2 + w as u64, EXCHANGE_OPS)
-                        }
-                    });
-                    drain(&m, table(&m, at));
-                    d
-                })
-            },
-        );
-        g.bench_function(
-            BenchmarkId::new(round_name("matrix", round), "2_processes"),
-            |b| {
-                b.iter_custom(|iters| {
-                    // Each child times its own work from the moment both
-                    // have passed the gate: starting a process (exec,
-                    // loading, mapping the segment) is not throughput.
-                    gate(&m, at).store(0, SeqCst);
-                    let children: Vec<_> = (0..2)
-                        .map(|w| {
-                            Command::new(std::env::current_exe().unwrap())
-                                .env(
-                                    "MATRIX_BENCH_CHILD",
-                                    format!("{} {} {} {}", m.id(), at.get(), iters, w),
-                                )
-                                .stdout(std::process::Stdio::piped())
-                                .spawn()
-                                .unwrap()
-                        })
-                        .collect();
-                    let d = children
-                        .into_iter()
-                        .map(|child| {
-                            let out = child.wait_with_output().unwrap();
-                            assert!(out.status.success());
-                            let nanos = String::from_utf8(out.stdout).unwrap();
-                            Duration::from_nanos(nanos.trim().parse().unwrap())
-                        })
-                        .max()
-                        .unwrap();
-                    drain(&m, table(&m, at));
-                    d
-                })
-            },
-        );
-    }
-    g.finish();
+    (m, at)
+}
+
+/// Two threads of this process run `iters` exchange runs each; the time
+/// until both are done. The table is emptied afterwards, untimed.
+fn exchange_threads(m: &Matrix, at: Offset, iters: u64) -> Duration {
+    let d = timed_threads(2, |w| {
+        for i in 0..iters {
+            exchange(m, table(m, at), i * 2 + w as u64, EXCHANGE_OPS)
+        }
+    });
+    drain(m, table(m, at));
+    d
+}
+
+/// Two child processes run `iters` exchange runs each; the longer of their
+/// own times. Each child times its own work from the moment both have
+/// passed the gate: starting a process (exec, loading, mapping the
+/// segment) is not throughput.
+fn exchange_processes(m: &Matrix, at: Offset, iters: u64) -> Duration {
+    gate(m, at).store(0, SeqCst);
+    let children: Vec<_> = (0..2)
+        .map(|w| {
+            Command::new(std::env::current_exe().unwrap())
+                .env(
+                    "MATRIX_BENCH_CHILD",
+                    format!("{} {} {} {}", m.id(), at.get(), iters, w),
+                )
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let d = children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success());
+            let nanos = String::from_utf8(out.stdout).unwrap();
+            Duration::from_nanos(nanos.trim().parse().unwrap())
+        })
+        .max()
+        .unwrap();
+    drain(m, table(m, at));
+    d
 }
 
 /// The child side of `cross_process`: `MATRIX_BENCH_CHILD="id table iters worker"`.
@@ -733,7 +757,8 @@ fn main() {
     producer_consumer(&mut c, &all);
     cross_process(&mut c);
     peers(&mut c, &matrix);
-    let views = interleaved_views(&all);
+    let mut views = interleaved_views(&all);
+    views.push(interleaved_cross_process());
     c.final_summary();
     print_ratios();
     println!();
