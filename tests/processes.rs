@@ -241,8 +241,9 @@ fn child_sweep_die_at(id: Uuid, table_at: u64, die_at: u64) {
     println!("done");
 }
 
-/// Two threads run `engine_op` on their own halves of the table until the
-/// process is killed.
+/// Two threads run `engine_op` on their own halves of the table, and a
+/// third runs the last-resort sweep of the free lists every millisecond,
+/// until the process is killed.
 fn child_engine_churn(id: Uuid, table_at: u64) {
     // A failure in either thread ends the process at once, so that the
     // parent sees it (a panicking scoped thread would leave the other one
@@ -268,6 +269,10 @@ fn child_engine_churn(id: Uuid, table_at: u64) {
                 }
             });
         }
+        s.spawn(|| loop {
+            m.sweep_free_lists();
+            std::thread::sleep(Duration::from_millis(1));
+        });
     });
 }
 
@@ -647,8 +652,10 @@ fn killed_at_every_step_of_the_free_list_sweep_loses_nothing() {
     assert!(died > 100, "too few steps: were no nodes buried?");
 }
 
-/// A child with two threads inside the engine is killed (`kill -9` from
-/// outside, at a random moment) while two threads of the parent keep
+/// A child with two threads inside the engine (and a third that sweeps the
+/// free lists every millisecond, so that some kills land in a sweep) is
+/// killed (`kill -9` from outside, at a random moment) while two threads of
+/// the parent keep
 /// allocating, freeing and resizing engine blocks, and go on while the
 /// parent runs `reclaim_dead()` on two more threads at once. Afterwards, with every
 /// recorded block freed, the heap has lost at most what the child's two
