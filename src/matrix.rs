@@ -213,6 +213,17 @@ impl std::fmt::Debug for Matrix {
     }
 }
 
+/// Where `Matrix::free_cached` left a block.
+enum FastFree {
+    /// Freed.
+    Done,
+    /// Block `.1` of the small-object page `.0`, which the fast path could
+    /// not free (another thread's page, a counter flush, an error).
+    Small(cache::Page, u32),
+    /// Not on a small-object page: an engine block, or no block at all.
+    Engine,
+}
+
 impl Matrix {
     fn from_segment(segment: Segment, backing: Backing) -> Matrix {
         Matrix::with_shared(SharedRef::counted(Shared::join(segment)), backing)
@@ -501,15 +512,27 @@ impl Matrix {
     /// its own. Every power-of-two alignment is honoured.
     #[inline(always)]
     pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
-        if cache::is_small(layout.size(), layout.align()) {
-            let size = layout.size();
-            // SAFETY: `alloc_fast` makes no calls.
-            if let Some(p) = unsafe { cache::with_heap_fast(&self.shared, |h| h.alloc_fast(size)) }
-            {
-                return Ok(p);
-            }
+        if let Some(p) = self.alloc_fast(layout) {
+            return Ok(p);
         }
         self.alloc_slow(layout)
+    }
+
+    /// The call-free part of [`Matrix::alloc`]: a small block from this
+    /// thread's cache, or `None` when more is needed (a new page, a counter
+    /// flush, a large request, a thread without a cache), with nothing
+    /// changed; `alloc` then does the rest. For adapters that keep their
+    /// own slow path out of line, so that their fast path needs no stack
+    /// frame (the global allocator).
+    #[doc(hidden)]
+    #[inline(always)]
+    pub fn alloc_fast(&self, layout: Layout) -> Option<NonNull<u8>> {
+        if !cache::is_small(layout.size(), layout.align()) {
+            return None;
+        }
+        let size = layout.size();
+        // SAFETY: `alloc_fast` makes no calls.
+        unsafe { cache::with_heap_fast(&self.shared, |h| h.alloc_fast(size)) }
     }
 
     /// Everything the call-free fast path leaves: a new page or a counter
@@ -587,21 +610,52 @@ impl Matrix {
     ///   stale pointer to a block that was since reallocated, cannot always be.
     #[inline(always)]
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), Error> {
-        let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) else {
+        // SAFETY: forwarded contract.
+        match unsafe { self.free_cached(ptr) } {
+            FastFree::Done => Ok(()),
+            FastFree::Small(page, i) => self.free_small_slow(page, i),
             // SAFETY: forwarded contract.
-            return unsafe { self.free_engine_counted(ptr) };
+            FastFree::Engine => unsafe { self.free_engine_counted(ptr) },
+        }
+    }
+
+    /// The fast part of [`Matrix::free`]: true if `ptr` was a live small
+    /// block of this thread's cache and is now free; false, with nothing
+    /// changed, when more is needed (another thread's block, an engine
+    /// block, a counter flush, an error); `free` then does the rest. For
+    /// adapters that keep their own slow path out of line (the global
+    /// allocator).
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`].
+    #[doc(hidden)]
+    #[inline(always)]
+    pub unsafe fn free_fast(&self, ptr: NonNull<u8>) -> bool {
+        // SAFETY: forwarded contract.
+        matches!(unsafe { self.free_cached(ptr) }, FastFree::Done)
+    }
+
+    /// Frees `ptr` through this thread's cache if it can without a call
+    /// (but the page's `tidy`); else says where the block is.
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`].
+    #[inline(always)]
+    unsafe fn free_cached(&self, ptr: NonNull<u8>) -> FastFree {
+        let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) else {
+            return FastFree::Engine;
         };
         let block = ptr.as_ptr();
         // SAFETY: `free_fast` makes no calls; `locate` found block `i` of
         // `page` at `block`.
         let done = unsafe { cache::with_heap_fast(&self.shared, |h| h.free_fast(page, i, block)) };
         match done {
-            Some(false) => Ok(()),
+            Some(false) => FastFree::Done,
             Some(true) => {
                 self.tidy(page);
-                Ok(())
+                FastFree::Done
             }
-            None => self.free_small_slow(page, i),
+            None => FastFree::Small(page, i),
         }
     }
 

@@ -234,6 +234,56 @@ impl MatrixGlobal {
         }
     }
 
+    /// The matrix, if it is mapped and usable: one load and compare, for
+    /// the fast paths (which leave every other case to the slow ones).
+    #[inline]
+    fn ready(&self) -> Option<&Matrix> {
+        if self.state.load(Acquire) != READY {
+            return None;
+        }
+        // SAFETY: published (see `made`); never written again.
+        unsafe { (*self.made.get()).assume_init_ref() }
+            .as_ref()
+            .ok()
+    }
+
+    /// `GlobalAlloc::alloc` beyond the cache's fast path.
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow(&self, layout: Layout) -> *mut u8 {
+        match self.made() {
+            Some(Ok(m)) => m
+                .alloc(layout)
+                .map_or(std::ptr::null_mut(), NonNull::as_ptr),
+            Some(Err(_)) => std::ptr::null_mut(),
+            None => self.early.alloc(layout),
+        }
+    }
+
+    /// `GlobalAlloc::dealloc` beyond the cache's fast path.
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::dealloc`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_slow(&self, ptr: *mut u8, _layout: Layout) {
+        // The early arena is looked at only when the matrix refuses the
+        // pointer (arena memory is never reused, and lies outside the
+        // segment, which `free` checks before it changes anything).
+        if let Some((m, p)) = self.mapped(ptr) {
+            // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live
+            // block of this allocator that is not used after this call.
+            match unsafe { m.free(p) } {
+                Ok(()) => return,
+                Err(_) if self.early.contains(ptr) => return,
+                Err(e) => fatal_error("matrix-alloc-global: dealloc: ", &e),
+            }
+        }
+        if !self.early.contains(ptr) {
+            never_gave_out("matrix-alloc-global: dealloc: ");
+        }
+    }
+
     /// `mapped`, or abort (after `what` on stderr): this allocator never
     /// gave the pointer out.
     #[inline]
@@ -265,35 +315,31 @@ fn unreachable_while_mapping() -> ! {
 // mapping), is at least `layout.size()` bytes, aligned to `layout.align()`,
 // and disjoint from every other live block; `dealloc` and `realloc` accept
 // exactly the blocks handed out.
+//
+// `alloc` and `dealloc` try the matrix's call-free fast paths first and
+// leave everything else to an out-of-line function: the fast function then
+// needs no stack frame and saves no registers (as mimalloc's `mi_malloc`
+// and `mi_free`), which the pair of calls per allocation otherwise paid.
 unsafe impl GlobalAlloc for MatrixGlobal {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        match self.made() {
-            Some(Ok(m)) => m
-                .alloc(layout)
-                .map_or(std::ptr::null_mut(), NonNull::as_ptr),
-            Some(Err(_)) => std::ptr::null_mut(),
-            None => self.early.alloc(layout),
+        if let Some(p) = self.ready().and_then(|m| m.alloc_fast(layout)) {
+            return p.as_ptr();
         }
+        self.alloc_slow(layout)
     }
 
     #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-        // The early arena is looked at only when the matrix refuses the
-        // pointer (arena memory is never reused, and lies outside the
-        // segment, which `free` checks before it changes anything).
-        if let Some((m, p)) = self.mapped(ptr) {
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if let (Some(m), Some(p)) = (self.ready(), NonNull::new(ptr)) {
             // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live
             // block of this allocator that is not used after this call.
-            match unsafe { m.free(p) } {
-                Ok(()) => return,
-                Err(_) if self.early.contains(ptr) => return,
-                Err(e) => fatal_error("matrix-alloc-global: dealloc: ", &e),
+            if unsafe { m.free_fast(p) } {
+                return;
             }
         }
-        if !self.early.contains(ptr) {
-            never_gave_out("matrix-alloc-global: dealloc: ");
-        }
+        // SAFETY: forwarded contract.
+        unsafe { self.dealloc_slow(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
