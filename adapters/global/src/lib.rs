@@ -242,9 +242,12 @@ impl MatrixGlobal {
             return None;
         }
         // SAFETY: published (see `made`); never written again.
-        unsafe { (*self.made.get()).assume_init_ref() }
-            .as_ref()
-            .ok()
+        match unsafe { (*self.made.get()).assume_init_ref() } {
+            Ok(m) => Some(m),
+            // SAFETY: `READY` is stored only after an `Ok` was written
+            // (`map_slow`); saying so spares the fast paths a test.
+            Err(_) => unsafe { std::hint::unreachable_unchecked() },
+        }
     }
 
     /// `GlobalAlloc::alloc` beyond the cache's fast path.
