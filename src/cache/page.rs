@@ -235,15 +235,18 @@ impl Page {
     }
 
     /// The size entry of a block allocated for `requested` bytes, a size of
-    /// this page's class: its slack.
+    /// this page's class: its slack. A class's blocks are `requested`
+    /// rounded up to 16 bytes, so the slack is `-requested mod 16`, which
+    /// spares the allocation fast path a load of the header's block size.
     #[inline]
     pub(crate) fn entry_for(self, requested: usize) -> u8 {
-        let slack = self.header().block_size as usize - requested;
-        debug_assert!(
-            allocated(slack as u8),
+        let slack = (requested as u8).wrapping_neg() & 15;
+        debug_assert_eq!(
+            slack as usize,
+            self.header().block_size as usize - requested,
             "{requested} is not of this page's class"
         );
-        slack as u8
+        slack
     }
 
     /// The requested size of an allocated block whose size entry is `entry`
