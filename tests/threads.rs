@@ -208,6 +208,7 @@ fn the_free_list_sweep_is_safe_amid_allocations() {
 #[ignore = "long soak; the default run has the short versions above"]
 fn soak_eight_threads_many_rounds() {
     for round in 0..200 {
+        println!("round {round}");
         let m = Matrix::anonymous(if round % 2 == 0 { 512 << 10 } else { 16 << 20 }).unwrap();
         let max_size = if round % 3 == 0 { 20_000 } else { 600 };
         if round % 5 == 0 {

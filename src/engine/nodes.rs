@@ -67,6 +67,10 @@ use crate::sync::{AtomicU64, Ordering::*};
 use std::cell::Cell;
 use std::convert::Infallible;
 
+/// How long a thread that found the node table full waits for other
+/// threads' sweeps (and pops) in flight to give nodes back.
+const NODE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
 thread_local! {
     /// Whether this thread is inside `sweep_dead` (which publishes blocks,
     /// and so may need a node itself). Const-initialised and without
@@ -167,12 +171,32 @@ impl Engine {
             None => {
                 let mut swept = false;
                 let mut hwm = ctrl.node_hwm.load(Relaxed);
+                let mut waiting_since: Option<std::time::Instant> = None;
                 loop {
                     if hwm >= self.node_capacity {
-                        if std::mem::replace(&mut swept, true) {
+                        if SWEEPING.with(Cell::get) {
+                            // Inside our own sweep, which has taken what
+                            // it can (see `sweep_dead`).
                             return None;
                         }
-                        self.sweep_dead();
+                        if !std::mem::replace(&mut swept, true) {
+                            self.sweep_dead();
+                        } else if self.in_flight_of_live().0 == 0
+                            || waiting_since
+                                .get_or_insert_with(std::time::Instant::now)
+                                .elapsed()
+                                > NODE_PATIENCE
+                        {
+                            return None;
+                        } else {
+                            // Another thread's sweep is in flight (it
+                            // counts as a pop): it holds the blocks of the
+                            // lists it took apart, so ours found nothing
+                            // there, and it hands their `Dead` nodes to the
+                            // pool as it goes. Wait for it rather than
+                            // leave a block on no node.
+                            std::thread::yield_now();
+                        }
                         match self.pop(&ctrl.pool) {
                             Some(n) => break n,
                             None => continue,
