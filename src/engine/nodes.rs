@@ -67,10 +67,6 @@ use crate::sync::{AtomicU64, Ordering::*};
 use std::cell::Cell;
 use std::convert::Infallible;
 
-/// How long a thread that found the node table full waits for other
-/// threads' sweeps (and pops) in flight to give nodes back.
-const NODE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
-
 thread_local! {
     /// Whether this thread is inside `sweep_dead` (which publishes blocks,
     /// and so may need a node itself). Const-initialised and without
@@ -182,10 +178,7 @@ impl Engine {
                         if !std::mem::replace(&mut swept, true) {
                             self.sweep_dead();
                         } else if self.in_flight_of_live().0 == 0
-                            || waiting_since
-                                .get_or_insert_with(std::time::Instant::now)
-                                .elapsed()
-                                > NODE_PATIENCE
+                            || super::ops::out_of_patience(&mut waiting_since)
                         {
                             return None;
                         } else {
@@ -514,11 +507,11 @@ impl Engine {
     /// out-of-memory. It ends as a publication does (then `epoch`, then the
     /// count; see `ops::take_block`).
     pub(crate) fn sweep_dead(&self) {
-        if SWEEPING.with(|s| s.replace(true)) {
-            // A publication inside our own sweep that found the pool empty:
-            // sweeping again would find what this sweep has not reached yet.
-            return;
-        }
+        // `node_alloc` does not sweep inside a sweep: a publication in ours
+        // that finds the pool empty fails instead (what this sweep has not
+        // reached yet, another would not find either).
+        let nested = SWEEPING.with(|s| s.replace(true));
+        debug_assert!(!nested, "a sweep inside a sweep");
         self.my_slot().popping.fetch_add(1, SeqCst);
         // Bounded: others may push to a list as fast as the sweep takes from it.
         let turns = 2 * self

@@ -46,6 +46,12 @@ use crate::Error;
 /// failed the allocation at once, without waiting.)
 const OOM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Whether a wait for memory (or nodes) in flight that began at `since`
+/// (now, if it had not begun) has gone on longer than `OOM_PATIENCE`.
+pub(super) fn out_of_patience(since: &mut Option<std::time::Instant>) -> bool {
+    since.get_or_insert_with(std::time::Instant::now).elapsed() > OOM_PATIENCE
+}
+
 /// Outcome of trying to merge a pair of neighbours.
 enum Pair {
     Merged(u32),
@@ -197,11 +203,7 @@ impl Engine {
                 if popping == 0 && hidden < search as u64 {
                     return None;
                 }
-                if stalled_since
-                    .get_or_insert_with(std::time::Instant::now)
-                    .elapsed()
-                    > OOM_PATIENCE
-                {
+                if out_of_patience(&mut stalled_since) {
                     return None;
                 }
                 std::thread::yield_now();
