@@ -17,7 +17,7 @@ mod common;
 
 use common::{
     interleaved, median, median_ratio, pair, round_medians, round_name, timed_pairs, BenchAlloc,
-    Mixed, Peer, ALTERNATIONS, ROUNDS,
+    GlobalMatrix, Mixed, Peer, ALTERNATIONS, ROUNDS,
 };
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
@@ -170,9 +170,13 @@ fn memory(t: usize) -> u64 {
 
 /// The thread scaling and producer/consumer comparisons again, by
 /// `interleaved` calls (see `common`): a call of one thread against a call
-/// of 2 or 8 threads that each do the same work, milliseconds apart.
+/// of 2 or 8 threads that each do the same work, milliseconds apart; and
+/// producer/consumer through `global` (the `GlobalAlloc` adapter) too.
 /// Returns the lines to print.
-fn interleaved_views(allocators: &[&(dyn BenchAlloc + Sync)]) -> Vec<String> {
+fn interleaved_views(
+    allocators: &[&(dyn BenchAlloc + Sync)],
+    global: &(dyn BenchAlloc + Sync),
+) -> Vec<String> {
     let w = Mixed::new();
     let scaling = |n: usize, work: &(dyn Fn(usize) + Sync)| {
         n as f64 * interleaved(|| timed_threads(1, work), || timed_threads(n, work))
@@ -217,15 +221,20 @@ fn interleaved_views(allocators: &[&(dyn BenchAlloc + Sync)]) -> Vec<String> {
     let [matrix, peers @ ..] = allocators else {
         return lines;
     };
-    for peer in peers {
-        let r = interleaved(
-            || produce_consume(*matrix, 20_000),
-            || produce_consume(*peer, 20_000),
-        );
-        lines.push(format!(
-            "producer/consumer, 20,000 blocks a call: matrix / {} = {r:.2} (time)",
-            peer.name()
-        ));
+    // The global adapter too: its consumer's frees are all remote, the
+    // path that `dealloc` hands out of line.
+    for ours in [*matrix, global] {
+        for peer in peers {
+            let r = interleaved(
+                || produce_consume(ours, 20_000),
+                || produce_consume(*peer, 20_000),
+            );
+            lines.push(format!(
+                "producer/consumer, 20,000 blocks a call: {} / {} = {r:.2} (time)",
+                ours.name(),
+                peer.name()
+            ));
+        }
     }
     lines
 }
@@ -757,7 +766,8 @@ fn main() {
     producer_consumer(&mut c, &all);
     cross_process(&mut c);
     peers(&mut c, &matrix);
-    let mut views = interleaved_views(&all);
+    let global = GlobalMatrix::new(256 << 20);
+    let mut views = interleaved_views(&all, &global);
     views.push(interleaved_cross_process());
     c.final_summary();
     print_ratios();

@@ -31,6 +31,8 @@ pub fn die_at_engine_step(n: u64) {
 
 pub use engine::HeapReport;
 pub use error::Error;
+#[doc(hidden)]
+pub use matrix::Declined;
 pub use matrix::{Matrix, Reclaimed};
 pub use offset::Offset;
 pub use segment::{MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};

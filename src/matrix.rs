@@ -213,15 +213,21 @@ impl std::fmt::Debug for Matrix {
     }
 }
 
-/// Where `Matrix::free_cached` left a block.
-enum FastFree {
-    /// Freed.
-    Done,
-    /// Block `.1` of the small-object page `.0`, which the fast path could
-    /// not free (another thread's page, a counter flush, an error).
-    Small(cache::Page, u32),
-    /// Not on a small-object page: an engine block, or no block at all.
-    Engine,
+/// Where a block lies that [`Matrix::free_fast`] could not free, so that
+/// [`Matrix::free_declined`] finishes the free without looking the page up
+/// again in the page table.
+///
+/// One word, the page, so that it passes to an out-of-line slow path in a
+/// register, and the fast path keeps no more values live than it needs for
+/// itself (with the block's index too, the global allocator's `dealloc`
+/// had to save a register). The slow path finds the index again from the
+/// page's header, which the fast path has just read.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct Declined {
+    /// The small-object page's header, or null for a block on no page (an
+    /// engine block, or no block at all).
+    page: *mut u8,
 }
 
 impl Matrix {
@@ -611,52 +617,62 @@ impl Matrix {
     #[inline(always)]
     pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), Error> {
         // SAFETY: forwarded contract.
-        match unsafe { self.free_cached(ptr) } {
-            FastFree::Done => Ok(()),
-            FastFree::Small(page, i) => self.free_small_slow(page, i),
-            // SAFETY: forwarded contract.
-            FastFree::Engine => unsafe { self.free_engine_counted(ptr) },
+        match unsafe { self.free_fast(ptr) } {
+            Ok(()) => Ok(()),
+            // SAFETY: forwarded contract; `free_fast` declined with nothing
+            // changed, and `declined` is what it said.
+            Err(declined) => unsafe { self.free_declined(ptr, declined) },
         }
     }
 
-    /// The fast part of [`Matrix::free`]: true if `ptr` was a live small
-    /// block of this thread's cache and is now free; false, with nothing
-    /// changed, when more is needed (another thread's block, an engine
-    /// block, a counter flush, an error); `free` then does the rest. For
-    /// adapters that keep their own slow path out of line (the global
-    /// allocator).
+    /// The call-free part of [`Matrix::free`] (but for a page's `tidy`):
+    /// `Ok` if `ptr` was a live small block of this thread's cache and is
+    /// now free; else, with nothing changed, where the block is, for
+    /// [`Matrix::free_declined`] to do the rest (another thread's block, an
+    /// engine block, a counter flush, an error). For adapters that keep
+    /// their own slow path out of line (the global allocator).
     ///
     /// # Safety
     /// As for [`Matrix::free`].
     #[doc(hidden)]
     #[inline(always)]
-    pub unsafe fn free_fast(&self, ptr: NonNull<u8>) -> bool {
-        // SAFETY: forwarded contract.
-        matches!(unsafe { self.free_cached(ptr) }, FastFree::Done)
-    }
-
-    /// Frees `ptr` through this thread's cache if it can without a call
-    /// (but the page's `tidy`); else says where the block is.
-    ///
-    /// # Safety
-    /// As for [`Matrix::free`].
-    #[inline(always)]
-    unsafe fn free_cached(&self, ptr: NonNull<u8>) -> FastFree {
+    pub unsafe fn free_fast(&self, ptr: NonNull<u8>) -> Result<(), Declined> {
         let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) else {
-            return FastFree::Engine;
+            return Err(Declined {
+                page: std::ptr::null_mut(),
+            });
         };
         let block = ptr.as_ptr();
         // SAFETY: `free_fast` makes no calls; `locate` found block `i` of
         // `page` at `block`.
         let done = unsafe { cache::with_heap_fast(&self.shared, |h| h.free_fast(page, i, block)) };
         match done {
-            Some(false) => FastFree::Done,
+            Some(false) => Ok(()),
             Some(true) => {
                 self.tidy(page);
-                FastFree::Done
+                Ok(())
             }
-            None => FastFree::Small(page, i),
+            None => Err(Declined { page: page.0 }),
         }
+    }
+
+    /// The rest of [`Matrix::free`], for a block that [`Matrix::free_fast`]
+    /// declined: out of line, so that the fast path stays small.
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`], and `declined` is what `free_fast` returned
+    /// for `ptr` on this matrix.
+    #[doc(hidden)]
+    #[cold]
+    #[inline(never)]
+    pub unsafe fn free_declined(&self, ptr: NonNull<u8>, declined: Declined) -> Result<(), Error> {
+        if declined.page.is_null() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_engine_counted(ptr) };
+        }
+        let page = cache::Page(declined.page);
+        let i = page.index_of(ptr.as_ptr()).ok_or(Error::InvalidPointer)?;
+        self.free_small_slow(page, i)
     }
 
     /// Moves a page the fast path freed into to where it belongs now (see
@@ -672,12 +688,7 @@ impl Matrix {
     }
 
     /// A small block the fast path left: another thread's (or process's),
-    /// a thread without a cache, or an error. Takes the page found
-    /// by `free` instead of looking it up again: for a remote free in a
-    /// producer/consumer loop, each look at the page header can be a miss
-    /// on a line the owner keeps writing.
-    #[cold]
-    #[inline(never)]
+    /// a thread without a cache, or an error; by the page `free_fast` found.
     fn free_small_slow(&self, page: cache::Page, i: u32) -> Result<(), Error> {
         let counters = self.engine().counters();
         // One borrow of the heap for the free and its count.
@@ -706,8 +717,6 @@ impl Matrix {
     ///
     /// # Safety
     /// As for [`Matrix::free`].
-    #[cold]
-    #[inline(never)]
     unsafe fn free_engine_counted(&self, ptr: NonNull<u8>) -> Result<(), Error> {
         let requested = self.free_engine(ptr)?;
         self.count(|d| d.on_free(requested));

@@ -35,7 +35,7 @@
 //!   free, a foreign pointer) writes the error to stderr and aborts: a
 //!   global allocator must not unwind, and going on would corrupt memory.
 
-use matrix_alloc::{Error, Matrix, Stats};
+use matrix_alloc::{Declined, Error, Matrix, Stats};
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::{Cell, UnsafeCell};
 use std::mem::MaybeUninit;
@@ -263,27 +263,49 @@ impl MatrixGlobal {
         }
     }
 
-    /// `GlobalAlloc::dealloc` beyond the cache's fast path.
+    /// `GlobalAlloc::dealloc` of a block the cache's fast path declined:
+    /// another thread's block (the consumer of a producer/consumer pair), an
+    /// engine block, a counter flush, or a pointer the matrix refuses. The
+    /// matrix finishes the free from where the fast path found the block.
+    ///
+    /// # Safety
+    /// As for `GlobalAlloc::dealloc`; `declined` is what `m.free_fast`
+    /// returned for `ptr`.
+    #[cold]
+    #[inline(never)]
+    unsafe fn dealloc_declined(&self, m: &Matrix, ptr: NonNull<u8>, declined: Declined) {
+        // SAFETY: forwarded contract.
+        let freed = unsafe { m.free_declined(ptr, declined) };
+        self.freed_or_abort(ptr.as_ptr(), freed);
+    }
+
+    /// `GlobalAlloc::dealloc` before the matrix is ready, or of null.
     ///
     /// # Safety
     /// As for `GlobalAlloc::dealloc`.
     #[cold]
     #[inline(never)]
     unsafe fn dealloc_slow(&self, ptr: *mut u8, _layout: Layout) {
-        // The early arena is looked at only when the matrix refuses the
-        // pointer (arena memory is never reused, and lies outside the
-        // segment, which `free` checks before it changes anything).
         if let Some((m, p)) = self.mapped(ptr) {
             // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live
             // block of this allocator that is not used after this call.
-            match unsafe { m.free(p) } {
-                Ok(()) => return,
-                Err(_) if self.early.contains(ptr) => return,
-                Err(e) => fatal_error("matrix-alloc-global: dealloc: ", &e),
-            }
+            let freed = unsafe { m.free(p) };
+            return self.freed_or_abort(ptr, freed);
         }
         if !self.early.contains(ptr) {
             never_gave_out("matrix-alloc-global: dealloc: ");
+        }
+    }
+
+    /// The end of a `dealloc` by the matrix: a refused pointer is fine if it
+    /// lies in the early arena (arena memory is never reused, and lies
+    /// outside the segment, which `free` checks before it changes anything);
+    /// anything else refused aborts.
+    fn freed_or_abort(&self, ptr: *mut u8, freed: Result<(), Error>) {
+        match freed {
+            Ok(()) => {}
+            Err(_) if self.early.contains(ptr) => {}
+            Err(e) => fatal_error("matrix-alloc-global: dealloc: ", &e),
         }
     }
 
@@ -337,8 +359,10 @@ unsafe impl GlobalAlloc for MatrixGlobal {
         if let (Some(m), Some(p)) = (self.ready(), NonNull::new(ptr)) {
             // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live
             // block of this allocator that is not used after this call.
-            if unsafe { m.free_fast(p) } {
-                return;
+            match unsafe { m.free_fast(p) } {
+                Ok(()) => return,
+                // SAFETY: forwarded contract; `d` is what `free_fast` said.
+                Err(d) => return unsafe { self.dealloc_declined(m, p, d) },
             }
         }
         // SAFETY: forwarded contract.

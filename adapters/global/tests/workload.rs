@@ -228,3 +228,60 @@ fn a_segment_that_cannot_be_made_fails_allocations_cleanly() {
         })
     ));
 }
+
+static HANDOFF: MatrixGlobal = MatrixGlobal::new().size(64 << 20);
+
+/// Producer/consumer through the adapter: every free is of another
+/// thread's block (the path `dealloc` hands out of line with the page its
+/// fast path found), small and engine blocks alike. Each block keeps its
+/// stamp until freed, the counters add up, and once both threads are gone
+/// the heap is one free block again.
+#[test]
+fn blocks_freed_by_another_thread_come_back() {
+    use std::alloc::GlobalAlloc;
+    const BLOCKS: usize = 20_000;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Layout)>(256);
+    let requested = std::thread::scope(|s| {
+        s.spawn(move || {
+            for i in 0..BLOCKS {
+                // Mostly small sizes of every class, one in 64 an engine block.
+                let size = if i % 64 == 63 {
+                    40_000
+                } else {
+                    1 + i * 7 % 1024
+                };
+                let layout = Layout::from_size_align(size, 8).unwrap();
+                // SAFETY: non-zero size; the consumer frees it.
+                let p = unsafe { HANDOFF.alloc(layout) };
+                assert!(!p.is_null());
+                // SAFETY: `p` is `size` bytes, ours until sent.
+                unsafe { std::ptr::write_bytes(p, i as u8, size) };
+                tx.send((p as usize, layout)).unwrap();
+            }
+        });
+        let consumer = s.spawn(move || {
+            let mut requested = 0;
+            for (i, (p, layout)) in rx.iter().enumerate() {
+                let p = p as *mut u8;
+                // SAFETY: the producer wrote `layout.size()` bytes at `p`
+                // and handed the block over.
+                let bytes = unsafe { std::slice::from_raw_parts(p, layout.size()) };
+                assert!(bytes.iter().all(|&b| b == i as u8), "block {i} overwritten");
+                requested += layout.size() as u64;
+                // SAFETY: allocated by HANDOFF with `layout`, freed once.
+                unsafe { HANDOFF.dealloc(p, layout) };
+            }
+            requested
+        });
+        consumer.join().unwrap()
+    });
+    let s = HANDOFF.stats().unwrap();
+    assert_eq!((s.curr_blocks, s.curr_bytes), (0, 0), "{s:?}");
+    assert_eq!(s.total_blocks, BLOCKS as u64, "{s:?}");
+    assert_eq!(s.total_bytes, requested, "{s:?}");
+    let m = HANDOFF.matrix().unwrap();
+    m.trim();
+    let r = m.check().unwrap();
+    assert_eq!((r.used_blocks, r.free_blocks), (0, 1), "{r:?}");
+    assert_eq!(r.free_bytes, r.capacity, "{r:?}");
+}
