@@ -68,11 +68,48 @@ use std::cell::Cell;
 use std::convert::Infallible;
 
 thread_local! {
-    /// Whether this thread is inside `sweep_dead` (which publishes blocks,
-    /// and so may need a node itself). Const-initialised and without
-    /// destructor: it never allocates, also under the global allocator.
-    static SWEEPING: Cell<bool> = const { Cell::new(false) };
+    /// This thread's sweep, if it is in one (see `sweep_dead`).
+    /// Const-initialised and without destructor: it never allocates, also
+    /// under the global allocator.
+    static SWEEP: Sweep = const {
+        Sweep {
+            active: Cell::new(false),
+            aside: Cell::new(NIL),
+            set_aside: Cell::new(0),
+            wanted: Cell::new(0),
+        }
+    };
 }
+
+/// A thread's sweep of the free lists (`sweep_dead`), which publishes
+/// blocks and so may need nodes itself, from a pool that the other threads
+/// drain meanwhile: it sets aside some of the `Dead` nodes it recycles.
+struct Sweep {
+    /// Whether this thread is inside `sweep_dead`.
+    active: Cell<bool>,
+    /// The nodes set aside, chained through `next` (`NIL`: none). Each is
+    /// held by this thread, bound to no block (`NO_BLOCK`), so that a
+    /// recovery after a death retires it to the pool (it is not intact).
+    aside: Cell<u32>,
+    /// How many are set aside.
+    set_aside: Cell<u32>,
+    /// How many the sweep wants at most: a node for each block it holds
+    /// (each may merge once it is listed again), and `SWEEP_MARGIN`.
+    wanted: Cell<u32>,
+}
+
+/// Nodes a sweep sets aside beyond one per block it holds: for the
+/// blocks whose unlink lost a race and that a popper marked `unlisting`
+/// (they need a fresh node at once), and for merges with blocks others
+/// published meanwhile.
+const SWEEP_MARGIN: u32 = 16;
+
+/// How many blocks whose unlink lost a race a sweep keeps until it has
+/// taken every list apart (see `sweep_dead`): a few, on the stack.
+const LOST_RACES: usize = 16;
+
+/// `Node::block` of a node set aside by a sweep: no block.
+const NO_BLOCK: u32 = u32::MAX;
 
 /// Outcome of taking the top of a free list ([`Engine::take_top`]).
 pub(crate) enum Top {
@@ -170,10 +207,10 @@ impl Engine {
                 let mut waiting_since: Option<std::time::Instant> = None;
                 loop {
                     if hwm >= self.node_capacity {
-                        if SWEEPING.with(Cell::get) {
+                        if SWEEP.with(|s| s.active.get()) {
                             // Inside our own sweep, which has taken what
-                            // it can (see `sweep_dead`).
-                            return None;
+                            // it can (see `sweep_dead`): what it set aside.
+                            return self.take_aside().map(|n| (n, self.next_gen(n)));
                         }
                         if !std::mem::replace(&mut swept, true) {
                             self.sweep_dead();
@@ -205,15 +242,65 @@ impl Engine {
                 }
             }
         };
-        let gen = ClaimWord::from(self.node(n).claim.load(SeqCst))
+        Some((n, self.next_gen(n)))
+    }
+
+    /// The generation node `n` is bound in next.
+    fn next_gen(&self, n: u32) -> u32 {
+        ClaimWord::from(self.node(n).claim.load(SeqCst))
             .gen
-            .wrapping_add(1);
-        Some((n, gen))
+            .wrapping_add(1)
+    }
+
+    /// Sets the node `n`, which nobody else references (unlisted, held by
+    /// this thread or `Dead`), aside for this thread's sweep. It is held
+    /// by this thread in a new generation (stale hints to it fail), bound
+    /// to no block: were the process killed, recovery would retire it.
+    fn set_aside(&self, sweep: &Sweep, n: u32) {
+        let node = self.node(n);
+        node.block.store(NO_BLOCK, Relaxed);
+        node.claim.store(
+            ClaimWord {
+                state: NodeState::Claimed,
+                listed: false,
+                recheck: false,
+                unlisting: false,
+                holder: self.holder_tag(),
+                gen: self.next_gen(n),
+            }
+            .value(),
+            SeqCst,
+        );
+        node.next.store(sweep.aside.get(), Relaxed);
+        sweep.aside.set(n);
+        sweep.set_aside.set(sweep.set_aside.get() + 1);
+    }
+
+    /// A node this thread's sweep set aside, if any is left.
+    fn take_aside(&self) -> Option<u32> {
+        SWEEP.with(|sweep| {
+            let n = sweep.aside.get();
+            (n != NIL).then(|| {
+                sweep.aside.set(self.node(n).next.load(Relaxed));
+                sweep.set_aside.set(sweep.set_aside.get() - 1);
+                n
+            })
+        })
     }
 
     /// Returns a node that nobody else references (unlisted, held by the
     /// caller) to the pool.
     fn recycle(&self, n: u32) {
+        let kept = SWEEP.with(|sweep| {
+            let keep = sweep.active.get() && sweep.set_aside.get() < sweep.wanted.get();
+            if keep {
+                self.set_aside(sweep, n);
+            }
+            keep
+        });
+        if kept {
+            return;
+        }
         let node = self.node(n);
         let w = ClaimWord::from(node.claim.load(SeqCst));
         node.claim.store(
@@ -495,11 +582,28 @@ impl Engine {
     /// again. The claimed nodes wait on a private chain through their
     /// `next` words (off every list, ours to use) until every list is done,
     /// and are then listed again as they are (`republish`) and settled, to
-    /// serve the claims that found them held meanwhile. Listing nothing
-    /// before every `Dead` node is back in the pool matters: a merge needs a
-    /// fresh node, and one that found none would leave its block free on
-    /// no node. A death anywhere in the sweep leaves at most the one node it
-    /// was unlinking unusable, and no block off its list without a holder.
+    /// serve the claims that found them held meanwhile.
+    ///
+    /// Nodes for the sweep's own publications. Listing a block again
+    /// through its own node needs none, but a merge needs a fresh node, and
+    /// so does a block whose node a popper marked `unlisting`; one that
+    /// found none would leave its block free on no node, lost. The other
+    /// threads keep taking nodes from the pool while the sweep runs (every
+    /// free needs one), so the pool may be empty again by the time the
+    /// sweep needs one. Hence:
+    /// - the sweep sets aside, of the `Dead` nodes it recycles, one for each
+    ///   block it holds and `SWEEP_MARGIN` more (`Sweep`), and its
+    ///   publications draw on them when the pool is empty; what is left
+    ///   goes to the pool at the end;
+    /// - a block whose unlink lost a race (its node still on its list) is
+    ///   given back only after every list is done, when the sweep has nodes
+    ///   set aside; by then its popper has usually unlinked it and left it
+    ///   to us, and it needs no new node at all.
+    ///
+    /// A death anywhere in the sweep leaves at most the one node it was
+    /// unlinking unusable, and no block off its list without a holder: the
+    /// nodes set aside are held by the sweeper and bound to no block, so
+    /// the recovery retires them to the pool.
     ///
     /// The price: while a sweep runs, every free block is held, and
     /// allocations that find nothing wait for it (it counts as a pop in
@@ -508,9 +612,12 @@ impl Engine {
     /// count; see `ops::take_block`).
     pub(crate) fn sweep_dead(&self) {
         // `node_alloc` does not sweep inside a sweep: a publication in ours
-        // that finds the pool empty fails instead (what this sweep has not
-        // reached yet, another would not find either).
-        let nested = SWEEPING.with(|s| s.replace(true));
+        // that finds the pool empty takes a node set aside, or fails (what
+        // this sweep has not reached yet, another would not find either).
+        let nested = SWEEP.with(|s| {
+            s.wanted.set(SWEEP_MARGIN);
+            s.active.replace(true)
+        });
         debug_assert!(!nested, "a sweep inside a sweep");
         self.my_slot().popping.fetch_add(1, SeqCst);
         // Bounded: others may push to a list as fast as the sweep takes from it.
@@ -526,25 +633,40 @@ impl Engine {
         //    publication needs a node only to merge, or for a block whose
         //    node was marked `unlisting`).
         let mut held = NIL;
+        let mut lost_races = [(Hint { node: NIL, gen: 0 }, 0, 0); LOST_RACES];
+        let mut lost = 0;
         for head in self.control().heads.iter().flatten() {
             for _ in 0..turns {
                 match self.take_top(head) {
                     Top::Empty => break,
                     Top::Other => {}
                     // The unlink lost a race: the node is still on its list,
-                    // below the new top; it is made `Live` there again (no
-                    // node needed, unless a popper marked it meanwhile).
+                    // below the new top. It is made `Live` there again once
+                    // this phase is over (no node needed, unless a popper
+                    // marked it `unlisting`; by then the popper has most
+                    // likely unlinked it and left it to us, so that it goes
+                    // on its list as it is, and else the sweep has set
+                    // nodes aside). Past `LOST_RACES`, at once.
                     // (`hidden` is the block's size: `take_top` hid it whole.)
                     Top::Taken(hint, pos, hidden) if self.is_listed(hint) => {
-                        if self.release(hint, pos, hidden, hidden) {
+                        if lost < LOST_RACES {
+                            lost_races[lost] = (hint, pos, hidden);
+                            lost += 1;
+                        } else if self.release(hint, pos, hidden, hidden) {
                             self.settle(pos);
                         }
                     }
                     Top::Taken(hint, _, _) => {
                         self.node(hint.node).next.store(held, Relaxed);
                         held = hint.node;
+                        SWEEP.with(|s| s.wanted.set(s.wanted.get().saturating_add(1)));
                     }
                 }
+            }
+        }
+        for &(hint, pos, hidden) in &lost_races[..lost] {
+            if self.release(hint, pos, hidden, hidden) {
+                self.settle(pos);
             }
         }
         // 2. List what was taken again, through the same nodes, and settle
@@ -572,9 +694,13 @@ impl Engine {
             self.unhide(size);
             self.settle(pos);
         }
+        // 3. What was set aside and not used goes to the pool.
+        SWEEP.with(|s| s.active.set(false));
+        while let Some(n) = self.take_aside() {
+            self.recycle(n);
+        }
         self.control().epoch.fetch_add(1, SeqCst);
         self.my_slot().popping.fetch_sub(1, SeqCst);
-        SWEEPING.with(|s| s.set(false));
     }
 
     /// Tries to take ownership of the free block a hint points to.

@@ -58,6 +58,8 @@
 //! and pushing it does. The last-resort sweep for `Dead` nodes when the
 //! node table is full (`sweep_dead`) takes lists apart the same way, one
 //! claimed top at a time, and holds what it took until it lists it again.
+//! The nodes it sets aside for its own publications are held by it and
+//! bound to no block: not intact, so step 1 below retires them to the pool.
 
 use super::words::{BlockState, ClaimWord, HeaderWord, Hint, NodeState, BESIDE_USED, GRANULE_LOG};
 use super::Engine;
