@@ -257,21 +257,8 @@ impl Engine {
     /// by this thread in a new generation (stale hints to it fail), bound
     /// to no block: were the process killed, recovery would retire it.
     fn set_aside(&self, sweep: &Sweep, n: u32) {
-        let node = self.node(n);
-        node.block.store(NO_BLOCK, Relaxed);
-        node.claim.store(
-            ClaimWord {
-                state: NodeState::Claimed,
-                listed: false,
-                recheck: false,
-                unlisting: false,
-                holder: self.holder_tag(),
-                gen: self.next_gen(n),
-            }
-            .value(),
-            SeqCst,
-        );
-        node.next.store(sweep.aside.get(), Relaxed);
+        self.hold_unlisted(n, NO_BLOCK, self.next_gen(n));
+        self.node(n).next.store(sweep.aside.get(), Relaxed);
         sweep.aside.set(n);
         sweep.set_aside.set(sweep.set_aside.get() + 1);
     }
@@ -440,15 +427,13 @@ impl Engine {
         hint
     }
 
-    /// `prepare`, except that when no node is left it returns `None` with
-    /// nothing written.
-    fn bind(&self, pos: u32, size: u32, word1: Option<Hint>) -> Option<Hint> {
-        let header = self.header(pos);
-        let (n, gen) = self.node_alloc()?;
+    /// Makes node `n`, which nobody else references, held by this thread in
+    /// generation `gen`, on no list, bound to the block at `block`.
+    fn hold_unlisted(&self, n: u32, block: u32, gen: u32) {
         let node = self.node(n);
-        node.block.store(pos, Relaxed);
-        // Held before anything of the block names it, so that no claim
-        // through the new hint can succeed until `go_live`.
+        // Relaxed: published by the claim word's store below, which a
+        // recovery reads (SeqCst, so acquire) before it reads `block`.
+        node.block.store(block, Relaxed);
         node.claim.store(
             ClaimWord {
                 state: NodeState::Claimed,
@@ -461,6 +446,16 @@ impl Engine {
             .value(),
             SeqCst,
         );
+    }
+
+    /// `prepare`, except that when no node is left it returns `None` with
+    /// nothing written.
+    fn bind(&self, pos: u32, size: u32, word1: Option<Hint>) -> Option<Hint> {
+        let header = self.header(pos);
+        let (n, gen) = self.node_alloc()?;
+        // Held before anything of the block names it, so that no claim
+        // through the new hint can succeed until `go_live`.
+        self.hold_unlisted(n, pos, gen);
         let hint = Hint { node: n, gen };
         header[1].store(word1.unwrap_or(hint).value(), SeqCst);
         self.word_below(pos + size).store(hint.value(), SeqCst);
