@@ -16,6 +16,7 @@
 //! Pool --prepare--> Claimed(unlisted) --go_live--> Live(listed) --claim--> Claimed
 //! Claimed --retire--> Dead (if listed) / Pool      Claimed --release--> Live (if listed) / republish
 //!  popper: Live -> Claimed(unlisted) | Claimed -> Claimed(unlisting) -> Claimed(unlisted) | Dead -> Pool
+//!  sweep:  Dead/Claimed(unlisted) --recycle--> Claimed(set aside, no block) --prepare--> Claimed | --end--> Pool
 //! ```
 //!
 //! Invariants:
