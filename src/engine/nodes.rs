@@ -80,6 +80,10 @@ thread_local! {
             wanted: Cell::new(0),
         }
     };
+
+    /// Whether this thread is inside `recover_dead_holds`, which counts as
+    /// a pop in flight: a `node_alloc` inside it does not wait for itself.
+    pub(super) static RECOVERING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// A thread's sweep of the free lists (`sweep_dead`), which publishes
@@ -215,7 +219,7 @@ impl Engine {
                         }
                         if !std::mem::replace(&mut swept, true) {
                             self.sweep_dead();
-                        } else if self.in_flight_of_live().0 == 0
+                        } else if self.in_flight_of_live().0 <= RECOVERING.with(Cell::get) as u64
                             || super::ops::out_of_patience(&mut waiting_since)
                         {
                             return None;

@@ -61,6 +61,7 @@
 //! The nodes it sets aside for its own publications are held by it and
 //! bound to no block: not intact, so step 1 below retires them to the pool.
 
+use super::nodes::RECOVERING;
 use super::words::{BlockState, ClaimWord, HeaderWord, Hint, NodeState, BESIDE_USED, GRANULE_LOG};
 use super::Engine;
 use crate::sync::Ordering::*;
@@ -95,7 +96,27 @@ impl Engine {
     /// Takes back what holders that died held inside the engine (see the
     /// module docs). Returns the bytes republished. Slow: it reads every
     /// node ever used, and again per dead-held node.
+    ///
+    /// It counts as a pop in flight (`popping`) while it runs, as a sweep
+    /// does: what the dead held comes back one block at a time, each hidden
+    /// only while it is republished, so an allocation that found nothing
+    /// meanwhile would see too little in flight and fail (a parent thread
+    /// did, once in 300 kills of a child that died holding every free block
+    /// mid-sweep). It waits for the recovery instead. It ends as a
+    /// publication does (then `epoch`, then the count; see
+    /// `ops::take_block`).
     pub(crate) fn recover_dead_holds(&self) -> u64 {
+        self.my_slot().popping.fetch_add(1, SeqCst);
+        let nested = RECOVERING.with(|r| r.replace(true));
+        let bytes = self.recover_dead_holds_counted();
+        RECOVERING.with(|r| r.set(nested));
+        self.control().epoch.fetch_add(1, SeqCst);
+        self.my_slot().popping.fetch_sub(1, SeqCst);
+        bytes
+    }
+
+    /// `recover_dead_holds`, while counted as a pop in flight.
+    fn recover_dead_holds_counted(&self) -> u64 {
         let holders = Holders::default();
         // 1. Retire what is not intact or is covered.
         for (n, claim) in self.dead_held(&holders) {
