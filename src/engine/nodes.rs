@@ -685,14 +685,12 @@ impl Engine {
                 debug_assert!(false, "a held block that is not free");
                 continue;
             };
-            self.republish(super::ops::Held {
+            self.relist(super::ops::Held {
                 hint,
                 pos,
                 size,
                 hidden: size,
             });
-            self.unhide(size);
-            self.settle(pos);
         }
         // 3. What was set aside and not used goes to the pool.
         SWEEP.with(|s| s.active.set(false));

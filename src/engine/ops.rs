@@ -410,10 +410,7 @@ impl Engine {
                 ..l
             };
         }
-        let (pos, hidden) = (cur.pos, cur.hidden);
-        self.republish(cur);
-        self.unhide(hidden);
-        self.settle(pos);
+        self.relist(cur);
         if let Some(left) = resettle {
             self.settle(left);
         }
@@ -492,6 +489,17 @@ impl Engine {
         if let Some(f) = fresh {
             self.go_live(f, h.size, covered);
         }
+    }
+
+    /// Lists the held free block `h` again as it stands (`republish`),
+    /// un-hides what its claims hid, and merges it with its free
+    /// neighbours (`settle`): the end of a free, of the sweep's hold, and of
+    /// a recovery's.
+    pub(super) fn relist(&self, h: Held) {
+        let (pos, hidden) = (h.pos, h.hidden);
+        self.republish(h);
+        self.unhide(hidden);
+        self.settle(pos);
     }
 
     // ---- settling ------------------------------------------------------------------

@@ -146,14 +146,12 @@ impl Engine {
                 self.unhide(hidden);
                 continue;
             };
-            self.republish(super::ops::Held {
+            self.relist(super::ops::Held {
                 hint,
                 pos,
                 size,
                 hidden,
             });
-            self.unhide(hidden);
-            self.settle(pos);
             bytes += (size as u64) << GRANULE_LOG;
         }
         bytes
