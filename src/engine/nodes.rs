@@ -627,11 +627,11 @@ impl Engine {
             .load(Relaxed)
             .min(self.node_capacity);
         // 1. Take every list apart; `Dead` nodes go back to the pool as
-        //    they come. Nothing is published before all lists are done (but
-        //    for a node whose unlink lost a race, below), so that what
-        //    follows finds the pool as full as the sweep can make it (a
-        //    publication needs a node only to merge, or for a block whose
-        //    node was marked `unlisting`).
+        //    they come, but for those set aside (`recycle`). Nothing is
+        //    published before all lists are done (but for lost races past
+        //    `LOST_RACES`, below), so that what follows finds the pool as
+        //    full as the sweep can make it (a publication needs a node only
+        //    to merge, or for a block whose node was marked `unlisting`).
         let mut held = NIL;
         let mut lost_races = [(Hint { node: NIL, gen: 0 }, 0, 0); LOST_RACES];
         let mut lost = 0;
