@@ -9,15 +9,17 @@
 //! that each run shows what scaling its two cores allowed at the time.
 //!
 //! Every group takes turns over `ROUNDS` rounds, and each figure is the
-//! lowest round median (see `bench.rs`).
+//! lowest round median (see `bench.rs`). The main comparisons are made
+//! again by interleaved calls (`interleaved_views`), and thread scaling a
+//! third way too, by one thread's time beside another (`beside`).
 //!
 //! Run: `cargo bench --bench scaling`; the last lines print the ratios.
 
 mod common;
 
 use common::{
-    interleaved, median, median_ratio, pair, round_medians, round_name, timed_pairs, BenchAlloc,
-    GlobalMatrix, Mixed, Peer, ALTERNATIONS, ROUNDS,
+    interleaved, median, median_ratio, pair, round_medians, round_name, timed, timed_pairs,
+    BenchAlloc, GlobalMatrix, Mixed, Peer, ALTERNATIONS, ROUNDS,
 };
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
@@ -61,6 +63,60 @@ fn timed_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
         go.store(true, Release);
         let end = handles.into_iter().map(|h| h.join().unwrap()).max();
         end.map_or(Duration::ZERO, |end| end - start)
+    })
+}
+
+/// How much a second thread slows a thread down: the median, over
+/// `interleaved` pairs of calls, of one thread's time for `work` alone
+/// over its time for the same work while a second thread runs that work
+/// over and over. The second thread is busy before the clock starts and
+/// until it stops, and parked between calls, so that neither thread
+/// starts, nor a host's drift from one moment to the next, is in the
+/// figure: only what the two threads do to each other (for an allocator,
+/// its shared state and cache lines; for the machine, its cores, caches
+/// and memory). Twice this is the 2-thread scaling the work would have
+/// if both threads were timed.
+fn beside(work: &(dyn Fn(usize) + Sync)) -> f64 {
+    // Whether the second thread is to work, and whether it is working.
+    let (wanted, working, leave) = (
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+    );
+    let wait_for = |what: &dyn Fn() -> bool| {
+        while !what() {
+            std::thread::yield_now();
+        }
+    };
+    std::thread::scope(|s| {
+        let second = s.spawn(|| loop {
+            if leave.load(Acquire) {
+                return;
+            }
+            if !wanted.load(Acquire) {
+                std::thread::park();
+                continue;
+            }
+            working.store(true, Release);
+            while wanted.load(Acquire) {
+                work(1);
+            }
+            working.store(false, Release);
+        });
+        let alone = || timed(|| work(0));
+        let together = || {
+            wanted.store(true, Release);
+            second.thread().unpark();
+            wait_for(&|| working.load(Acquire));
+            let t = timed(|| work(0));
+            wanted.store(false, Release);
+            wait_for(&|| !working.load(Acquire));
+            t
+        };
+        let ratio = interleaved(alone, together);
+        leave.store(true, Release);
+        second.thread().unpark();
+        ratio
     })
 }
 
@@ -170,9 +226,10 @@ fn memory(t: usize) -> u64 {
 
 /// The thread scaling and producer/consumer comparisons again, by
 /// `interleaved` calls (see `common`): a call of one thread against a call
-/// of 2 or 8 threads that each do the same work, milliseconds apart; and
-/// producer/consumer through `global` (the `GlobalAlloc` adapter) too.
-/// Returns the lines to print.
+/// of 2 or 8 threads that each do the same work, milliseconds apart, and
+/// one thread's time beside another (`beside`); and producer/consumer
+/// through `global` (the `GlobalAlloc` adapter) too. Returns the lines to
+/// print.
 fn interleaved_views(
     allocators: &[&(dyn BenchAlloc + Sync)],
     global: &(dyn BenchAlloc + Sync),
@@ -198,12 +255,14 @@ fn interleaved_views(
             })
         };
         lines.push(format!(
-            "{:>14}: mixed 2/1 = {:.2}, 8/1 = {:.2}; pair 2/1 = {:.2}, 8/1 = {:.2}",
+            "{:>14}: mixed 2/1 = {:.2}, 8/1 = {:.2}; pair 2/1 = {:.2}, 8/1 = {:.2}; beside another (2/1 by one thread's time): mixed {:.2}, pair {:.2}",
             a.name(),
             scaling(2, &m),
             scaling(8, &m),
             scaling(2, &p),
-            scaling(8, &p)
+            scaling(8, &p),
+            2.0 * beside(&m),
+            2.0 * beside(&p)
         ));
     }
     for (name, work) in MACHINE_ROWS {
@@ -213,9 +272,10 @@ fn interleaved_views(
             })
         };
         lines.push(format!(
-            "{name:>14}: 2/1 = {:.2}, 8/1 = {:.2}",
+            "{name:>14}: 2/1 = {:.2}, 8/1 = {:.2}; beside another: {:.2}",
             scaling(2, &call),
-            scaling(8, &call)
+            scaling(8, &call),
+            2.0 * beside(&call)
         ));
     }
     let [matrix, peers @ ..] = allocators else {
