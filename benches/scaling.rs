@@ -77,7 +77,8 @@ fn timed_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
 /// and memory). Twice this is the 2-thread scaling the work would have
 /// if both threads were timed.
 fn beside(work: &(dyn Fn(usize) + Sync)) -> f64 {
-    // Whether the second thread is to work, and whether it is working.
+    // Whether the second thread is to work, whether it is working, and
+    // whether it is to leave.
     let (wanted, working, leave) = (
         AtomicBool::new(false),
         AtomicBool::new(false),
