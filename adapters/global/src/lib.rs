@@ -285,7 +285,7 @@ impl MatrixGlobal {
     /// As for `GlobalAlloc::dealloc`.
     #[cold]
     #[inline(never)]
-    unsafe fn dealloc_slow(&self, ptr: *mut u8, _layout: Layout) {
+    unsafe fn dealloc_slow(&self, ptr: *mut u8) {
         if let Some((m, p)) = self.mapped(ptr) {
             // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live
             // block of this allocator that is not used after this call.
@@ -355,7 +355,7 @@ unsafe impl GlobalAlloc for MatrixGlobal {
     }
 
     #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
         if let (Some(m), Some(p)) = (self.ready(), NonNull::new(ptr)) {
             // SAFETY: the caller's `GlobalAlloc` contract: `ptr` is a live
             // block of this allocator that is not used after this call.
@@ -366,7 +366,7 @@ unsafe impl GlobalAlloc for MatrixGlobal {
             }
         }
         // SAFETY: forwarded contract.
-        unsafe { self.dealloc_slow(ptr, layout) }
+        unsafe { self.dealloc_slow(ptr) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
