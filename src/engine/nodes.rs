@@ -652,8 +652,13 @@ impl Engine {
                         if lost < LOST_RACES {
                             lost_races[lost] = (hint, pos, hidden);
                             lost += 1;
-                        } else if self.release(hint, pos, hidden, hidden) {
-                            self.settle(pos);
+                        } else {
+                            self.put_back(super::ops::Held {
+                                hint,
+                                pos,
+                                size: hidden,
+                                hidden,
+                            });
                         }
                     }
                     Top::Taken(hint, _, _) => {
@@ -665,9 +670,12 @@ impl Engine {
             }
         }
         for &(hint, pos, hidden) in &lost_races[..lost] {
-            if self.release(hint, pos, hidden, hidden) {
-                self.settle(pos);
-            }
+            self.put_back(super::ops::Held {
+                hint,
+                pos,
+                size: hidden,
+                hidden,
+            });
         }
         // 2. List what was taken again, through the same nodes, and settle
         //    it for the claims that found it held meanwhile.

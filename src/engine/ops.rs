@@ -116,9 +116,12 @@ impl Engine {
                 hidden,
             }),
             Some(size) => {
-                if self.release(hint, pos, size, hidden) {
-                    self.settle(pos);
-                }
+                self.put_back(Held {
+                    hint,
+                    pos,
+                    size,
+                    hidden,
+                });
                 None
             }
             None => {
@@ -132,6 +135,15 @@ impl Engine {
     /// Gives a claimed block back unchanged; whether it needs settling again.
     fn give_back(&self, h: Held) -> bool {
         self.release(h.hint, h.pos, h.size, h.hidden)
+    }
+
+    /// Gives a claimed block back unchanged, and settles it when a claim
+    /// failed on it meanwhile (`give_back`).
+    pub(super) fn put_back(&self, h: Held) {
+        let pos = h.pos;
+        if self.give_back(h) {
+            self.settle(pos);
+        }
     }
 
     // ---- allocation --------------------------------------------------------------
@@ -230,9 +242,7 @@ impl Engine {
             if held.size < search {
                 // Filed under a larger class than its size (cannot happen
                 // with map_floor filing); put it back and go on.
-                if self.give_back(held) {
-                    self.settle(pos);
-                }
+                self.put_back(held);
                 continue;
             }
             return Some(held);
@@ -253,10 +263,7 @@ impl Engine {
                     if h.size >= search {
                         return Some(h);
                     }
-                    let pos = h.pos;
-                    if self.give_back(h) {
-                        self.settle(pos);
-                    }
+                    self.put_back(h);
                 }
             }
             n = next;
