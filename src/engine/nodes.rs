@@ -110,7 +110,7 @@ struct Sweep {
 const SWEEP_MARGIN: u32 = 16;
 
 /// How many blocks whose unlink lost a race a sweep keeps until it has
-/// taken every list apart (see `sweep_dead`): a few, on the stack.
+/// taken their list apart (see `sweep_list`): a few, on the stack.
 const LOST_RACES: usize = 16;
 
 /// `Node::block` of a node set aside by a sweep: no block.
@@ -213,9 +213,17 @@ impl Engine {
                 loop {
                     if hwm >= self.node_capacity {
                         if SWEEP.with(|s| s.active.get()) {
-                            // Inside our own sweep, which has taken what
-                            // it can (see `sweep_dead`): what it set aside.
-                            return self.take_aside().map(|n| (n, self.next_gen(n)));
+                            // Inside our own sweep (see `sweep_dead`): what
+                            // it set aside, or else the `Dead` nodes on top
+                            // of any list (of those it has not reached yet,
+                            // say), which need no block held to reach.
+                            let n = self.take_aside().or_else(|| {
+                                for head in ctrl.heads.iter().flatten() {
+                                    self.drop_dead_tops(head);
+                                }
+                                self.take_aside().or_else(|| self.pop(&ctrl.pool))
+                            });
+                            return n.map(|n| (n, self.next_gen(n)));
                         }
                         if !std::mem::replace(&mut swept, true) {
                             self.sweep_dead();
@@ -226,8 +234,8 @@ impl Engine {
                         } else {
                             // Another thread's sweep is in flight (it
                             // counts as a pop): it holds the blocks of the
-                            // lists it took apart, so ours found nothing
-                            // there, and it hands their `Dead` nodes to the
+                            // list it is taking apart, so ours found nothing
+                            // there, and it hands the `Dead` nodes to the
                             // pool as it goes. Wait for it rather than
                             // leave a block on no node.
                             std::thread::yield_now();
@@ -574,42 +582,34 @@ impl Engine {
     }
 
     /// Last resort when the node table is exhausted: recycles the `Dead`
-    /// nodes buried in the free lists. Every list is taken apart from the
-    /// top as allocations take it (`take_top`): a `Live` node is claimed
-    /// before it is unlinked, so its block is held (hidden, and recoverable
-    /// after a death) all the while it is off its list; a `Dead` one is
-    /// recycled; a `Claimed` one goes back to its holder, who lists it
-    /// again. The claimed nodes wait on a private chain through their
-    /// `next` words (off every list, ours to use) until every list is done,
-    /// and are then listed again as they are (`republish`) and settled, to
-    /// serve the claims that found them held meanwhile.
+    /// nodes buried in the free lists, one list at a time (`sweep_list`).
     ///
-    /// Nodes for the sweep's own publications. Listing a block again
-    /// through its own node needs none, but a merge needs a fresh node, and
-    /// so does a block whose node a popper marked `unlisting`; one that
-    /// found none would leave its block free on no node, lost. The other
-    /// threads keep taking nodes from the pool while the sweep runs (every
-    /// free needs one), so the pool may be empty again by the time the
-    /// sweep needs one. Hence:
-    /// - the sweep sets aside, of the `Dead` nodes it recycles, one for each
-    ///   block it holds and `SWEEP_MARGIN` more (`Sweep`), and its
-    ///   publications draw on them when the pool is empty; what is left
-    ///   goes to the pool at the end;
-    /// - a block whose unlink lost a race (its node still on its list) is
-    ///   given back only after every list is done, when the sweep has nodes
-    ///   set aside; by then its popper has usually unlinked it and left it
-    ///   to us, and it needs no new node at all.
+    /// While it runs it counts as a pop in flight (`popping`): an
+    /// allocation that finds nothing waits for it instead of reporting
+    /// out-of-memory, as the sweep holds the blocks of the list it is
+    /// taking apart. It holds no more than that one list's blocks at any
+    /// time: each list is listed again before the next is taken apart, so
+    /// allocations meanwhile find the blocks of every other list. It ends
+    /// as a publication does (then `epoch`, then the count; see
+    /// `ops::take_block`).
+    ///
+    /// Nodes for the sweep's own publications: listing a block again
+    /// through its own node needs none, but a merge needs a fresh node,
+    /// and so does a block whose node a popper marked `unlisting`; one
+    /// that found none would leave its block free on no node, lost. The
+    /// other threads keep taking nodes from the pool while the sweep runs
+    /// (every free needs one), so the pool may be empty again by the time
+    /// the sweep needs one. Hence the sweep sets aside, of the `Dead` nodes
+    /// it recycles, one for each block it holds and `SWEEP_MARGIN` more
+    /// (`Sweep`), and its publications draw on them when the pool is
+    /// empty. Between lists it keeps `SWEEP_MARGIN` of them for the next
+    /// list (whose own `Dead` nodes may be few) and hands the rest to the
+    /// pool; what is left at the end goes to the pool too.
     ///
     /// A death anywhere in the sweep leaves at most the one node it was
     /// unlinking unusable, and no block off its list without a holder: the
     /// nodes set aside are held by the sweeper and bound to no block, so
     /// the recovery retires them to the pool.
-    ///
-    /// The price: while a sweep runs, every free block is held, and
-    /// allocations that find nothing wait for it (it counts as a pop in
-    /// flight, `popping`, besides what it hides) instead of reporting
-    /// out-of-memory. It ends as a publication does (then `epoch`, then the
-    /// count; see `ops::take_block`).
     pub(crate) fn sweep_dead(&self) {
         // `node_alloc` does not sweep inside a sweep: a publication in ours
         // that finds the pool empty takes a node set aside, or fails (what
@@ -626,46 +626,77 @@ impl Engine {
             .node_hwm
             .load(Relaxed)
             .min(self.node_capacity);
-        // 1. Take every list apart; `Dead` nodes go back to the pool as
-        //    they come, but for those set aside (`recycle`). Nothing is
-        //    published before all lists are done (but for lost races past
-        //    `LOST_RACES`, below), so that what follows finds the pool as
-        //    full as the sweep can make it (a publication needs a node only
-        //    to merge, or for a block whose node was marked `unlisting`).
+        for head in self.control().heads.iter().flatten() {
+            self.sweep_list(head, turns);
+            // Nodes set aside beyond the margin go where the other threads'
+            // frees can have them (`recycle` keeps a node aside only while
+            // fewer than `wanted` are).
+            SWEEP.with(|s| s.wanted.set(SWEEP_MARGIN));
+            while SWEEP.with(|s| s.set_aside.get() > SWEEP_MARGIN) {
+                let Some(n) = self.take_aside() else { break };
+                self.recycle(n);
+            }
+            #[cfg(test)]
+            tests::between_lists(self);
+        }
+        // What was set aside and not used goes to the pool.
+        SWEEP.with(|s| s.active.set(false));
+        while let Some(n) = self.take_aside() {
+            self.recycle(n);
+        }
+        self.control().epoch.fetch_add(1, SeqCst);
+        self.my_slot().popping.fetch_sub(1, SeqCst);
+    }
+
+    /// One list of `sweep_dead`, taken apart from the top as allocations
+    /// take it (`take_top`), at most `turns` times: a `Live` node is
+    /// claimed before it is unlinked, so its block is held (hidden, and
+    /// recoverable after a death) all the while it is off its list; a
+    /// `Dead` one is recycled; a `Claimed` one goes back to its holder, who
+    /// lists it again. The claimed nodes wait on a private chain through
+    /// their `next` words (off every list, ours to use) until the list is
+    /// done, and are then listed again as they are (`relist`) and settled,
+    /// to serve the claims that found them held meanwhile.
+    ///
+    /// Nothing is published before the list is done (but for lost races
+    /// past `LOST_RACES`, below), so that what follows finds the pool as
+    /// full as this list can make it. A block whose unlink lost a race
+    /// (its node still on its list) is given back only then, when the
+    /// sweep has nodes set aside; by then its popper has usually unlinked
+    /// it and left it to us, and it needs no new node at all.
+    fn sweep_list(&self, head: &AtomicU64, turns: u32) {
         let mut held = NIL;
         let mut lost_races = [(Hint { node: NIL, gen: 0 }, 0, 0); LOST_RACES];
         let mut lost = 0;
-        for head in self.control().heads.iter().flatten() {
-            for _ in 0..turns {
-                match self.take_top(head) {
-                    Top::Empty => break,
-                    Top::Other => {}
-                    // The unlink lost a race: the node is still on its list,
-                    // below the new top. It is made `Live` there again once
-                    // this phase is over (no node needed, unless a popper
-                    // marked it `unlisting`; by then the popper has most
-                    // likely unlinked it and left it to us, so that it goes
-                    // on its list as it is, and else the sweep has set
-                    // nodes aside). Past `LOST_RACES`, at once.
-                    // (`hidden` is the block's size: `take_top` hid it whole.)
-                    Top::Taken(hint, pos, hidden) if self.is_listed(hint) => {
-                        if lost < LOST_RACES {
-                            lost_races[lost] = (hint, pos, hidden);
-                            lost += 1;
-                        } else {
-                            self.put_back(super::ops::Held {
-                                hint,
-                                pos,
-                                size: hidden,
-                                hidden,
-                            });
-                        }
+        for _ in 0..turns {
+            match self.take_top(head) {
+                Top::Empty => break,
+                Top::Other => {}
+                // The unlink lost a race: the node is still on its list,
+                // below the new top. It is made `Live` there again once the
+                // list is done (no node needed, unless a popper marked it
+                // `unlisting`; by then the popper has most likely unlinked
+                // it and left it to us, so that it goes on its list as it
+                // is, and else the sweep has set nodes aside). Past
+                // `LOST_RACES`, at once.
+                // (`hidden` is the block's size: `take_top` hid it whole.)
+                Top::Taken(hint, pos, hidden) if self.is_listed(hint) => {
+                    if lost < LOST_RACES {
+                        lost_races[lost] = (hint, pos, hidden);
+                        lost += 1;
+                    } else {
+                        self.put_back(super::ops::Held {
+                            hint,
+                            pos,
+                            size: hidden,
+                            hidden,
+                        });
                     }
-                    Top::Taken(hint, _, _) => {
-                        self.node(hint.node).next.store(held, Relaxed);
-                        held = hint.node;
-                        SWEEP.with(|s| s.wanted.set(s.wanted.get().saturating_add(1)));
-                    }
+                }
+                Top::Taken(hint, _, _) => {
+                    self.node(hint.node).next.store(held, Relaxed);
+                    held = hint.node;
+                    SWEEP.with(|s| s.wanted.set(s.wanted.get().saturating_add(1)));
                 }
             }
         }
@@ -677,8 +708,8 @@ impl Engine {
                 hidden,
             });
         }
-        // 2. List what was taken again, through the same nodes, and settle
-        //    it for the claims that found it held meanwhile.
+        // List what was taken again, through the same nodes, and settle it
+        // for the claims that found it held meanwhile.
         while held != NIL {
             let node = self.node(held);
             let next = node.next.load(Relaxed);
@@ -700,13 +731,6 @@ impl Engine {
                 hidden: size,
             });
         }
-        // 3. What was set aside and not used goes to the pool.
-        SWEEP.with(|s| s.active.set(false));
-        while let Some(n) = self.take_aside() {
-            self.recycle(n);
-        }
-        self.control().epoch.fetch_add(1, SeqCst);
-        self.my_slot().popping.fetch_sub(1, SeqCst);
     }
 
     /// Tries to take ownership of the free block a hint points to.
@@ -1128,6 +1152,19 @@ mod tests {
     use super::{map_floor, Claim, Covered, Hint};
     use crate::sync::{AtomicU64, Ordering::SeqCst};
     use crate::Matrix;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// What `sweep_dead` calls on this thread after each list.
+        static BETWEEN_LISTS: Cell<Option<fn(&Engine)>> = const { Cell::new(None) };
+    }
+
+    /// The sweep's hook between lists (see `BETWEEN_LISTS`).
+    pub(super) fn between_lists(e: &Engine) {
+        if let Some(f) = BETWEEN_LISTS.with(Cell::get) {
+            f(e);
+        }
+    }
 
     /// A free block between two used ones, its node the top of its list,
     /// claimed through its hint.
@@ -1280,5 +1317,70 @@ mod tests {
         let mut want = [pos, other];
         want.sort();
         assert_eq!(got, want);
+    }
+
+    /// Between two lists the sweep holds no block: every free block is
+    /// published and listed, so allocations meanwhile find all of them but
+    /// the ones of the list being swept.
+    #[test]
+    fn a_sweep_holds_one_list_at_a_time() {
+        thread_local! {
+            /// Free bytes of the heap before the sweep; lists the sweep
+            /// has done.
+            static FREE_BYTES: Cell<u64> = const { Cell::new(0) };
+            static LISTS_DONE: Cell<usize> = const { Cell::new(0) };
+        }
+        let m = Matrix::anonymous(4 << 20).unwrap();
+        let e = m.engine();
+        // Free blocks on three lists, each between two used blocks, and on
+        // one of them a `Dead` node for the sweep to recycle.
+        let mut middles = vec![];
+        for size in [4000, 16_000, 64_000] {
+            for _ in 0..4 {
+                let [_, pos, _] = [1, 2, 3].map(|_| e.alloc(size, 16).unwrap().pos);
+                middles.push(pos);
+            }
+        }
+        for pos in middles {
+            e.free(pos).unwrap();
+        }
+        let Lone {
+            pos,
+            size,
+            hint,
+            hidden,
+        } = claimed_lone_block(e);
+        e.publish(pos, size, Covered::Yes);
+        e.retire(hint);
+        e.unhide(hidden);
+        let before = e.check().unwrap();
+        assert_eq!(before.orphaned_bytes, 0);
+        assert!(before.free_blocks > 3 * 4);
+        FREE_BYTES.with(|f| f.set(before.free_bytes));
+        BETWEEN_LISTS.with(|h| {
+            h.set(Some(|e| {
+                let r = e.check().unwrap();
+                let done = LISTS_DONE.with(|d| d.replace(d.get() + 1));
+                assert_eq!(r.orphaned_bytes, 0, "held after list {done}");
+                assert_eq!(
+                    r.free_bytes,
+                    FREE_BYTES.with(Cell::get),
+                    "after list {done}"
+                );
+                assert_eq!(r.unlisted_free_blocks, 0, "after list {done}");
+            }))
+        });
+
+        e.sweep_dead();
+
+        BETWEEN_LISTS.with(|h| h.set(None));
+        let lists = e.control().heads.iter().flatten().count();
+        assert_eq!(LISTS_DONE.with(Cell::get), lists);
+        let state = |n: u32| ClaimWord::from(e.node(n).claim.load(SeqCst)).state;
+        assert_eq!(state(hint.node), NodeState::Pool, "recycled");
+        assert_eq!(e.my_slot().popping.load(SeqCst), 0);
+        let after = e.check().unwrap();
+        assert_eq!(after.free_bytes, before.free_bytes);
+        assert_eq!(after.free_blocks, before.free_blocks);
     }
 }
