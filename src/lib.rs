@@ -26,7 +26,16 @@ static GLOBAL: matrix_alloc_global::MatrixGlobal = matrix_alloc_global::MatrixGl
 /// every point of the engine's protocols in turn (`tests/processes.rs`).
 #[doc(hidden)]
 pub fn die_at_engine_step(n: u64) {
-    os::set_die_at_step(n);
+    os::signal_at_step(n, libc::SIGKILL);
+}
+
+/// Test hook for liveness tests: as [`die_at_engine_step`], but the process
+/// stops (SIGSTOP) instead, in the middle of whatever the engine was doing,
+/// and goes on when it gets SIGCONT: a process descheduled for as long as
+/// the test likes (`tests/processes.rs`).
+#[doc(hidden)]
+pub fn stop_at_engine_step(n: u64) {
+    os::signal_at_step(n, libc::SIGSTOP);
 }
 
 pub use engine::HeapReport;

@@ -16,13 +16,16 @@ pub(crate) fn process_alive(pid: u32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Engine accesses left before this process kills itself (0: never). A test
-/// hook, set through [`crate::die_at_engine_step`].
+/// Engine accesses left before this process kills or stops itself (0:
+/// never). A test hook, set through [`crate::die_at_engine_step`] and
+/// [`crate::stop_at_engine_step`].
 static DIE_AT_STEP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The signal the process sends itself at that step: SIGKILL or SIGSTOP.
+static STEP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(libc::SIGKILL);
 
 /// Counts one engine step (every access to a block header or a node); the
-/// process sends itself SIGKILL at the step `die_at_engine_step` named. One
-/// relaxed load when unused, on engine paths only.
+/// process sends itself SIGKILL (or SIGSTOP) at the step the hook named.
+/// One relaxed load when unused, on engine paths only.
 #[inline(always)]
 pub(crate) fn engine_step() {
     if DIE_AT_STEP.load(std::sync::atomic::Ordering::Relaxed) != 0 {
@@ -33,12 +36,17 @@ pub(crate) fn engine_step() {
 #[cold]
 fn countdown() {
     if DIE_AT_STEP.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
-        // SAFETY: sending a signal to ourselves; SIGKILL cannot be caught,
-        // so this is the death a `kill -9` from outside would be.
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        let signal = STEP_SIGNAL.load(std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: sending a signal to ourselves. SIGKILL cannot be caught,
+        // so this is the death a `kill -9` from outside would be; SIGSTOP
+        // cannot be caught either, and the process goes on where it
+        // stopped once it gets SIGCONT.
+        unsafe { libc::kill(libc::getpid(), signal) };
     }
 }
 
-pub(crate) fn set_die_at_step(n: u64) {
+/// Sends `signal` to this process at the `n`-th engine step from now (0: never).
+pub(crate) fn signal_at_step(n: u64, signal: libc::c_int) {
+    STEP_SIGNAL.store(signal, std::sync::atomic::Ordering::Relaxed);
     DIE_AT_STEP.store(n, std::sync::atomic::Ordering::Relaxed);
 }

@@ -1,5 +1,6 @@
 //! Real child processes on one segment: cross-process frees, a bootstrap
-//! race on one id, and `kill -9` in the middle of allocating.
+//! race on one id, `kill -9` in the middle of allocating, and a process
+//! stopped (SIGSTOP) in the middle of the free-list sweep.
 //!
 //! This binary is its own child: run with `--child ROLE ...` it plays one
 //! child role; otherwise it runs every scenario as the parent. Every child is
@@ -238,6 +239,51 @@ fn child_sweep_die_at(id: Uuid, table_at: u64, die_at: u64) {
     matrix_alloc::die_at_engine_step(die_at);
     m.sweep_free_lists();
     matrix_alloc::die_at_engine_step(0);
+    println!("done");
+}
+
+/// Free blocks of one size per list, `STOPPED_SWEEP_LISTS[i].1` blocks of
+/// `.0` bytes each: the same bytes on each of the three lists.
+const STOPPED_SWEEP_LISTS: [(usize, usize); 3] = [(2000, 16), (8000, 4), (32_000, 1)];
+
+/// Makes free blocks on three lists (`STOPPED_SWEEP_LISTS`), each between
+/// two blocks in use, and takes the rest of the heap with blocks in use,
+/// so that those lists hold all the free memory; records the blocks in use
+/// in the table. Then runs the last-resort sweep of the free lists and
+/// stops itself (SIGSTOP) at engine step `stop_at` of it; prints "done" when
+/// the sweep has ended.
+fn child_sweep_stop_at(id: Uuid, table_at: u64, stop_at: u64) {
+    let m = Matrix::open(id).unwrap();
+    let t = table(&m, Offset(table_at));
+    let mut kept = 0;
+    let mut keep = |p: NonNull<u8>| {
+        t[kept].store(m.offset_of(p.as_ptr()).unwrap().get(), Release);
+        kept += 1;
+    };
+    let mut to_free = vec![];
+    for (size, count) in STOPPED_SWEEP_LISTS {
+        for k in 0..2 * count + 1 {
+            let p = m.alloc(layout(size, 8)).unwrap();
+            if k % 2 == 1 {
+                to_free.push(p);
+            } else {
+                keep(p);
+            }
+        }
+    }
+    let mut size = SEGMENT;
+    while size >= 64 {
+        match m.alloc(layout(size, 8)) {
+            Ok(p) => keep(p),
+            Err(_) => size /= 2,
+        }
+    }
+    for p in to_free {
+        unsafe { m.free(p).unwrap() };
+    }
+    matrix_alloc::stop_at_engine_step(stop_at);
+    m.sweep_free_lists();
+    matrix_alloc::stop_at_engine_step(0);
     println!("done");
 }
 
@@ -659,6 +705,80 @@ fn killed_at_every_step_of_the_free_list_sweep_loses_nothing() {
     assert!(died > 100, "too few steps: were no nodes buried?");
 }
 
+/// A sweep stopped anywhere (SIGSTOP at engine steps spread over one) holds
+/// the blocks of one list at most: another process still allocates from
+/// the other lists at once, and `check()` sees no more than one list's
+/// bytes held. (A sweep that took every list apart before it listed any
+/// again held them all, and an allocation waited for it, then failed.)
+/// Once the sweep goes on and ends, nothing is lost.
+fn a_stopped_sweep_holds_one_list_at_most() {
+    let one_list: usize = STOPPED_SWEEP_LISTS[0].0 * STOPPED_SWEEP_LISTS[0].1;
+    let (mut k, mut stops, mut most_held) = (1, 0, 0);
+    loop {
+        let m = Matrix::create(SEGMENT).unwrap();
+        let (table_ptr, table_at) = new_table(&m);
+        let child = spawn_on(&m, "sweep_stop_at", table_at, &[k.to_string()]);
+        let what = format!("sweep stopped at step {k}");
+        let pid = child.id() as libc::pid_t;
+        let mut status = 0;
+        // SAFETY: waits for our own child; WUNTRACED returns when it stops.
+        assert_eq!(
+            unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) },
+            pid
+        );
+        let stopped = libc::WIFSTOPPED(status);
+        if stopped {
+            stops += 1;
+            // A failure here must not leave the child stopped for ever.
+            let looked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+                // Block sizes round up a little (headers, granules).
+                assert!(
+                    r.orphaned_bytes < (one_list * 5 / 4) as u64,
+                    "{what}: {} bytes held: {r:?}",
+                    r.orphaned_bytes
+                );
+                let p = m
+                    .alloc(layout(STOPPED_SWEEP_LISTS[0].0, 8))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                unsafe { m.free(p).unwrap() };
+                r.orphaned_bytes
+            }));
+            let held = looked.unwrap_or_else(|e| {
+                // SAFETY: signals our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                std::panic::resume_unwind(e)
+            });
+            most_held = most_held.max(held);
+            // SAFETY: signals our own child.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+            assert_eq!(finish(child), "done\n", "{what}");
+        } else {
+            // The sweep ended before step `k`: the child exited, and was
+            // reaped by the `waitpid` above.
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{what}"
+            );
+            drop(child);
+        }
+        free_recorded(&m, table(&m, table_at), 0, &what);
+        unsafe { m.free(table_ptr).unwrap() };
+        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(
+            (r.used_blocks, r.orphaned_blocks, r.free_blocks),
+            (0, 0, 1),
+            "{what}: {r:?}"
+        );
+        if !stopped {
+            break;
+        }
+        k += 15;
+    }
+    println!("  {stops} stops inside the sweep; at most {most_held} bytes held at one");
+    assert!(stops > 5 && most_held > 0, "the stops missed the sweep");
+}
+
 /// A child with two threads inside the engine (and a third that sweeps the
 /// free lists every millisecond, so that some kills land in a sweep) is
 /// killed (`kill -9` from outside, at a random moment) while two threads of
@@ -763,11 +883,12 @@ fn main() {
             "die_at_step" => child_die_at_step(id, num(4), num(5)),
             "engine_churn" => child_engine_churn(id, num(4)),
             "sweep_die_at" => child_sweep_die_at(id, num(4), num(5)),
+            "sweep_stop_at" => child_sweep_stop_at(id, num(4), num(5)),
             role => panic!("unknown child role {role}"),
         }
         return;
     }
-    let tests: [(&str, fn()); 8] = [
+    let tests: [(&str, fn()); 9] = [
         (
             "processes_free_each_others_blocks",
             processes_free_each_others_blocks,
@@ -796,6 +917,10 @@ fn main() {
         (
             "killed_at_every_step_of_the_free_list_sweep_loses_nothing",
             killed_at_every_step_of_the_free_list_sweep_loses_nothing,
+        ),
+        (
+            "a_stopped_sweep_holds_one_list_at_most",
+            a_stopped_sweep_holds_one_list_at_most,
         ),
     ];
     // `-- --ignored` (or `--include-ignored`): the long soak, every scenario
