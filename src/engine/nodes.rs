@@ -1194,6 +1194,23 @@ mod tests {
         }
     }
 
+    /// A free block whose first node is `Dead` under the node it is listed
+    /// through now: the node is retired while listed, after the block went
+    /// back through a fresh node (as a release of a marked node does).
+    /// Returns the block and the dead node's hint.
+    fn buried_dead_node(e: &Engine) -> (u32, Hint) {
+        let Lone {
+            pos,
+            size,
+            hint,
+            hidden,
+        } = claimed_lone_block(e);
+        e.publish(pos, size, Covered::Yes);
+        e.retire(hint);
+        e.unhide(hidden);
+        (pos, hint)
+    }
+
     /// The free list of blocks of `size` granules.
     fn list_of(e: &Engine, size: u32) -> &AtomicU64 {
         let (fl, sl) = map_floor(size);
@@ -1285,19 +1302,9 @@ mod tests {
     fn the_last_resort_sweep_recycles_buried_dead_nodes_and_keeps_the_rest_listed() {
         let m = Matrix::anonymous(1 << 20).unwrap();
         let e = m.engine();
-        // A `Dead` node under two others on one list: the block's node is
-        // retired while listed, after the block went back through a fresh
-        // node (as a release of a marked node does), and another block of
-        // the class is freed on top.
-        let Lone {
-            pos,
-            size,
-            hint,
-            hidden,
-        } = claimed_lone_block(e);
-        e.publish(pos, size, Covered::Yes);
-        e.retire(hint);
-        e.unhide(hidden);
+        // A `Dead` node under two others on one list: another block of the
+        // class is freed on top.
+        let (pos, hint) = buried_dead_node(e);
         let [_, other, _] = [1, 2, 3].map(|_| e.alloc(4000, 16).unwrap().pos);
         e.free(other).unwrap();
         let state = |n: u32| ClaimWord::from(e.node(n).claim.load(SeqCst)).state;
@@ -1344,15 +1351,7 @@ mod tests {
         for pos in middles {
             e.free(pos).unwrap();
         }
-        let Lone {
-            pos,
-            size,
-            hint,
-            hidden,
-        } = claimed_lone_block(e);
-        e.publish(pos, size, Covered::Yes);
-        e.retire(hint);
-        e.unhide(hidden);
+        let (_, hint) = buried_dead_node(e);
         let before = e.check().unwrap();
         assert_eq!(before.orphaned_bytes, 0);
         assert!(before.free_blocks > 3 * 4);
