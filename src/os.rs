@@ -36,11 +36,11 @@ pub(crate) fn engine_step() {
 #[cold]
 fn countdown() {
     if DIE_AT_STEP.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+        // SIGKILL cannot be caught, so this is the death a `kill -9` from
+        // outside would be; SIGSTOP cannot be caught either, and the
+        // process goes on where it stopped once it gets SIGCONT.
         let signal = STEP_SIGNAL.load(std::sync::atomic::Ordering::Relaxed);
-        // SAFETY: sending a signal to ourselves. SIGKILL cannot be caught,
-        // so this is the death a `kill -9` from outside would be; SIGSTOP
-        // cannot be caught either, and the process goes on where it
-        // stopped once it gets SIGCONT.
+        // SAFETY: sending a signal to ourselves.
         unsafe { libc::kill(libc::getpid(), signal) };
     }
 }
