@@ -619,33 +619,37 @@ impl Engine {
             s.active.replace(true)
         });
         debug_assert!(!nested, "a sweep inside a sweep");
-        self.my_slot().popping.fetch_add(1, SeqCst);
-        // Bounded: others may push to a list as fast as the sweep takes from it.
-        let turns = 2 * self
-            .control()
-            .node_hwm
-            .load(Relaxed)
-            .min(self.node_capacity);
-        for head in self.control().heads.iter().flatten() {
-            self.sweep_list(head, turns);
-            // Nodes set aside beyond the margin go where the other threads'
-            // frees can have them (`recycle` keeps a node aside only while
-            // fewer than `wanted` are).
-            SWEEP.with(|s| s.wanted.set(SWEEP_MARGIN));
-            while SWEEP.with(|s| s.set_aside.get() > SWEEP_MARGIN) {
-                let Some(n) = self.take_aside() else { break };
-                self.recycle(n);
+        self.as_pop_in_flight(|| {
+            // Bounded: others may push to a list as fast as the sweep takes
+            // from it.
+            let turns = 2 * self
+                .control()
+                .node_hwm
+                .load(Relaxed)
+                .min(self.node_capacity);
+            for head in self.control().heads.iter().flatten() {
+                self.sweep_list(head, turns);
+                // Nodes set aside beyond the margin go where the other
+                // threads' frees can have them.
+                self.release_aside(SWEEP_MARGIN);
+                #[cfg(test)]
+                tests::between_lists(self);
             }
-            #[cfg(test)]
-            tests::between_lists(self);
-        }
-        // What was set aside and not used goes to the pool.
-        SWEEP.with(|s| s.active.set(false));
-        while let Some(n) = self.take_aside() {
+            // What was set aside and not used goes to the pool.
+            SWEEP.with(|s| s.active.set(false));
+            self.release_aside(0);
+        });
+    }
+
+    /// Hands the nodes set aside for this thread's sweep to the pool, but
+    /// for `keep` of them (which the sweep then wants, and no more: see
+    /// `recycle`).
+    fn release_aside(&self, keep: u32) {
+        SWEEP.with(|s| s.wanted.set(keep));
+        while SWEEP.with(|s| s.set_aside.get() > keep) {
+            let Some(n) = self.take_aside() else { break };
             self.recycle(n);
         }
-        self.control().epoch.fetch_add(1, SeqCst);
-        self.my_slot().popping.fetch_sub(1, SeqCst);
     }
 
     /// One list of `sweep_dead`, taken apart from the top as allocations

@@ -132,6 +132,20 @@ impl Engine {
         }
     }
 
+    /// Runs `f` counted as a pop in flight (`popping`), so that an
+    /// allocation that finds nothing meanwhile waits for what `f` holds
+    /// instead of failing, and ends it as a publication does: then `epoch`,
+    /// then the count, so that an allocation that sees the count drop also
+    /// sees the publications (see `take_block`). For the sweep and the
+    /// recovery, which hold blocks over many steps.
+    pub(super) fn as_pop_in_flight<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.my_slot().popping.fetch_add(1, SeqCst);
+        let r = f();
+        self.control().epoch.fetch_add(1, SeqCst);
+        self.my_slot().popping.fetch_sub(1, SeqCst);
+        r
+    }
+
     /// Gives a claimed block back unchanged; whether it needs settling again.
     fn give_back(&self, h: Held) -> bool {
         self.release(h.hint, h.pos, h.size, h.hidden)

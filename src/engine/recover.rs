@@ -106,13 +106,12 @@ impl Engine {
     /// publication does (then `epoch`, then the count; see
     /// `ops::take_block`).
     pub(crate) fn recover_dead_holds(&self) -> u64 {
-        self.my_slot().popping.fetch_add(1, SeqCst);
-        let nested = RECOVERING.with(|r| r.replace(true));
-        let bytes = self.recover_dead_holds_counted();
-        RECOVERING.with(|r| r.set(nested));
-        self.control().epoch.fetch_add(1, SeqCst);
-        self.my_slot().popping.fetch_sub(1, SeqCst);
-        bytes
+        self.as_pop_in_flight(|| {
+            let nested = RECOVERING.with(|r| r.replace(true));
+            let bytes = self.recover_dead_holds_counted();
+            RECOVERING.with(|r| r.set(nested));
+            bytes
+        })
     }
 
     /// `recover_dead_holds`, while counted as a pop in flight.
