@@ -19,7 +19,7 @@ pub(crate) fn process_alive(pid: u32) -> bool {
 /// Engine accesses left before this process kills or stops itself (0:
 /// never). A test hook, set through [`crate::die_at_engine_step`] and
 /// [`crate::stop_at_engine_step`].
-static DIE_AT_STEP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static STEPS_TO_SIGNAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// The signal the process sends itself at that step: SIGKILL or SIGSTOP.
 static STEP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(libc::SIGKILL);
 
@@ -28,14 +28,14 @@ static STEP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32:
 /// One relaxed load when unused, on engine paths only.
 #[inline(always)]
 pub(crate) fn engine_step() {
-    if DIE_AT_STEP.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+    if STEPS_TO_SIGNAL.load(std::sync::atomic::Ordering::Relaxed) != 0 {
         countdown();
     }
 }
 
 #[cold]
 fn countdown() {
-    if DIE_AT_STEP.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
+    if STEPS_TO_SIGNAL.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1 {
         // SIGKILL cannot be caught, so this is the death a `kill -9` from
         // outside would be; SIGSTOP cannot be caught either, and the
         // process goes on where it stopped once it gets SIGCONT.
@@ -48,5 +48,5 @@ fn countdown() {
 /// Sends `signal` to this process at the `n`-th engine step from now (0: never).
 pub(crate) fn signal_at_step(n: u64, signal: libc::c_int) {
     STEP_SIGNAL.store(signal, std::sync::atomic::Ordering::Relaxed);
-    DIE_AT_STEP.store(n, std::sync::atomic::Ordering::Relaxed);
+    STEPS_TO_SIGNAL.store(n, std::sync::atomic::Ordering::Relaxed);
 }

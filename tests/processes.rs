@@ -169,6 +169,24 @@ fn free_recorded(m: &Matrix, slots: &[AtomicU64], in_flight: u32, what: &str) {
     assert!(failed <= in_flight, "{what}: {failed} frees failed");
 }
 
+/// Frees every block recorded in the table, all of which must be live,
+/// and the table itself; then the heap must be one free block again.
+fn free_all_recorded(m: &Matrix, (table_ptr, table_at): (NonNull<u8>, Offset), what: &str) {
+    free_recorded(m, table(m, table_at), 0, what);
+    unsafe { m.free(table_ptr).unwrap() };
+    let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(
+        (
+            r.used_blocks,
+            r.orphaned_blocks,
+            r.free_blocks,
+            r.free_bytes
+        ),
+        (0, 0, 1, r.capacity),
+        "{what}: {r:?}"
+    );
+}
+
 /// After a process died with `threads` threads inside the engine (and what
 /// it held was taken back): frees every block it recorded in the table and
 /// the table itself, then checks that no free memory was lost, only the
@@ -674,19 +692,7 @@ fn killed_at_every_step_of_the_free_list_sweep_loses_nothing() {
         m.reclaim_dead();
         let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(r.unlisted_free_blocks, 0, "{what}: {r:?}");
-        free_recorded(&m, table(&m, table_at), 0, &what);
-        unsafe { m.free(table_ptr).unwrap() };
-        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(
-            (
-                r.used_blocks,
-                r.orphaned_blocks,
-                r.free_blocks,
-                r.free_bytes
-            ),
-            (0, 0, 1, r.capacity),
-            "{what}: {r:?}"
-        );
+        free_all_recorded(&m, (table_ptr, table_at), &what);
         // No node is lost either (the nodes the sweep set aside for itself
         // are retired by the recovery) but the one a death may leave
         // unlinked and unused: once the `Dead` nodes are swept from the
@@ -762,14 +768,7 @@ fn a_stopped_sweep_holds_one_list_at_most() {
             );
             drop(child);
         }
-        free_recorded(&m, table(&m, table_at), 0, &what);
-        unsafe { m.free(table_ptr).unwrap() };
-        let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(
-            (r.used_blocks, r.orphaned_blocks, r.free_blocks),
-            (0, 0, 1),
-            "{what}: {r:?}"
-        );
+        free_all_recorded(&m, (table_ptr, table_at), &what);
         if !stopped {
             break;
         }
