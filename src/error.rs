@@ -65,6 +65,8 @@ pub enum Error {
     DoubleFree,
     /// `check()` found a broken heap invariant.
     HeapCorrupt(String),
+    /// This machine lacks something the crate needs (named).
+    Unsupported(&'static str),
 }
 
 impl fmt::Display for Error {
@@ -105,6 +107,7 @@ impl fmt::Display for Error {
             }
             Error::DoubleFree => write!(f, "double free: block is not allocated"),
             Error::HeapCorrupt(what) => write!(f, "heap invariant broken: {what}"),
+            Error::Unsupported(what) => write!(f, "unsupported here: {what}"),
         }
     }
 }

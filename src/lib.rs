@@ -45,4 +45,4 @@ pub use matrix::Declined;
 pub use matrix::{Matrix, Reclaimed};
 pub use offset::Offset;
 pub use segment::{MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};
-pub use stats::Stats;
+pub use stats::{Stats, PENDING_BYTES};

@@ -398,8 +398,11 @@ impl Matrix {
 
     /// The segment's counters, over all processes using it. The calling
     /// thread's pending counter changes (through any handle) are applied
-    /// first; other threads apply theirs every 1024 operations and when they
-    /// exit.
+    /// first; other threads apply theirs every 1024 operations (or 4 MiB
+    /// requested) and when they exit, unless the segment counts exactly
+    /// ([`Matrix::exact_counts`]). Every read has `max_bytes >= curr_bytes`,
+    /// and `max_blocks` is the block count of the state whose bytes are
+    /// `max_bytes`.
     pub fn stats(&self) -> Stats {
         self.flush_counters();
         self.engine()
@@ -418,6 +421,38 @@ impl Matrix {
         // Re-bases this thread's batch on the new peak.
         self.flush_counters();
         self.stats()
+    }
+
+    /// Switches the segment to exact counting, for profiling: every
+    /// allocation, free and reallocation is applied to the shared counters
+    /// at once, so that the six dhat numbers of [`Matrix::stats`] equal
+    /// dhat's on any number of threads and processes (the default batches
+    /// them per thread, see the README's "Counters"). Costs speed: the
+    /// per-thread fast paths are skipped.
+    ///
+    /// The mode belongs to the segment, so it holds for every process that
+    /// maps it. Use it on a new segment, before other threads count in it:
+    /// a thread that already has changes batched applies them, and counts
+    /// exactly from then on, at its next flush (at most `FLUSH_EVERY`
+    /// operations later).
+    ///
+    /// ```
+    /// # use matrix_alloc::Matrix;
+    /// let m = Matrix::anonymous(8 << 20)?.exact_counts();
+    /// assert!(m.counts_exactly());
+    /// # Ok::<(), matrix_alloc::Error>(())
+    /// ```
+    pub fn exact_counts(self) -> Matrix {
+        self.flush_counters();
+        self.engine().counters().set_exact(true);
+        // Re-bases this thread's batch in the new mode.
+        self.flush_counters();
+        self
+    }
+
+    /// Whether the segment counts exactly (see [`Matrix::exact_counts`]).
+    pub fn counts_exactly(&self) -> bool {
+        self.engine().counters().is_exact()
     }
 
     fn flush_counters(&self) {

@@ -3,33 +3,123 @@
 //! The six request counters mean exactly what dhat's `HeapStats` fields mean:
 //! sizes are the sizes users asked for, a reallocation counts as one more
 //! block in the totals and changes `curr_bytes` by the difference, and the
-//! peak is taken whenever `curr_bytes` reaches or passes `max_bytes`.
+//! peak is taken whenever an allocation brings `curr_bytes` to or past
+//! `max_bytes`.
 //!
-//! Each counter is updated with its own atomic operation (`Relaxed`: they
-//! order nothing else), in batches per thread (see [`Delta`]). Between a
-//! thread's flushes its changes are not visible to others; `stats()` flushes
-//! the calling thread. With several threads at once `max_blocks` is the count
-//! one of them saw at its peak, not an atomic snapshot.
+//! # Two modes
+//! - **Batched** (the default): each thread keeps its changes in a [`Delta`]
+//!   and applies them every `FLUSH_EVERY` operations or `BATCH_BYTES`
+//!   requested bytes, and whenever it reads the counters or exits. With one
+//!   thread at work the six numbers are exactly dhat's; with `T` threads,
+//!   `max_bytes` is within `T × 2 × PENDING_BYTES` of dhat's (see
+//!   `Counters::flush` for why).
+//! - **Exact** ([`Counters::set_exact`]): every operation is applied at once,
+//!   so the counters step through exactly the states dhat sees, in the order
+//!   in which the operations were counted.
+//!
+//! # Invariants
+//! - `now` holds `(curr_bytes, curr_blocks)` as one 128-bit word and `peak`
+//!   holds `(max_bytes, max_blocks)` as one, so that neither pair is ever
+//!   torn: `max_blocks` is the count of the same state as `max_bytes`.
+//! - `peak.bytes >= 0` and `peak.blocks >= 0`; `now` may dip below zero in
+//!   batched mode (a thread applied frees of blocks whose allocation another
+//!   thread has not applied yet) and reads as zero then.
+//! - Every state `now` takes after a flush is offered to `peak` (strictly
+//!   greater wins), and a snapshot offers the `now` it read too, so a read
+//!   never sees `max_bytes < curr_bytes`.
+//!
+//! The counters order no other memory. Their one pairing: a flush adds to
+//! the totals before it writes `now` and `peak` (`Release`), and a snapshot
+//! reads `peak` and `now` (`Acquire`) before the totals, so that no read
+//! shows more live blocks than were ever made. What exact mode needs is
+//! coherence alone: an allocation is counted (a
+//! read-modify-write of `now`) before its block is returned, so the free of
+//! that block by any thread, which the user's hand-over orders after it, is
+//! counted later in `now`'s modification order.
 
 use crate::sync::{
-    compiler_fence, AtomicU64,
-    Ordering::{Relaxed, SeqCst},
+    compiler_fence, AtomicU128, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release, SeqCst},
 };
+use crate::Error;
 
 #[repr(C)]
 #[derive(Default)]
 pub(crate) struct Counters {
+    /// [`Pair`]: `curr_bytes`, `curr_blocks`.
+    now: AtomicU128,
+    /// [`Pair`]: `max_bytes`, `max_blocks`.
+    peak: AtomicU128,
     total_blocks: AtomicU64,
     total_bytes: AtomicU64,
-    curr_blocks: AtomicU64,
-    curr_bytes: AtomicU64,
-    max_blocks: AtomicU64,
-    max_bytes: AtomicU64,
     /// Bytes of blocks handed out (headers and padding included).
     block_bytes: AtomicU64,
     max_block_bytes: AtomicU64,
     /// Bytes of small-object pages held by threads (part of `block_bytes`).
     page_bytes: AtomicU64,
+    /// Nonzero: exact mode (see the module documentation).
+    exact: AtomicU64,
+}
+
+/// A `(bytes, blocks)` state of the counters, each a wrapping signed
+/// count, packed into one 128-bit word (bytes in the low half).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pair {
+    bytes: u64,
+    blocks: u64,
+}
+
+impl Pair {
+    fn from(v: u128) -> Pair {
+        Pair {
+            bytes: v as u64,
+            blocks: (v >> 64) as u64,
+        }
+    }
+
+    fn value(self) -> u128 {
+        self.bytes as u128 | (self.blocks as u128) << 64
+    }
+
+    fn add(self, other: Pair) -> Pair {
+        Pair {
+            bytes: self.bytes.wrapping_add(other.bytes),
+            blocks: self.blocks.wrapping_add(other.blocks),
+        }
+    }
+
+    /// The nearest state that can be real: no count below zero, and at
+    /// least one block where there are bytes. (A batched view can be off
+    /// by other threads' pending changes, see `Counters::flush`: 1 GiB
+    /// counted by one thread while another has yet to apply the 500
+    /// allocations a third thread freed.)
+    fn as_real(self) -> Pair {
+        let p = self.floor_zero();
+        Pair {
+            bytes: p.bytes,
+            blocks: p.blocks.max((p.bytes > 0) as u64),
+        }
+    }
+
+    /// Each count below zero read as zero.
+    fn floor_zero(self) -> Pair {
+        Pair {
+            bytes: not_below_zero(self.bytes),
+            blocks: not_below_zero(self.blocks),
+        }
+    }
+}
+
+/// Fails where 128-bit atomics would not be lock-free: there the fallback
+/// is a lock inside this process, which other processes cannot see.
+pub(crate) fn check_atomics() -> Result<(), Error> {
+    if AtomicU128::is_lock_free() {
+        Ok(())
+    } else {
+        Err(Error::Unsupported(
+            "this CPU has no lock-free 128-bit compare-and-swap",
+        ))
+    }
 }
 
 /// A snapshot of a segment's counters, over all processes using it.
@@ -88,8 +178,10 @@ impl Stats {
 ///
 /// Applying every change at once would cost several shared atomic RMWs per
 /// allocation; a thread applies its changes once it has counted
-/// `FLUSH_EVERY` allocations or `FLUSH_EVERY` frees, and whenever it reads
-/// the counters (`stats()`, `check()`) or exits.
+/// `FLUSH_EVERY` allocations or `FLUSH_EVERY` frees, or `BATCH_BYTES`
+/// requested bytes allocated or freed, and whenever it reads the counters
+/// (`stats()`, `check()`) or exits. In exact mode it applies every change
+/// at once (see `bias`).
 ///
 /// The changes are kept as four sums that only grow, each updated by one
 /// kind of operation: an allocation adds to `allocs` and `alloc_bytes`, a
@@ -112,18 +204,19 @@ pub(crate) struct Delta {
     // The fields every operation touches come first: with `Heap::token`
     // before them they fill one cache line.
     /// Allocations and reallocations since the last flush (the change of
-    /// `total_blocks`), and the bytes they asked for (of `total_bytes`).
+    /// `total_blocks`), plus `bias`, and the bytes they asked for (of
+    /// `total_bytes`).
     allocs: u64,
     alloc_bytes: u64,
-    /// Frees and reallocations since the last flush, and the bytes their
-    /// blocks had been asked for: `curr_blocks` changed by `allocs - frees`
-    /// and `curr_bytes` by `alloc_bytes - freed_bytes` (wrapping: below
-    /// zero when the thread frees more than it allocates).
+    /// Frees and reallocations since the last flush, plus `bias`, and the
+    /// bytes their blocks had been asked for: `curr_blocks` changed by
+    /// `allocs - frees` and `curr_bytes` by `alloc_bytes - freed_bytes`
+    /// (wrapping: below zero when the thread frees more than it allocates).
     frees: u64,
     freed_bytes: u64,
     /// The change of `curr_bytes` at which this thread reaches the highest
     /// value it knows: the segment's `max_bytes` at the last flush, or its
-    /// own latest peak since, less `base_bytes`. Signed.
+    /// own latest peak since, less `base_bytes` (floored at zero). Signed.
     peak_at: u64,
     /// The change of `curr_blocks` at that local peak, or `NO_PEAK` while
     /// there is none.
@@ -132,6 +225,20 @@ pub(crate) struct Delta {
     /// which the changes are relative to (read at flushes only).
     base_blocks: u64,
     base_bytes: u64,
+    /// The lowest changes of `curr_bytes` / `curr_blocks` (signed, at most
+    /// 0) after a slow-path free since the last flush. A thread's own
+    /// blocks are freed on the fast paths; what the slow paths free may
+    /// have been allocated by another thread that has yet to apply it, and
+    /// a fall below the base is then that other thread's pending
+    /// allocations (see `Counters::flush`).
+    dip_bytes: u64,
+    dip_blocks: u64,
+    /// 0 in batched mode; `FLUSH_EVERY` in exact mode, added to `allocs`
+    /// and `frees` at every re-base, so that the fast paths' batch tests
+    /// (`alloc_in_batch`, `free_in_batch`) fail and every operation takes
+    /// the slow path, which flushes it at once. The fast paths test nothing
+    /// more for exact mode.
+    bias: u64,
 }
 
 impl Default for Delta {
@@ -145,6 +252,9 @@ impl Default for Delta {
             peak_blocks: NO_PEAK,
             base_blocks: 0,
             base_bytes: 0,
+            dip_bytes: 0,
+            dip_blocks: 0,
+            bias: 0,
         }
     }
 }
@@ -185,6 +295,17 @@ const NO_PEAK: u64 = i64::MIN as u64;
 /// first, so only other threads' views lag.
 pub(crate) const FLUSH_EVERY: u64 = 1024;
 
+/// Requested bytes a thread allocates, or frees, before it applies its
+/// counter changes, checked on the slow paths (every request above the
+/// small-block limit takes one). The fast paths count blocks of at most
+/// `cache::SMALL_MAX` bytes, at most `FLUSH_EVERY` of them, so a thread's
+/// pending bytes stay below `PENDING_BYTES` in each direction.
+pub(crate) const BATCH_BYTES: u64 = 4 << 20;
+
+/// The most requested bytes a thread can have allocated, or freed, without
+/// applying them: the bound on how far batched counters lag.
+pub const PENDING_BYTES: u64 = BATCH_BYTES + FLUSH_EVERY * crate::cache::SMALL_MAX as u64;
+
 impl Delta {
     /// Whether an allocation can be counted without a flush: the fast
     /// paths' test, taken before they change anything (when it fails, the
@@ -203,7 +324,10 @@ impl Delta {
     /// Whether the batch is full: after any count that is not in a batch.
     #[inline]
     fn due(&self) -> bool {
-        self.allocs >= FLUSH_EVERY - 1 || self.frees >= FLUSH_EVERY - 1
+        self.allocs >= FLUSH_EVERY - 1
+            || self.frees >= FLUSH_EVERY - 1
+            || self.alloc_bytes >= BATCH_BYTES
+            || self.freed_bytes >= BATCH_BYTES
     }
 
     /// Counts an allocation; returns whether it is time to flush.
@@ -228,7 +352,14 @@ impl Delta {
     #[inline]
     pub(crate) fn on_free(&mut self, requested: u64) -> bool {
         self.count_free(requested);
+        self.mark_dip();
         self.due()
+    }
+
+    /// Keeps the lowest changes reached (`dip_bytes`, `dip_blocks`).
+    fn mark_dip(&mut self) {
+        self.dip_bytes = (self.dip_bytes as i64).min(self.bytes() as i64) as u64;
+        self.dip_blocks = (self.dip_blocks as i64).min(self.blocks() as i64) as u64;
     }
 
     /// Counts a free (of a fast path that found `free_in_batch`).
@@ -242,6 +373,7 @@ impl Delta {
     /// one more block in the totals).
     pub(crate) fn on_realloc(&mut self, old: u64, new: u64) -> bool {
         self.count_realloc(old, new);
+        self.mark_dip();
         self.due()
     }
 
@@ -284,29 +416,132 @@ impl Delta {
 
 impl Counters {
     /// Applies a thread's pending changes and re-bases it on the result.
+    ///
+    /// Why batched `max_bytes` stays near dhat's: let `P` bound what a
+    /// thread has pending in each direction (`PENDING_BYTES`) and `T` be the
+    /// threads with changes pending. dhat's true `curr_bytes` at any instant
+    /// is `now` plus every thread's pending change, so `now` is within
+    /// `T × P` of it.
+    /// - Not lower by more than `T × P`: every value `now` takes is offered
+    ///   to `peak`, and at dhat's peak `now` was at most `T × P` below it.
+    /// - Not higher by more than `2 × T × P`: a `now` value is at most
+    ///   `T × P` above a true state; a thread's local peak is its base (at
+    ///   most `(T - 1) × P` above the truth then) plus its own changes,
+    ///   which are true, and a changed order of its batch against the
+    ///   others adds at most `P`. Raising a base to the thread's dip below
+    ///   zero adds at most `P` (the dip is bytes it freed).
+    ///
+    /// With one thread `now` is the truth and the local peak exact, so the
+    /// counters are dhat's. In exact mode nothing is pending (`T × P` = 0).
     #[inline(never)]
     pub(crate) fn flush(&self, d: &mut Delta) {
-        if d.peak_blocks != NO_PEAK {
-            let bytes = d.base_bytes.wrapping_add(d.peak_at);
-            let blocks = d.base_blocks.wrapping_add(d.peak_blocks);
-            // A view below zero (see `mark_peak`) is no peak.
-            if bytes as i64 >= 0 && blocks as i64 >= 0 && bytes >= self.max_bytes.load(Relaxed) {
-                self.max_bytes.fetch_max(bytes, Relaxed);
-                self.max_blocks.store(blocks, Relaxed);
-            }
-        }
-        if d.allocs != 0 {
-            self.total_blocks.fetch_add(d.allocs, Relaxed);
+        let change = Pair {
+            bytes: d.bytes(),
+            blocks: d.blocks(),
+        };
+        // The totals first: a reader that sees this flush in `now` or
+        // `peak` sees it in the totals too (see `snapshot`).
+        let allocs = d.allocs - d.bias;
+        if allocs != 0 {
+            self.total_blocks.fetch_add(allocs, Relaxed);
             self.total_bytes.fetch_add(d.alloc_bytes, Relaxed);
         }
-        let blocks = apply(&self.curr_blocks, d.blocks() as i64);
-        let bytes = apply(&self.curr_bytes, d.bytes() as i64);
+        let before = self.add_now(change);
+        let after = before.add(change);
+        if d.peak_blocks != NO_PEAK {
+            // In exact mode the one operation's state is `after`: take it
+            // from `before`, not from a base that other threads have moved
+            // since (that base is what batched mode has: see above).
+            let base = if d.bias != 0 {
+                before
+            } else {
+                // A fall of the changes below zero (`dip_*`) freed that
+                // much of other threads' pending allocations, which were
+                // live then: the base was at least that high.
+                Pair {
+                    bytes: (d.base_bytes as i64).max(-(d.dip_bytes as i64)) as u64,
+                    blocks: (d.base_blocks as i64).max(-(d.dip_blocks as i64)) as u64,
+                }
+            };
+            let local = Pair {
+                bytes: d.peak_at,
+                blocks: d.peak_blocks,
+            };
+            self.raise_peak(base.add(local), Tie::Latest);
+        }
+        self.raise_peak(after, Tie::Keep);
+        let bias = if self.exact.load(Relaxed) != 0 {
+            FLUSH_EVERY
+        } else {
+            0
+        };
+        let max = Pair::from(self.peak.load(Relaxed)).bytes;
         *d = Delta {
-            base_blocks: blocks,
-            base_bytes: bytes,
-            peak_at: self.max_bytes.load(Relaxed).wrapping_sub(bytes),
+            base_blocks: after.blocks,
+            base_bytes: after.bytes,
+            // Exact mode: every allocation is a candidate, judged against
+            // the peak as it is when it is applied.
+            peak_at: if bias != 0 {
+                i64::MIN as u64
+            } else {
+                max.wrapping_sub(not_below_zero(after.bytes))
+            },
+            allocs: bias,
+            frees: bias,
+            bias,
             ..Delta::default()
         };
+    }
+
+    /// Adds `change` to `now`; returns the state before.
+    fn add_now(&self, change: Pair) -> Pair {
+        if change
+            == (Pair {
+                bytes: 0,
+                blocks: 0,
+            })
+        {
+            return Pair::from(self.now.load(Relaxed));
+        }
+        let old = self.now.fetch_update(Release, Relaxed, |v| {
+            Some(Pair::from(v).add(change).value())
+        });
+        // `fetch_update` with a closure that always returns `Some` never fails.
+        Pair::from(old.unwrap_or_else(|v| v))
+    }
+
+    /// Makes `state` the peak if it is higher than the peak (or as high, for
+    /// `Tie::Latest`: dhat's `>=`, for a state an allocation reached).
+    /// States that cannot be real are made so first (`Pair::as_real`).
+    fn raise_peak(&self, state: Pair, tie: Tie) {
+        let state = state.as_real();
+        let mut cur = self.peak.load(Relaxed);
+        loop {
+            let peak = Pair::from(cur);
+            let higher = state.bytes > peak.bytes
+                || (tie == Tie::Latest && state.bytes == peak.bytes && state != peak);
+            if !higher {
+                return;
+            }
+            match self
+                .peak
+                .compare_exchange_weak(cur, state.value(), Release, Relaxed)
+            {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Switches the segment to exact counting (or back): every thread that
+    /// counts in it applies each change at once from its next flush on.
+    pub(crate) fn set_exact(&self, exact: bool) {
+        self.exact.store(exact as u64, Relaxed);
+    }
+
+    /// Whether the segment counts exactly.
+    pub(crate) fn is_exact(&self) -> bool {
+        self.exact.load(Relaxed) != 0
     }
 
     /// A delta based on the counters as they are now (for one-off updates
@@ -336,22 +571,39 @@ impl Counters {
     /// Starts the peaks afresh from the current values (see
     /// `Matrix::reset_peak`).
     pub(crate) fn reset_peak(&self) {
-        self.max_bytes.store(self.curr_bytes.load(Relaxed), Relaxed);
-        self.max_blocks
-            .store(self.curr_blocks.load(Relaxed), Relaxed);
+        let now = Pair::from(self.now.load(Relaxed)).as_real();
+        self.peak.store(now.value(), Relaxed);
         self.max_block_bytes
             .store(self.block_bytes.load(Relaxed), Relaxed);
     }
 
     pub(crate) fn snapshot(&self, capacity: u64, largest_free: u64) -> Stats {
         let block_bytes = self.block_bytes.load(Relaxed);
+        // `peak`, then `now`, then the totals, each `Acquire` against the
+        // `Release` of the flush that wrote it: whatever flush a value read
+        // came from, its totals (added before) are in the totals read.
+        let mut peak = Pair::from(self.peak.load(Acquire));
+        let now = Pair::from(self.now.load(Acquire)).as_real();
+        let total_blocks = self.total_blocks.load(Relaxed);
+        let total_bytes = self.total_bytes.load(Relaxed);
+        // A flush between its update of `now` and its offer to `peak` (or
+        // one after the read of `peak`): the state read is real, and is the
+        // peak if it is higher.
+        if now.bytes > peak.bytes {
+            self.raise_peak(now, Tie::Keep);
+            peak = now;
+        }
+        // A batched view raised to what must have been live (`as_real`, the
+        // dips in `flush`) can count blocks whose allocations are still
+        // pending; no read says more blocks than were ever made.
+        let fit = |blocks: u64| blocks.min(total_blocks);
         Stats {
-            total_blocks: self.total_blocks.load(Relaxed),
-            total_bytes: self.total_bytes.load(Relaxed),
-            curr_blocks: not_below_zero(self.curr_blocks.load(Relaxed)),
-            curr_bytes: not_below_zero(self.curr_bytes.load(Relaxed)),
-            max_blocks: self.max_blocks.load(Relaxed),
-            max_bytes: self.max_bytes.load(Relaxed),
+            total_blocks,
+            total_bytes,
+            curr_blocks: fit(now.blocks),
+            curr_bytes: now.bytes,
+            max_blocks: fit(peak.blocks),
+            max_bytes: peak.bytes,
             capacity,
             free_bytes: capacity.saturating_sub(block_bytes),
             largest_free,
@@ -360,6 +612,15 @@ impl Counters {
             page_bytes: self.page_bytes.load(Relaxed),
         }
     }
+}
+
+/// How `Counters::raise_peak` treats a state as high as the peak.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tie {
+    /// Takes it: an allocation reached it (dhat's `>=`).
+    Latest,
+    /// Keeps the peak: a state after frees is no new peak.
+    Keep,
 }
 
 /// A current count read as signed: it is below zero for a moment when
@@ -523,6 +784,189 @@ mod tests {
         assert_eq!(
             (s.total_blocks, s.total_bytes, s.max_bytes, s.max_blocks),
             (1, 100, 100, 1)
+        );
+    }
+
+    #[test]
+    fn pair_fields_do_not_overlap() {
+        let p = Pair {
+            bytes: u64::MAX,
+            blocks: 0,
+        };
+        assert_eq!(Pair::from(p.value()), p);
+        let q = Pair {
+            bytes: 0,
+            blocks: u64::MAX,
+        };
+        assert_eq!(Pair::from(q.value()), q);
+        assert_eq!(p.value() & q.value(), 0);
+        assert_eq!(
+            Pair::from(p.value() | q.value()).add(Pair {
+                bytes: 1,
+                blocks: 1
+            }),
+            Pair {
+                bytes: 0,
+                blocks: 0
+            }
+        );
+    }
+
+    /// The program at the level of the counters: thread A's 500
+    /// allocations are pending when thread B frees them, and thread C then
+    /// allocates 1 GiB. The view below zero must not swallow C's peak.
+    #[test]
+    fn a_peak_after_a_view_below_zero_counts() {
+        let c = Counters::default();
+        let mut a = c.fresh_delta();
+        for _ in 0..500 {
+            a.count_alloc(100);
+        }
+        let mut b = c.fresh_delta();
+        for _ in 0..500 {
+            b.count_free(100);
+        }
+        c.flush(&mut b);
+        let s = c.snapshot(0, 0);
+        assert_eq!((s.curr_bytes, s.curr_blocks, s.max_bytes), (0, 0, 0));
+        let mut t = c.fresh_delta();
+        assert!(t.on_alloc(1 << 30), "a 1 GiB request is applied at once");
+        c.flush(&mut t);
+        let s = c.snapshot(0, 0);
+        assert!(s.max_bytes >= 1 << 30, "{s:?}");
+        assert!(s.max_bytes >= s.curr_bytes);
+        assert_eq!(s.max_blocks, 1);
+        t.on_free(1 << 30);
+        c.flush(&mut t);
+        c.flush(&mut a);
+        let s = c.snapshot(0, 0);
+        assert_eq!((s.curr_bytes, s.curr_blocks), (0, 0));
+        assert_eq!(s.max_bytes, 1 << 30);
+        assert_eq!(s.total_blocks, 501);
+    }
+
+    /// Simulated threads, each with its own batch, allocate, hand blocks to
+    /// each other and free them, in a random interleaving; the model
+    /// applies every operation at once, in that order, as dhat does. At
+    /// every read: `max_bytes >= curr_bytes`, `max_blocks` is the count of
+    /// a state the model passed through at `max_bytes` or of one within the
+    /// bound, and batched `max_bytes` is within `2 × T × PENDING_BYTES` of
+    /// the model's; in exact mode all six numbers are the model's.
+    fn simulate(exact: bool, threads: usize, seed: u64) {
+        let c = Counters::default();
+        c.set_exact(exact);
+        let mut deltas: Vec<Delta> = (0..threads).map(|_| c.fresh_delta()).collect();
+        let mut m = Model::default();
+        // Live blocks, each with the size it was asked for; any thread may free any.
+        let mut live: Vec<u64> = Vec::new();
+        let mut rng = seed | 1;
+        let bound = 2 * threads as u64 * PENDING_BYTES;
+        for op in 0..60_000u64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let t = (rng >> 8) as usize % threads;
+            let d = &mut deltas[t];
+            // Phases of growth and of shrinking, so that peaks come and go.
+            let grow = (op / 3000) % 2 == 0;
+            let due = if live.is_empty() || (grow && rng % 4 != 0) || (!grow && rng % 4 == 0) {
+                let size = match rng % 100 {
+                    0 => 1 << 20,
+                    1..=5 => 1 + (rng >> 40) % (64 << 10),
+                    _ => 1 + (rng >> 40) % 1024,
+                };
+                live.push(size);
+                (m.total_blocks, m.total_bytes) = (m.total_blocks + 1, m.total_bytes + size);
+                (m.curr_blocks, m.curr_bytes) = (m.curr_blocks + 1, m.curr_bytes + size);
+                m.peak();
+                if size <= 1024 && d.alloc_in_batch() {
+                    d.count_alloc(size);
+                    false
+                } else {
+                    d.on_alloc(size)
+                }
+            } else {
+                let size = live.swap_remove((rng >> 32) as usize % live.len());
+                (m.curr_blocks, m.curr_bytes) = (m.curr_blocks - 1, m.curr_bytes - size);
+                if size <= 1024 && d.free_in_batch() {
+                    d.count_free(size);
+                    false
+                } else {
+                    d.on_free(size)
+                }
+            };
+            if due {
+                c.flush(d);
+            }
+            if op % 101 == 0 {
+                // A reader that has nothing pending of its own.
+                let s = c.snapshot(0, 0);
+                assert!(s.max_bytes >= s.curr_bytes, "op {op}: {s:?}");
+                assert!(s.max_bytes <= m.max_bytes + bound, "op {op}: {s:?}");
+                assert!(s.max_bytes + bound >= m.max_bytes, "op {op}: {s:?}");
+                assert!(s.max_blocks <= s.total_blocks);
+                if exact {
+                    let got = (s.total_blocks, s.total_bytes, s.curr_blocks, s.curr_bytes);
+                    assert_eq!(
+                        got,
+                        (m.total_blocks, m.total_bytes, m.curr_blocks, m.curr_bytes)
+                    );
+                    assert_eq!(
+                        (s.max_bytes, s.max_blocks),
+                        (m.max_bytes, m.max_blocks),
+                        "op {op}"
+                    );
+                }
+            }
+        }
+        for d in deltas.iter_mut() {
+            c.flush(d);
+        }
+        let s = c.snapshot(0, 0);
+        let got = (s.total_blocks, s.total_bytes, s.curr_blocks, s.curr_bytes);
+        assert_eq!(
+            got,
+            (m.total_blocks, m.total_bytes, m.curr_blocks, m.curr_bytes)
+        );
+        assert!(s.max_bytes.abs_diff(m.max_bytes) <= bound, "{s:?}");
+        if exact || threads == 1 {
+            assert_eq!((s.max_bytes, s.max_blocks), (m.max_bytes, m.max_blocks));
+        }
+    }
+
+    #[test]
+    fn batched_counts_on_many_threads_stay_within_the_bound() {
+        for (threads, seed) in [(1, 7), (2, 11), (4, 13), (8, 17)] {
+            simulate(false, threads, seed);
+        }
+    }
+
+    #[test]
+    fn exact_counts_on_many_threads_are_dhats() {
+        for (threads, seed) in [(1, 7), (2, 11), (4, 13), (8, 17)] {
+            simulate(true, threads, seed);
+        }
+    }
+
+    /// Switching a segment with batches pending to exact mode: the pending
+    /// changes are applied at the next flush, and from then on every
+    /// operation is applied at once.
+    #[test]
+    fn a_batch_pending_at_the_switch_joins_at_its_next_flush() {
+        let c = Counters::default();
+        let mut d = c.fresh_delta();
+        d.count_alloc(10);
+        c.set_exact(true);
+        assert!(d.alloc_in_batch(), "still batched until it flushes");
+        d.count_alloc(20);
+        c.flush(&mut d);
+        assert!(!d.alloc_in_batch() && !d.free_in_batch());
+        assert!(d.on_alloc(30), "exact: every operation is due");
+        c.flush(&mut d);
+        let s = c.snapshot(0, 0);
+        assert_eq!(
+            (s.total_blocks, s.curr_bytes, s.max_bytes, s.max_blocks),
+            (3, 60, 60, 3)
         );
     }
 }

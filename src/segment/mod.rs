@@ -79,6 +79,7 @@ impl Segment {
 
     /// Formats a new, zero-filled mapping: header, engine, ready mark.
     fn format(map: MmapRaw, id: uuid::Uuid) -> Result<Segment, Error> {
+        crate::stats::check_atomics()?;
         let size = map.len() as u64;
         let layout = Layout::for_segment(size, HEADER_SPACE).ok_or(Error::InvalidSize {
             requested: size,
@@ -135,6 +136,7 @@ impl Segment {
     /// creator that is still sizing or formatting it. Never truncates or
     /// resizes the file.
     pub(crate) fn open_file(path: &Path, patience: Duration) -> Result<Segment, Error> {
+        crate::stats::check_atomics()?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)

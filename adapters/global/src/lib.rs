@@ -51,6 +51,8 @@ use early::Early;
 pub struct MatrixGlobal {
     size: usize,
     backing: Backing,
+    /// The segment counts exactly (`Matrix::exact_counts`).
+    exact: bool,
     /// `UNMAPPED` → `MAPPING` (one thread maps the segment) → `READY` or
     /// `FAILED`; never back.
     state: AtomicU8,
@@ -96,6 +98,7 @@ impl MatrixGlobal {
         MatrixGlobal {
             size: MatrixGlobal::DEFAULT_SIZE,
             backing: Backing::Private,
+            exact: false,
             state: AtomicU8::new(UNMAPPED),
             made: UnsafeCell::new(MaybeUninit::uninit()),
             early: Early::new(),
@@ -137,6 +140,16 @@ impl MatrixGlobal {
         if let Backing::Named { id, .. } = self.backing {
             self.backing = Backing::Named { id, keep: true };
         }
+        self
+    }
+
+    /// Counts every allocation and free at once in the shared counters, so
+    /// that [`MatrixGlobal::stats`] gives dhat's six numbers exactly on any
+    /// number of threads, at the cost of speed (see `Matrix::exact_counts`).
+    /// The default batches counts per thread: exact for one thread, within
+    /// a bound on many (the README's "Counters").
+    pub const fn exact_counts(mut self) -> MatrixGlobal {
+        self.exact = true;
         self
     }
 
@@ -210,6 +223,11 @@ impl MatrixGlobal {
     }
 
     fn make(&self) -> Result<Matrix, Error> {
+        let m = self.make_segment()?;
+        Ok(if self.exact { m.exact_counts() } else { m })
+    }
+
+    fn make_segment(&self) -> Result<Matrix, Error> {
         match self.backing {
             Backing::Private => Matrix::anonymous_leaked(self.size),
             Backing::Named { id, keep } => {

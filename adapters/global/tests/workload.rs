@@ -285,3 +285,17 @@ fn blocks_freed_by_another_thread_come_back() {
     assert_eq!((r.used_blocks, r.free_blocks), (0, 1), "{r:?}");
     assert_eq!(r.free_bytes, r.capacity, "{r:?}");
 }
+
+/// Issue 19: libtest's threads free what others allocated, and a view of
+/// the counters below zero must not swallow a later peak: a 1 GiB `Vec`
+/// this test keeps live shows in `max_bytes`.
+#[test]
+fn a_live_gib_shows_in_the_peak_under_libtest() {
+    let v: Vec<u8> = Vec::with_capacity(1 << 30);
+    let s = GLOBAL.stats().unwrap();
+    assert!(s.max_bytes >= 1 << 30, "{s:?}");
+    assert!(s.max_bytes >= s.curr_bytes, "{s:?}");
+    drop(v);
+    let s = GLOBAL.stats().unwrap();
+    assert!(s.max_bytes >= 1 << 30, "{s:?}");
+}
