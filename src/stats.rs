@@ -659,6 +659,25 @@ mod tests {
     }
 
     impl Model {
+        /// Asserts that `s` counts what the model does (`peaks`: the peak too).
+        fn check(&self, s: &Stats, peaks: bool, op: u64) {
+            let got = (s.total_blocks, s.total_bytes, s.curr_blocks, s.curr_bytes);
+            let want = (
+                self.total_blocks,
+                self.total_bytes,
+                self.curr_blocks,
+                self.curr_bytes,
+            );
+            assert_eq!(got, want, "op {op}");
+            if peaks {
+                assert_eq!(
+                    (s.max_bytes, s.max_blocks),
+                    (self.max_bytes, self.max_blocks),
+                    "op {op}"
+                );
+            }
+        }
+
         fn peak(&mut self) {
             if self.curr_bytes >= self.max_bytes {
                 self.max_bytes = self.curr_bytes;
@@ -728,17 +747,7 @@ mod tests {
             due_flushes += due as u32;
             if due || op % 7919 == 0 {
                 c.flush(&mut d);
-                let s = c.snapshot(0, 0);
-                let got = (s.total_blocks, s.total_bytes, s.curr_blocks, s.curr_bytes);
-                assert_eq!(
-                    got,
-                    (m.total_blocks, m.total_bytes, m.curr_blocks, m.curr_bytes)
-                );
-                assert_eq!(
-                    (s.max_bytes, s.max_blocks),
-                    (m.max_bytes, m.max_blocks),
-                    "op {op}"
-                );
+                m.check(&c.snapshot(0, 0), true, op);
             }
             assert!(d.allocs < FLUSH_EVERY && d.frees < FLUSH_EVERY);
         }
@@ -906,16 +915,7 @@ mod tests {
                 assert!(s.max_bytes + bound >= m.max_bytes, "op {op}: {s:?}");
                 assert!(s.max_blocks <= s.total_blocks);
                 if exact {
-                    let got = (s.total_blocks, s.total_bytes, s.curr_blocks, s.curr_bytes);
-                    assert_eq!(
-                        got,
-                        (m.total_blocks, m.total_bytes, m.curr_blocks, m.curr_bytes)
-                    );
-                    assert_eq!(
-                        (s.max_bytes, s.max_blocks),
-                        (m.max_bytes, m.max_blocks),
-                        "op {op}"
-                    );
+                    m.check(&s, true, op);
                 }
             }
         }
@@ -923,15 +923,8 @@ mod tests {
             c.flush(d);
         }
         let s = c.snapshot(0, 0);
-        let got = (s.total_blocks, s.total_bytes, s.curr_blocks, s.curr_bytes);
-        assert_eq!(
-            got,
-            (m.total_blocks, m.total_bytes, m.curr_blocks, m.curr_bytes)
-        );
+        m.check(&s, exact || threads == 1, u64::MAX);
         assert!(s.max_bytes.abs_diff(m.max_bytes) <= bound, "{s:?}");
-        if exact || threads == 1 {
-            assert_eq!((s.max_bytes, s.max_blocks), (m.max_bytes, m.max_blocks));
-        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A global allocator chosen per process by the environment variable
-//! `MATRIX_ALLOC_UNDER` (`system`, `mimalloc`, `dhat`, `matrix`; default
+//! `MATRIX_ALLOC_UNDER` (`system`, `mimalloc`, `dhat`, `matrix`,
+//! `matrix-exact` (the matrix with exact counts); default
 //! `system`), read on the first allocation with `getenv`, which does not
 //! allocate. It lets one binary run the same work under each allocator in
 //! child processes (a binary has one `#[global_allocator]`).
@@ -19,6 +20,7 @@ pub enum Under {
     Mimalloc = 2,
     Dhat = 3,
     Matrix = 4,
+    MatrixExact = 5,
 }
 
 impl Under {
@@ -28,6 +30,17 @@ impl Under {
             Under::Mimalloc => "mimalloc",
             Under::Dhat => "dhat",
             Under::Matrix => "matrix",
+            Under::MatrixExact => "matrix-exact",
+        }
+    }
+
+    /// The matrix this process allocates from, if it is one.
+    #[allow(dead_code)] // the dhat comparison's, not the real-program bench's
+    pub fn matrix(self) -> Option<&'static MatrixGlobal> {
+        match self {
+            Under::Matrix => Some(&MATRIX),
+            Under::MatrixExact => Some(&MATRIX_EXACT),
+            _ => None,
         }
     }
 
@@ -43,12 +56,14 @@ impl Under {
             b"mimalloc" => Under::Mimalloc,
             b"dhat" => Under::Dhat,
             b"matrix" => Under::Matrix,
+            b"matrix-exact" => Under::MatrixExact,
             _ => Under::System,
         }
     }
 }
 
 pub static MATRIX: MatrixGlobal = MatrixGlobal::new();
+pub static MATRIX_EXACT: MatrixGlobal = MatrixGlobal::new().exact_counts();
 
 pub struct Chosen(AtomicU8);
 
@@ -64,6 +79,7 @@ impl Chosen {
             2 => Under::Mimalloc,
             3 => Under::Dhat,
             4 => Under::Matrix,
+            5 => Under::MatrixExact,
             _ => {
                 // Racing first calls all read the same environment.
                 let u = Under::from_env();
@@ -81,6 +97,7 @@ macro_rules! forward {
             Under::Mimalloc => mimalloc::MiMalloc.$method($($arg),*),
             Under::Dhat => dhat::Alloc.$method($($arg),*),
             Under::Matrix => MATRIX.$method($($arg),*),
+            Under::MatrixExact => MATRIX_EXACT.$method($($arg),*),
         }
     };
 }

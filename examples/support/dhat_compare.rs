@@ -1,7 +1,8 @@
 #![allow(dead_code)] // each includer uses part of it
-//! The dhat comparison: one workload, measured in two child processes of
-//! the running binary, one under `dhat::Alloc`, one under `MatrixGlobal`
-//! (see `chosen_alloc`). Each child also writes a dhat-format profile.
+//! The dhat comparison: a workload measured in child processes of the
+//! running binary, one under `dhat::Alloc` and others under `MatrixGlobal`
+//! with batched or exact counts (see `chosen_alloc`). Each child also
+//! writes a dhat-format profile.
 
 use super::chosen_alloc::{self, Chosen, Under};
 use super::workload;
@@ -71,20 +72,63 @@ impl Counts {
     }
 }
 
+/// A workload and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// `workload::run` over this many words, on one thread.
+    Words(usize),
+    /// `workload::run_threads` with this many blocks per thread.
+    Threads(usize),
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Words(_) => "words",
+            Workload::Threads(_) => "threads",
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            Workload::Words(n) | Workload::Threads(n) => n,
+        }
+    }
+
+    fn parse(name: &str, size: usize) -> Option<Workload> {
+        match name {
+            "words" => Some(Workload::Words(size)),
+            "threads" => Some(Workload::Threads(size)),
+            _ => None,
+        }
+    }
+
+    /// Runs it; what it returns stays live until the counts are taken.
+    fn run(self) -> Vec<Vec<u8>> {
+        match self {
+            Workload::Words(n) => workload::run(n)
+                .into_iter()
+                .map(String::into_bytes)
+                .collect(),
+            Workload::Threads(n) => workload::run_threads(n),
+        }
+    }
+}
+
 /// The profile file a child writes into `dir`.
-pub fn profile_path(dir: &Path, under: Under) -> PathBuf {
-    dir.join(format!("{}-heap.json", under.name()))
+pub fn profile_path(dir: &Path, under: Under, work: Workload) -> PathBuf {
+    dir.join(format!("{}-{}-heap.json", under.name(), work.name()))
 }
 
 /// In a child: runs the workload under this process's allocator, prints
 /// its counts and writes the profile into `dir`.
-pub fn child(alloc: &Chosen, words: usize, dir: &Path) {
+pub fn child(alloc: &Chosen, work: Workload, dir: &Path) {
     let under = alloc.under();
-    let path = profile_path(dir, under);
-    let counts = match under {
-        Under::Dhat => {
+    let path = profile_path(dir, under, work);
+    let counts = match under.matrix() {
+        None if under == Under::Dhat => {
             let profiler = dhat::Profiler::builder().file_name(&path).build();
-            let report = workload::run(words);
+            let report = work.run();
             let s = dhat::HeapStats::get();
             // The profile is written with the report still live, so that
             // its end state is the one measured.
@@ -102,13 +146,11 @@ pub fn child(alloc: &Chosen, words: usize, dir: &Path) {
                 provided: 0,
             }
         }
-        Under::Matrix => {
-            let m = chosen_alloc::MATRIX
-                .matrix()
-                .expect("the segment is mapped");
+        Some(global) => {
+            let m = global.matrix().expect("the segment is mapped");
             let base = m.reset_peak();
             let start = Instant::now();
-            let report = workload::run(words);
+            let report = work.run();
             let after = m.stats();
             let elapsed = start.elapsed();
             let s = after.since(&base);
@@ -127,17 +169,18 @@ pub fn child(alloc: &Chosen, words: usize, dir: &Path) {
                 provided: after.max_block_bytes - base.block_bytes,
             }
         }
-        other => panic!("the child runs under dhat or the matrix, not {other:?}"),
+        None => panic!("the child runs under dhat or the matrix, not {under:?}"),
     };
     println!("{}", counts.line());
 }
 
 /// Runs this binary as a child under `under`; its counts.
-pub fn spawn(under: Under, words: usize, dir: &Path) -> Counts {
+pub fn spawn(under: Under, work: Workload, dir: &Path) -> Counts {
     let out = Command::new(std::env::current_exe().expect("own path"))
         .arg("--child")
         .arg(dir)
-        .arg(words.to_string())
+        .arg(work.name())
+        .arg(work.size().to_string())
         .env(chosen_alloc::VAR, under.name())
         .output()
         .expect("child started");
@@ -152,9 +195,29 @@ pub fn spawn(under: Under, words: usize, dir: &Path) -> Counts {
     Counts::parse(&stdout).unwrap_or_else(|| panic!("no counts in {stdout}"))
 }
 
-/// `Some((dir, words))` when this process is a child.
-pub fn child_args() -> Option<(PathBuf, usize)> {
+/// `Some((dir, workload))` when this process is a child.
+pub fn child_args() -> Option<(PathBuf, Workload)> {
     let args: Vec<String> = std::env::args().collect();
     let at = args.iter().position(|a| a == "--child")?;
-    Some((args.get(at + 1)?.into(), args.get(at + 2)?.parse().ok()?))
+    let work = Workload::parse(args.get(at + 2)?, args.get(at + 3)?.parse().ok()?)?;
+    Some((args.get(at + 1)?.into(), work))
+}
+
+/// How far batched counts may be from dhat's on `work`: nothing on one
+/// thread, and for `T` threads the bound of `matrix_alloc::PENDING_BYTES`
+/// (see `Counters::flush`), on `max_bytes` only; the other five numbers
+/// are exact once every thread has applied its counts.
+pub fn batched_bound(work: Workload) -> u64 {
+    match work {
+        Workload::Words(_) => 0,
+        Workload::Threads(_) => 2 * (workload::THREADS as u64 + 1) * matrix_alloc::PENDING_BYTES,
+    }
+}
+
+/// Whether batched counts `matrix` are as close to dhat's as `work` allows.
+pub fn within_bound(dhat: &Counts, matrix: &Counts, work: Workload) -> bool {
+    let (d, m) = (dhat.requested, matrix.requested);
+    d[..4] == m[..4]
+        && d[5].abs_diff(m[5]) <= batched_bound(work)
+        && (batched_bound(work) != 0 || d[4] == m[4])
 }
