@@ -67,6 +67,39 @@ pub enum Error {
     HeapCorrupt(String),
     /// This machine lacks something the crate needs (named).
     Unsupported(&'static str),
+    /// A handle whose bits name no place an object can be in this segment
+    /// (out of bounds, misaligned, or damaged).
+    InvalidHandle,
+    /// A handle made for another segment.
+    ForeignHandle,
+    /// A handle whose object is gone: no live block starts there, or the
+    /// block is too small for the type.
+    StaleHandle,
+    /// An object was asked for as another type than the one it was made or
+    /// published as (size, alignment or type identity differ).
+    TypeMismatch {
+        /// The type asked for.
+        expected: String,
+        /// The type it has.
+        found: String,
+    },
+    /// A directory name that is empty or longer than `directory::NAME_MAX`
+    /// bytes.
+    InvalidName(String),
+    /// The segment's directory has no free entry.
+    DirectoryFull,
+    /// `publish` of a name that is already published.
+    NameTaken(String),
+    /// A pinned segment's address range is taken in this process.
+    AddressInUse {
+        /// Where the segment must be mapped.
+        address: u64,
+        /// How long it is.
+        len: u64,
+    },
+    /// The object is not in this segment (a lock or collection handed
+    /// another segment's matrix).
+    NotInSegment,
 }
 
 impl fmt::Display for Error {
@@ -108,6 +141,28 @@ impl fmt::Display for Error {
             Error::DoubleFree => write!(f, "double free: block is not allocated"),
             Error::HeapCorrupt(what) => write!(f, "heap invariant broken: {what}"),
             Error::Unsupported(what) => write!(f, "unsupported here: {what}"),
+            Error::InvalidHandle => write!(f, "invalid handle: no object can be there"),
+            Error::ForeignHandle => write!(f, "handle of another segment"),
+            Error::StaleHandle => write!(f, "stale handle: its object was freed"),
+            Error::TypeMismatch { expected, found } => {
+                write!(
+                    f,
+                    "type mismatch: asked for {expected}, the object is {found}"
+                )
+            }
+            Error::InvalidName(name) => write!(
+                f,
+                "invalid name {name:?}: names are 1 to {} bytes of UTF-8",
+                crate::directory::NAME_MAX
+            ),
+            Error::DirectoryFull => write!(f, "the segment's directory is full"),
+            Error::NameTaken(name) => write!(f, "name {name:?} is already published"),
+            Error::AddressInUse { address, len } => write!(
+                f,
+                "address range {address:#x}..{:#x} is in use in this process",
+                address + len
+            ),
+            Error::NotInSegment => write!(f, "the object does not lie in this segment"),
         }
     }
 }

@@ -3,8 +3,11 @@
 
 mod adapters;
 mod cache;
+pub mod directory;
 mod engine;
 mod error;
+mod handle;
+mod lock;
 mod matrix;
 mod offset;
 mod os;
@@ -40,6 +43,8 @@ pub fn stop_at_engine_step(n: u64) {
 
 pub use engine::HeapReport;
 pub use error::Error;
+pub use handle::{Handle, Shareable};
+pub use lock::{LockError, ShmGuard, ShmMutex, LIVENESS_POLL};
 #[doc(hidden)]
 pub use matrix::Declined;
 pub use matrix::{Matrix, Reclaimed};

@@ -854,6 +854,26 @@ impl Matrix {
         Ok(dst)
     }
 
+    /// Payload bytes of the live block that starts at `ptr`, checked without
+    /// trusting `ptr`: a pointer into a small-object page must be one of its
+    /// blocks (never the page's own engine block), any other one the start
+    /// of a used engine block.
+    pub(crate) fn live_block_len(&self, ptr: *const u8) -> Result<usize, Error> {
+        let off = (ptr as usize).wrapping_sub(self.pages.base() as usize);
+        if self.pages.is_page(off / cache::PAGE_SIZE) {
+            let (page, i) = cache::locate(&self.pages, ptr).ok_or(Error::StaleHandle)?;
+            return match cache::requested(page, i) {
+                Ok(_) => Ok(cache::usable(page)),
+                Err(_) => Err(Error::StaleHandle),
+            };
+        }
+        let pos = self.engine().block_of(ptr).ok_or(Error::InvalidHandle)?;
+        match self.engine().used_block(pos) {
+            Ok(_) => Ok(self.engine().usable(pos)),
+            Err(_) => Err(Error::StaleHandle),
+        }
+    }
+
     /// Payload bytes usable in the block at `ptr` (at least what was asked).
     pub fn usable_size(&self, ptr: NonNull<u8>) -> Option<usize> {
         if let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) {

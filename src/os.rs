@@ -50,3 +50,36 @@ pub(crate) fn signal_at_step(n: u64, signal: libc::c_int) {
     STEP_SIGNAL.store(signal, std::sync::atomic::Ordering::Relaxed);
     STEPS_TO_SIGNAL.store(n, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// Sleeps while `*word == expected`, for at most `timeout`, on a futex shared
+/// between processes (no `FUTEX_PRIVATE_FLAG`: the word may be in a
+/// segment other processes map). Returns on a wake, a timeout, a signal or
+/// a changed word alike; callers re-check.
+pub(crate) fn futex_wait(
+    word: &std::sync::atomic::AtomicU32,
+    expected: u32,
+    timeout: std::time::Duration,
+) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a live, aligned 32-bit atomic for the duration of
+    // the call; the kernel only reads it and the timespec.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Wakes up to `n` threads (of any process) sleeping in `futex_wait` on `word`.
+pub(crate) fn futex_wake(word: &std::sync::atomic::AtomicU32, n: u32) {
+    // SAFETY: `word` is a live, aligned 32-bit atomic; FUTEX_WAKE only uses
+    // its address.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n) };
+}

@@ -72,6 +72,9 @@ pub(crate) struct Control {
     pub(crate) page_pool: AtomicU64,
     pub(crate) pooled: AtomicU64,
     pub(crate) counters: Counters,
+    /// Offset of the segment's named directory (`crate::directory`), 0
+    /// until the first use makes one.
+    pub(crate) directory: AtomicU64,
 }
 
 /// Bit 31 of a page-table entry: the page is a small-object page.
@@ -430,6 +433,11 @@ impl Engine {
         // SAFETY: `ctrl` points into the live mapping (contract of `attach`)
         // and `Control` consists of atomics only.
         unsafe { &*self.ctrl }
+    }
+
+    /// The word that holds the directory's offset.
+    pub(crate) fn directory_word(&self) -> &AtomicU64 {
+        &self.control().directory
     }
 
     #[inline]
