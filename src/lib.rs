@@ -3,6 +3,7 @@
 
 mod adapters;
 mod cache;
+pub mod collections;
 pub mod directory;
 mod engine;
 mod error;
