@@ -45,6 +45,9 @@ pub struct Matrix {
     pages: PageTable,
     backing: Backing,
     keep: AtomicBool,
+    /// This handle put its pinned segment in the `PinnedAlloc` registry,
+    /// and takes it out when dropped.
+    registered: bool,
 }
 
 /// The mapping and the engine in it. Thread caches hold an `Arc` to it, so
@@ -232,7 +235,27 @@ pub struct Declined {
 
 impl Matrix {
     fn from_segment(segment: Segment, backing: Backing) -> Matrix {
-        Matrix::with_shared(SharedRef::counted(Shared::join(segment)), backing)
+        let mut m = Matrix::with_shared(SharedRef::counted(Shared::join(segment)), backing);
+        if m.pinned_address().is_some() {
+            crate::pinned::register(&m);
+            m.registered = true;
+        }
+        m
+    }
+
+    /// Another handle to the same mapping, which never removes the name
+    /// (for the pinned-segment registry).
+    pub(crate) fn second_handle(&self) -> Matrix {
+        Matrix::with_shared(self.shared.clone(), Backing::Anonymous)
+    }
+
+    pub(crate) fn shared_segment(&self) -> &Segment {
+        &self.shared.segment
+    }
+
+    /// Where this process mapped the segment.
+    pub(crate) fn base_address(&self) -> u64 {
+        self.shared.segment.base() as u64
     }
 
     fn from_segment_leaked(segment: Segment, backing: Backing) -> Result<Matrix, Error> {
@@ -246,6 +269,7 @@ impl Matrix {
             shared,
             backing,
             keep: AtomicBool::new(false),
+            registered: false,
         }
     }
 
@@ -267,8 +291,17 @@ impl Matrix {
     /// Creates a new named segment with a given id; fails with
     /// [`Error::AlreadyExists`] if it exists. The handle owns the name.
     pub fn create_with_id(id: Uuid, size: usize) -> Result<Matrix, Error> {
+        Matrix::create_named(id, size, None)
+    }
+
+    /// A new named segment, owned by the handle, mapped at `pinned_at` if given.
+    pub(crate) fn create_named(
+        id: Uuid,
+        size: usize,
+        pinned_at: Option<u64>,
+    ) -> Result<Matrix, Error> {
         let path = segment::named_path(&id);
-        let seg = Segment::create_file(&path, size as u64, id)?;
+        let seg = Segment::create_file(&path, size as u64, id, pinned_at)?;
         Ok(Matrix::from_segment(
             seg,
             Backing::Named { path, owner: true },
@@ -281,7 +314,7 @@ impl Matrix {
     /// handle is dropped; the name is removed on drop as usual.
     pub fn create_with_id_leaked(id: Uuid, size: usize) -> Result<Matrix, Error> {
         let path = segment::named_path(&id);
-        let seg = Segment::create_file(&path, size as u64, id)?;
+        let seg = Segment::create_file(&path, size as u64, id, None)?;
         Matrix::from_segment_leaked(seg, Backing::Named { path, owner: true })
     }
 
@@ -305,7 +338,7 @@ impl Matrix {
         // a few rounds suffice unless someone removes it in a loop.
         let mut last = None;
         for _ in 0..8 {
-            match Segment::create_file(&path, size as u64, id) {
+            match Segment::create_file(&path, size as u64, id, None) {
                 Ok(seg) => {
                     return Ok(Matrix::from_segment(
                         seg,
@@ -333,7 +366,7 @@ impl Matrix {
     /// exist). The file outlives the processes; it is never removed by the crate.
     pub fn create_file(path: impl AsRef<Path>, size: usize) -> Result<Matrix, Error> {
         let path = path.as_ref();
-        let seg = Segment::create_file(path, size as u64, Uuid::new_v4())?;
+        let seg = Segment::create_file(path, size as u64, Uuid::new_v4(), None)?;
         Ok(Matrix::from_segment(seg, Backing::File(path.to_path_buf())))
     }
 
@@ -887,6 +920,9 @@ impl Matrix {
 
 impl Drop for Matrix {
     fn drop(&mut self) {
+        if self.registered {
+            crate::pinned::unregister(self.base_address());
+        }
         if let Backing::Named { path, owner: true } = &self.backing {
             if !self.keep.load(Relaxed) {
                 let _ = std::fs::remove_file(&**path);

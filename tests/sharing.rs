@@ -6,8 +6,11 @@
 //! child has a watchdog, so a wedge fails the test instead of hanging CI.
 
 mod common;
+use allocator_api2::vec::Vec as PVec;
 use common::RemoveOnDrop;
-use matrix_alloc::{shareable, Error, Handle, LockError, Matrix, ShmMutex};
+use matrix_alloc::{
+    shareable, Error, FixedState, Handle, LockError, Matrix, PinnedAlloc, ShmMutex,
+};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::time::{Duration, Instant};
@@ -21,10 +24,32 @@ shareable! {
     pub struct Record { pub id: u64, pub payload: [u8; 32], pub next: Handle<u64> }
 }
 
+type SharedMap = ShmMutex<hashbrown::HashMap<u64, [u8; 32], FixedState, PinnedAlloc>>;
+type SharedVec = ShmMutex<PVec<u64, PinnedAlloc>>;
+const PINNED_ENTRIES: u64 = 20_000;
+
+fn value_of(k: u64) -> [u8; 32] {
+    let mut v = [0u8; 32];
+    v[..8].copy_from_slice(&k.to_le_bytes());
+    v[31] = k as u8;
+    v
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--child") {
         let id: Uuid = args[at + 2].parse().unwrap();
+        if args[at + 1] == "pinned_taken" {
+            let address: u64 = args[at + 3].parse().unwrap();
+            take_range(address);
+            let e = Matrix::open(id).unwrap_err();
+            assert!(
+                matches!(e, Error::AddressInUse { address: a, .. } if a == address),
+                "{e:?}"
+            );
+            println!("{e}");
+            return;
+        }
         let m = Matrix::open(id).expect("open the parent's segment");
         return child(&args[at + 1], &m, &args[at + 3..]);
     }
@@ -54,6 +79,11 @@ fn main() {
             "a_holder_killed_hands_over_the_lock",
             a_holder_killed_hands_over_the_lock,
         ),
+        (
+            "pinned_collections_across_processes",
+            pinned_collections_across_processes,
+        ),
+        ("a_pinned_address_in_use", a_pinned_address_in_use),
     ];
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-'));
     let mut passed = 0;
@@ -159,6 +189,44 @@ fn child(role: &str, m: &Matrix, args: &[String]) {
             // SAFETY: sending a signal to ourselves.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
             unreachable!();
+        }
+        // Reads, grows, updates and frees the pinned collections.
+        "pinned" => {
+            assert_eq!(
+                m.pinned_address(),
+                Some(arg(0)),
+                "mapped at the pinned address"
+            );
+            let map = m
+                .get(m.lookup::<SharedMap>("map").unwrap().unwrap())
+                .unwrap();
+            let vec = m
+                .get(m.lookup::<SharedVec>("vec").unwrap().unwrap())
+                .unwrap();
+            let mut map = map.lock(m).unwrap();
+            let mut vec = vec.lock(m).unwrap();
+            assert_eq!(map.len(), PINNED_ENTRIES as usize);
+            for k in 0..PINNED_ENTRIES {
+                assert_eq!(map[&k], value_of(k), "entry {k}");
+            }
+            assert!(vec.iter().copied().eq(0..PINNED_ENTRIES));
+            // Grow both (their storage moves, allocated by this process),
+            // update, and free what this process owns now.
+            for k in PINNED_ENTRIES..2 * PINNED_ENTRIES {
+                map.insert(k, value_of(k));
+                vec.push(k);
+            }
+            for k in 0..PINNED_ENTRIES / 2 {
+                map.get_mut(&k).unwrap()[0] = 0xff;
+                assert!(map.remove(&(k + PINNED_ENTRIES)).is_some());
+            }
+            vec.truncate(10);
+            vec.shrink_to_fit();
+            println!("{} {}", map.len(), vec.len());
+        }
+        // Maps something at the pinned address first, then opens.
+        "pinned_taken" => {
+            unreachable!("opened before the role runs");
         }
         other => panic!("unknown role {other}"),
     }
@@ -374,4 +442,85 @@ fn a_holder_killed_hands_over_the_lock() {
     });
     // From then on it is an ordinary lock again.
     assert!(mutex.lock(&m).is_ok());
+}
+
+/// Maps 1 MiB of anonymous memory at `address` in this process.
+fn take_range(address: u64) {
+    // SAFETY: a fresh private mapping that replaces nothing (NOREPLACE).
+    let p = unsafe {
+        libc::mmap(
+            address as *mut libc::c_void,
+            1 << 20,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as u64, address, "could not take the range");
+}
+
+fn pinned_collections_across_processes() {
+    let m = Matrix::create_pinned(64 << 20).unwrap();
+    let _g = RemoveOnDrop(m.id());
+    let alloc = m.pinned_alloc().unwrap();
+    let mut map = hashbrown::HashMap::with_hasher_in(FixedState::default(), alloc);
+    let mut vec = PVec::new_in(alloc);
+    for k in 0..PINNED_ENTRIES {
+        map.insert(k, value_of(k));
+        vec.push(k);
+    }
+    let hm = m.alloc_value(ShmMutex::new(map)).unwrap();
+    let hv = m.alloc_value(ShmMutex::new(vec)).unwrap();
+    m.publish("map", hm).unwrap();
+    m.publish("vec", hv).unwrap();
+    let base = m.pinned_address().unwrap();
+    let (status, out) = run_child(&m, "pinned", &[base.to_string()]);
+    assert!(status.success(), "{out}");
+    assert_eq!(
+        out.trim(),
+        format!("{} 10", PINNED_ENTRIES + PINNED_ENTRIES / 2)
+    );
+    {
+        let map = m.get(hm).unwrap().lock(&m).unwrap();
+        for k in 0..2 * PINNED_ENTRIES {
+            let mut want = value_of(k);
+            if k < PINNED_ENTRIES / 2 {
+                want[0] = 0xff;
+            }
+            let gone = (PINNED_ENTRIES..PINNED_ENTRIES + PINNED_ENTRIES / 2).contains(&k);
+            assert_eq!(map.get(&k), (!gone).then_some(&want), "entry {k}");
+        }
+        let vec = m.get(hv).unwrap().lock(&m).unwrap();
+        assert!(vec.iter().copied().eq(0..10));
+    }
+    // Free everything: the collections' storage (through PinnedAlloc, freed
+    // here although the child allocated it), then the objects.
+    for name in ["map", "vec"] {
+        assert!(m.unpublish(name).unwrap());
+    }
+    // SAFETY: no process uses them any more.
+    unsafe {
+        m.free_value(hm).unwrap();
+        m.free_value(hv).unwrap();
+    }
+    let r = m.check().unwrap();
+    assert_eq!(r.used_blocks, 1, "only the directory is left: {r:?}");
+}
+
+fn a_pinned_address_in_use() {
+    let m = Matrix::create_pinned(1 << 20).unwrap();
+    let _g = RemoveOnDrop(m.id());
+    let base = m.pinned_address().unwrap();
+    // Taken in this process: by the segment itself.
+    let e = Matrix::create_pinned_at(base, 1 << 20).unwrap_err();
+    assert!(matches!(e, Error::AddressInUse { .. }), "{e:?}");
+    // Taken in another process by something else.
+    let (status, out) = run_child(&m, "pinned_taken", &[base.to_string()]);
+    assert!(status.success(), "{out}");
+    assert!(out.contains("in use"), "{out}");
+    // A segment that is not pinned is refused by open_pinned.
+    let plain = Matrix::create(1 << 20).unwrap();
+    assert!(Matrix::open_pinned(plain.id()).is_err());
+    assert!(plain.pinned_alloc().is_err());
 }

@@ -35,14 +35,23 @@ pub(crate) struct SegmentHeader {
     /// The segment's identity; for named segments also its name.
     pub id: [u8; 16],
     pub pagemap_offset: u64,
+    /// The address every process maps the segment at; 0 if not pinned.
+    pub pinned_at: u64,
 }
 
 const _: () = assert!(size_of::<SegmentHeader>() as u64 <= HEADER_SPACE);
 
 impl SegmentHeader {
     /// Writes everything but the ready mark.
-    pub(crate) fn write(&mut self, segment_size: u64, layout: &Layout, id: uuid::Uuid) {
+    pub(crate) fn write(
+        &mut self,
+        segment_size: u64,
+        layout: &Layout,
+        id: uuid::Uuid,
+        pinned_at: u64,
+    ) {
         self.id = *id.as_bytes();
+        self.pinned_at = pinned_at;
         self.layout_version = LAYOUT_VERSION;
         self.header_size = size_of::<SegmentHeader>() as u32;
         self.segment_size = segment_size;
@@ -104,6 +113,9 @@ impl SegmentHeader {
         };
         if found != expected {
             return Err(Error::Corrupt("layout offsets"));
+        }
+        if self.pinned_at % 4096 != 0 || self.pinned_at.checked_add(self.segment_size).is_none() {
+            return Err(Error::Corrupt("pinned address"));
         }
         Ok(found)
     }

@@ -8,6 +8,7 @@
 //! `O_NOFOLLOW`, `O_CLOEXEC`, mode `0600`; they are sized with `ftruncate`,
 //! which leaves them sparse: memory is committed only as pages are touched.
 
+mod fixed;
 pub(crate) mod header;
 
 use crate::engine::{Engine, Layout};
@@ -31,10 +32,19 @@ pub(crate) const RACE_TIMEOUT: Duration = Duration::from_secs(10);
 /// name was handed over, so only a short grace period.
 pub(crate) const OPEN_TIMEOUT: Duration = Duration::from_millis(100);
 
+pub(crate) use fixed::{DEFAULT_ALIGN, DEFAULT_RANGE};
+
 /// A mapped segment with a validated header.
 pub(crate) struct Segment {
-    map: MmapRaw,
+    map: Mapping,
     pub(crate) layout: Layout,
+}
+
+/// The memory behind a segment: where the kernel put it, or at the fixed
+/// address of a pinned segment.
+enum Mapping {
+    Anywhere(MmapRaw),
+    Fixed(fixed::FixedMap),
 }
 
 pub(crate) fn check_size(size: u64) -> Result<(), Error> {
@@ -50,11 +60,22 @@ pub(crate) fn check_size(size: u64) -> Result<(), Error> {
 
 impl Segment {
     pub(crate) fn base(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
+        match &self.map {
+            Mapping::Anywhere(m) => m.as_mut_ptr(),
+            Mapping::Fixed(m) => m.as_mut_ptr(),
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
+        match &self.map {
+            Mapping::Anywhere(m) => m.len(),
+            Mapping::Fixed(m) => m.len(),
+        }
+    }
+
+    /// The address every process maps this segment at, if it is pinned.
+    pub(crate) fn pinned_at(&self) -> Option<u64> {
+        Some(self.header().pinned_at).filter(|&a| a != 0)
     }
 
     /// The id stored in the header.
@@ -78,9 +99,12 @@ impl Segment {
     }
 
     /// Formats a new, zero-filled mapping: header, engine, ready mark.
-    fn format(map: MmapRaw, id: uuid::Uuid) -> Result<Segment, Error> {
+    fn format(map: Mapping, id: uuid::Uuid) -> Result<Segment, Error> {
         crate::stats::check_atomics()?;
-        let size = map.len() as u64;
+        let (size, pinned_at) = match &map {
+            Mapping::Anywhere(m) => (m.len() as u64, 0),
+            Mapping::Fixed(m) => (m.len() as u64, m.as_mut_ptr() as u64),
+        };
         let layout = Layout::for_segment(size, HEADER_SPACE).ok_or(Error::InvalidSize {
             requested: size,
             min: MIN_SEGMENT_SIZE,
@@ -90,7 +114,7 @@ impl Segment {
         seg.header().mark_formatting();
         // SAFETY: nobody else reads the fields written here before the
         // `Release` store of the ready mark below; the mapping is writable.
-        unsafe { (*(seg.base() as *mut SegmentHeader)).write(size, &layout, id) };
+        unsafe { (*(seg.base() as *mut SegmentHeader)).write(size, &layout, id, pinned_at) };
         seg.engine().format();
         seg.header().mark_ready();
         Ok(seg)
@@ -103,11 +127,17 @@ impl Segment {
             .len(size as usize)
             .no_reserve_swap()
             .map_anon()?;
-        Segment::format(MmapRaw::from(map), id)
+        Segment::format(Mapping::Anywhere(MmapRaw::from(map)), id)
     }
 
-    /// Creates a new segment in a file that must not exist yet.
-    pub(crate) fn create_file(path: &Path, size: u64, id: uuid::Uuid) -> Result<Segment, Error> {
+    /// Creates a new segment in a file that must not exist yet, mapped at
+    /// `pinned_at` if given (see `fixed`).
+    pub(crate) fn create_file(
+        path: &Path,
+        size: u64,
+        id: uuid::Uuid,
+        pinned_at: Option<u64>,
+    ) -> Result<Segment, Error> {
         check_size(size)?;
         let file = OpenOptions::new()
             .read(true)
@@ -122,7 +152,10 @@ impl Segment {
             })?;
         let formatted = (|| {
             file.set_len(size)?;
-            let map = MmapOptions::new().len(size as usize).map_raw(&file)?;
+            let map = match pinned_at {
+                None => Mapping::Anywhere(MmapOptions::new().len(size as usize).map_raw(&file)?),
+                Some(at) => Mapping::Fixed(fixed::FixedMap::map(&file, at, size as usize)?),
+            };
             Segment::format(map, id)
         })();
         if formatted.is_err() {
@@ -180,11 +213,20 @@ impl Segment {
         }
         let map = MmapOptions::new().len(len as usize).map_raw(&file)?;
         let mut seg = Segment {
-            map,
+            map: Mapping::Anywhere(map),
             layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))?,
         };
         seg.wait_ready(deadline)?;
         seg.layout = seg.header().validate(len)?;
+        if let Some(at) = seg.pinned_at() {
+            // A pinned segment is only ever used at its own address: map it
+            // there (the header is read from the first mapping).
+            seg.map = Mapping::Fixed(fixed::FixedMap::map(&file, at, len as usize)?);
+            seg.layout = seg.header().validate(len)?;
+            if seg.pinned_at() != Some(at) {
+                return Err(Error::Corrupt("pinned address changed"));
+            }
+        }
         Ok(seg)
     }
 
