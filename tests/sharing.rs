@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 const SEGMENT: usize = 16 << 20;
+/// Names each process publishes in `processes_publish_and_look_up_at_once`.
+const NAMES_EACH: u64 = 25;
 const WATCHDOG: Duration = Duration::from_secs(60);
 
 shareable! {
@@ -84,6 +86,10 @@ fn main() {
             pinned_collections_across_processes,
         ),
         ("a_pinned_address_in_use", a_pinned_address_in_use),
+        (
+            "processes_publish_and_look_up_at_once",
+            processes_publish_and_look_up_at_once,
+        ),
     ];
     let filter = args.iter().skip(1).find(|a| !a.starts_with('-'));
     let mut passed = 0;
@@ -189,6 +195,29 @@ fn child(role: &str, m: &Matrix, args: &[String]) {
             // SAFETY: sending a signal to ourselves.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
             unreachable!();
+        }
+        // Publishes its names while the others publish theirs, and looks
+        // all of them up until every one is there with the right value.
+        "publisher" => {
+            let (me, of) = (arg(0), arg(1));
+            for i in 0..NAMES_EACH {
+                let h = m.alloc_value(me * 1000 + i).unwrap();
+                m.publish(&format!("p{me}-{i}"), h).unwrap();
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            'all: loop {
+                assert!(Instant::now() < deadline, "names never appeared");
+                for p in 0..of {
+                    for i in 0..NAMES_EACH {
+                        match m.lookup::<u64>(&format!("p{p}-{i}")).unwrap() {
+                            Some(h) => assert_eq!(*m.get(h).unwrap(), p * 1000 + i),
+                            None => continue 'all,
+                        }
+                    }
+                }
+                break;
+            }
+            println!("saw all");
         }
         // Reads, grows, updates and frees the pinned collections.
         "pinned" => {
@@ -523,4 +552,24 @@ fn a_pinned_address_in_use() {
     let plain = Matrix::create(1 << 20).unwrap();
     assert!(Matrix::open_pinned(plain.id()).is_err());
     assert!(plain.pinned_alloc().is_err());
+}
+
+fn processes_publish_and_look_up_at_once() {
+    let (m, _g) = segment();
+    let of = 4u64;
+    std::thread::scope(|s| {
+        let children: Vec<_> = (0..of)
+            .map(|k| {
+                let m = &m;
+                s.spawn(move || run_child(m, "publisher", &[k.to_string(), of.to_string()]))
+            })
+            .collect();
+        for c in children {
+            let (status, out) = c.join().unwrap();
+            assert!(status.success() && out.trim() == "saw all", "{out}");
+        }
+    });
+    let listed = m.directory().unwrap();
+    assert_eq!(listed.len() as u64, of * NAMES_EACH);
+    assert!(listed.iter().all(|e| e.type_name == "u64" && e.size == 8));
 }
