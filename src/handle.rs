@@ -277,8 +277,14 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 impl Matrix {
+    /// A key of this segment's id, never 0: what collections record to
+    /// tell their own segment's storage from another's.
+    pub(crate) fn segment_key(&self) -> u64 {
+        fnv1a(self.id().as_bytes()).max(1)
+    }
+
     fn segment_tag(&self) -> u16 {
-        let h = fnv1a(self.id().as_bytes());
+        let h = self.segment_key();
         (h ^ h >> 16 ^ h >> 32 ^ h >> 48) as u16
     }
 
