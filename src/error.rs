@@ -100,6 +100,33 @@ pub enum Error {
     /// The object is not in this segment (a lock or collection handed
     /// another segment's matrix).
     NotInSegment,
+    /// A block id whose block has been freed (use after free).
+    StaleBlock,
+    /// A block id that names no block this front end ever gave out
+    /// (forged, damaged, or of another segment).
+    InvalidBlock,
+    /// A read or write past the end of a block.
+    OutOfBounds {
+        /// Where the access starts.
+        offset: usize,
+        /// How many bytes it covers.
+        len: usize,
+        /// The block's length.
+        block_len: usize,
+    },
+    /// A block size outside the configured bounds.
+    BlockSize {
+        /// What was asked for.
+        size: usize,
+        /// The smallest size allowed.
+        min: usize,
+        /// The largest size allowed.
+        max: usize,
+    },
+    /// A configuration that cannot work, and why.
+    InvalidConfig(String),
+    /// A wait (for memory) ran out of time.
+    Timeout,
 }
 
 impl fmt::Display for Error {
@@ -163,6 +190,22 @@ impl fmt::Display for Error {
                 address + len
             ),
             Error::NotInSegment => write!(f, "the object does not lie in this segment"),
+            Error::StaleBlock => write!(f, "the block has been freed (stale block id)"),
+            Error::InvalidBlock => write!(f, "no such block (forged or damaged block id)"),
+            Error::OutOfBounds {
+                offset,
+                len,
+                block_len,
+            } => write!(
+                f,
+                "access of {len} bytes at offset {offset} is outside a block of {block_len} bytes"
+            ),
+            Error::BlockSize { size, min, max } => write!(
+                f,
+                "block size {size} is outside the configured bounds {min}..={max}"
+            ),
+            Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
+            Error::Timeout => write!(f, "timed out waiting for memory"),
         }
     }
 }

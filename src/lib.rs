@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod adapters;
+pub mod blocks;
 mod cache;
 pub mod collections;
 pub mod directory;

@@ -1,0 +1,251 @@
+//! The blocks front end's state in the segment: the configuration, a table
+//! of slots that give each block its generation, the free-slot stack, the
+//! byte count against the limit and the futex word that waiters sleep on.
+//!
+//! ## A slot's state word
+//! `generation << GEN_SHIFT | pins << 1 | LIVE`. Invariants:
+//! - the generation only grows: +1 on every free, so an id (slot,
+//!   generation) names one block ever; an id whose generation is below the
+//!   slot's was freed (`DoubleFree`/`StaleBlock`), above it never existed
+//!   (`InvalidBlock`);
+//! - a pin is taken only while `LIVE` and the generation matches (one CAS),
+//!   and the block's memory is given back only when the slot is not `LIVE`
+//!   and has no pins; whoever makes that so (the freer, or the last
+//!   unpinner) gives it back, exactly once (only one CAS or `fetch_sub`
+//!   can reach the state "dead, no pins" from one with pins or `LIVE`).
+//!   So an access that pinned the block reads and writes its memory and no
+//!   one else's, however it races a free in any process: it completes, and
+//!   the free takes effect after it;
+//! - `offset` and `len` are written before the `Release` store that makes
+//!   the slot `LIVE`; every pin is an `AcqRel` CAS that reads that state, so
+//!   a pinned access sees them.
+
+use crate::{Error, Offset, Shareable};
+use std::sync::atomic::Ordering::*;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+pub(crate) const LIVE: u64 = 1;
+pub(crate) const PIN: u64 = 2;
+const PIN_MASK: u64 = (1 << GEN_SHIFT) - 2;
+pub(crate) const GEN_SHIFT: u32 = 24;
+
+/// The name the table is published under in the segment's directory.
+pub(crate) const TABLE_NAME: &str = "matrix-alloc.blocks";
+
+#[repr(C)]
+pub(crate) struct Slot {
+    state: AtomicU64,
+    offset: AtomicU64,
+    len: AtomicU64,
+    /// The next free slot's index + 1, while on the free-slot stack.
+    next: AtomicU64,
+}
+
+/// What the creator configured; every process uses the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub max_memory: u64,
+    pub min_block: u64,
+    pub max_block: u64,
+    pub alignment: u64,
+    pub zero_on_free: u64,
+    pub max_blocks: u64,
+}
+
+#[repr(C)]
+pub(crate) struct Table {
+    pub limits: Limits,
+    /// A random tag of this table, in every id it gives out.
+    pub tag: u32,
+    slots: Offset,
+    next_unused: AtomicU64,
+    /// The free-slot stack: top index + 1 (0: empty) | ABA tag << 32.
+    free_top: AtomicU64,
+    /// Bytes of live blocks, against `limits.max_memory`.
+    pub in_use: AtomicU64,
+    /// Bumped after every free: the futex word waiters sleep on.
+    pub freed: AtomicU32,
+    /// Threads (of any process) sleeping on `freed`.
+    pub waiters: AtomicU32,
+}
+
+// SAFETY: integers, atomics and an offset; `#[repr(C)]`.
+unsafe impl Shareable for Table {}
+
+// SAFETY: atomics only; `#[repr(C)]`.
+unsafe impl Shareable for Slot {}
+
+/// Why an id does not name a live block.
+pub(crate) fn stale_or_invalid(state: u64, generation: u64) -> Error {
+    if generation < state >> GEN_SHIFT {
+        Error::StaleBlock
+    } else {
+        Error::InvalidBlock
+    }
+}
+
+impl Table {
+    pub(crate) fn new(limits: Limits, tag: u32, slots: Offset) -> Table {
+        Table {
+            limits,
+            tag,
+            slots,
+            next_unused: AtomicU64::new(0),
+            free_top: AtomicU64::new(0),
+            in_use: AtomicU64::new(0),
+            freed: AtomicU32::new(0),
+            waiters: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn slots_offset(&self) -> Offset {
+        self.slots
+    }
+
+    /// Reserves `bytes` against the limit.
+    pub(crate) fn reserve(&self, bytes: u64) -> bool {
+        let limit = self.limits.max_memory;
+        self.in_use
+            .fetch_update(Relaxed, Relaxed, |used| {
+                used.checked_add(bytes).filter(|&n| n <= limit)
+            })
+            .is_ok()
+    }
+
+    pub(crate) fn unreserve(&self, bytes: u64) {
+        self.in_use.fetch_sub(bytes, Relaxed);
+    }
+
+    /// Takes a free slot: a recycled one, else one never used.
+    pub(crate) fn take_slot(&self, slots: &[Slot]) -> Option<u32> {
+        let mut top = self.free_top.load(Acquire);
+        loop {
+            let index = (top & u32::MAX as u64) as usize;
+            if index == 0 {
+                break;
+            }
+            let next = slots.get(index - 1)?.next.load(Relaxed);
+            let tagged = next | ((top >> 32) + 1) << 32;
+            // Acquire: the slot's `next`, as pushed; the tag makes a slot
+            // popped and pushed again meanwhile fail this CAS (ABA).
+            match self
+                .free_top
+                .compare_exchange(top, tagged, Acquire, Acquire)
+            {
+                Ok(_) => return Some(index as u32 - 1),
+                Err(now) => top = now,
+            }
+        }
+        let fresh = self
+            .next_unused
+            .fetch_update(Relaxed, Relaxed, |n| {
+                (n < self.limits.max_blocks).then_some(n + 1)
+            })
+            .ok()?;
+        Some(fresh as u32)
+    }
+
+    /// Puts slot `index` (dead, no pins) back on the free-slot stack.
+    pub(crate) fn give_back_slot(&self, slots: &[Slot], index: u32) {
+        let mut top = self.free_top.load(Relaxed);
+        loop {
+            slots[index as usize]
+                .next
+                .store(top & u32::MAX as u64, Relaxed);
+            let tagged = (index as u64 + 1) | ((top >> 32) + 1) << 32;
+            // Release: the `next` just written, for the popper's Acquire.
+            match self
+                .free_top
+                .compare_exchange(top, tagged, Release, Relaxed)
+            {
+                Ok(_) => return,
+                Err(now) => top = now,
+            }
+        }
+    }
+}
+
+impl Slot {
+    /// Makes a taken slot live for a block at `offset` of `len` bytes;
+    /// returns its generation.
+    pub(crate) fn make_live(&self, offset: u64, len: u64) -> u64 {
+        self.offset.store(offset, Relaxed);
+        self.len.store(len, Relaxed);
+        let state = self.state.load(Relaxed);
+        // Release: `offset` and `len` for every pin's Acquire. A taken slot
+        // is ours alone (dead, no pins), so a store is enough.
+        self.state.store(state | LIVE, Release);
+        state >> GEN_SHIFT
+    }
+
+    /// Pins the block of generation `generation`; returns its offset and
+    /// length.
+    pub(crate) fn pin(&self, generation: u64) -> Result<(u64, u64), Error> {
+        let mut state = self.state.load(Relaxed);
+        loop {
+            if state & LIVE == 0 || state >> GEN_SHIFT != generation {
+                return Err(stale_or_invalid(state, generation));
+            }
+            if state & PIN_MASK == PIN_MASK {
+                return Err(Error::Unsupported("too many accesses of one block at once"));
+            }
+            match self
+                .state
+                .compare_exchange_weak(state, state + PIN, AcqRel, Relaxed)
+            {
+                Ok(_) => return Ok((self.offset.load(Relaxed), self.len.load(Relaxed))),
+                Err(now) => state = now,
+            }
+        }
+    }
+
+    /// Drops a pin; true if the block is to be given back now (the slot was
+    /// freed while pinned and this was the last pin).
+    pub(crate) fn unpin(&self) -> bool {
+        // AcqRel: the access's reads and writes happen before the memory is
+        // given back by whoever sees no pins.
+        let before = self.state.fetch_sub(PIN, AcqRel);
+        before & LIVE == 0 && before & PIN_MASK == PIN
+    }
+
+    /// Frees the block of generation `generation`: the slot stops being
+    /// live and its generation moves on. True if the block is to be given
+    /// back now (no pins); else the last unpinner does it.
+    pub(crate) fn kill(&self, generation: u64) -> Result<bool, Error> {
+        let mut state = self.state.load(Relaxed);
+        loop {
+            if state & LIVE == 0 || state >> GEN_SHIFT != generation {
+                return Err(match stale_or_invalid(state, generation) {
+                    Error::StaleBlock => Error::DoubleFree,
+                    e => e,
+                });
+            }
+            let dead = ((generation + 1) << GEN_SHIFT) | (state & PIN_MASK);
+            match self
+                .state
+                .compare_exchange_weak(state, dead, AcqRel, Relaxed)
+            {
+                Ok(_) => return Ok(state & PIN_MASK == 0),
+                Err(now) => state = now,
+            }
+        }
+    }
+
+    /// Where the block is, for whoever gives it back (no pins, dead).
+    pub(crate) fn place(&self) -> (u64, u64) {
+        (self.offset.load(Relaxed), self.len.load(Relaxed))
+    }
+}
+
+/// Returns a dead, unpinned slot to the stack and wakes the waiters.
+pub(crate) fn recycle(table: &Table, slots: &[Slot], index: u32, len: u64) {
+    table.unreserve(len);
+    table.give_back_slot(slots, index);
+    // SeqCst with the waiters' SeqCst increment: either a sleeper sees the
+    // new `freed` (and does not sleep) or this sees it counted (and wakes).
+    table.freed.fetch_add(1, SeqCst);
+    if table.waiters.load(SeqCst) > 0 {
+        crate::os::futex_wake(&table.freed, u32::MAX);
+    }
+}
