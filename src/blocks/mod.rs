@@ -156,10 +156,27 @@ pub struct BlocksStats {
     pub timeouts: u64,
 }
 
+/// This process's allocation and free counts, in one cache line per shard
+/// so that threads do not contend on them.
+#[repr(align(128))]
 #[derive(Default)]
-struct Counters {
+struct Shard {
     allocated: AtomicU64,
     freed: AtomicU64,
+}
+
+const SHARDS: usize = 16;
+
+/// The calling thread's shard.
+fn shard_index() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local!(static INDEX: usize = NEXT.fetch_add(1, Relaxed) as usize % SHARDS);
+    INDEX.with(|i| *i)
+}
+
+#[derive(Default)]
+struct Counters {
+    shards: [Shard; SHARDS],
     waits: AtomicU64,
     waited_ns: AtomicU64,
     timeouts: AtomicU64,
@@ -323,7 +340,9 @@ impl Blocks {
         };
         let offset = self.matrix().offset_of(p.as_ptr()).map_or(0, |o| o.0);
         let generation = self.slots()[index as usize].make_live(offset, layout.size() as u64);
-        self.inner.counters.allocated.fetch_add(1, Relaxed);
+        self.inner.counters.shards[shard_index()]
+            .allocated
+            .fetch_add(1, Relaxed);
         Ok(Block {
             blocks: self.clone(),
             id: BlockId {
@@ -339,13 +358,13 @@ impl Blocks {
     /// there is not enough now. Waiters of this process are served first
     /// come, first served (see `wait`). Cancel-safe: dropping the future
     /// before it is ready allocates nothing and passes its turn on.
-    pub fn allocate(&self, layout: Layout) -> Allocate {
-        Allocate::new(self.clone(), layout, None)
+    pub fn allocate(&self, layout: Layout) -> Allocate<'_> {
+        Allocate::new(self, layout, None)
     }
 
     /// As [`Blocks::allocate`], but `Error::Timeout` after `timeout`.
-    pub fn allocate_timeout(&self, layout: Layout, timeout: Duration) -> Allocate {
-        Allocate::new(self.clone(), layout, Some(timeout))
+    pub fn allocate_timeout(&self, layout: Layout, timeout: Duration) -> Allocate<'_> {
+        Allocate::new(self, layout, Some(timeout))
     }
 
     /// The block `id` names, if it is live: to read, write or free a block
@@ -370,7 +389,9 @@ impl Blocks {
         if self.slot(id)?.kill(id.generation)? {
             self.give_back(id.slot);
         }
-        self.inner.counters.freed.fetch_add(1, Relaxed);
+        self.inner.counters.shards[shard_index()]
+            .freed
+            .fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -438,8 +459,8 @@ impl Blocks {
     pub fn stats(&self) -> BlocksStats {
         let c = &self.inner.counters;
         BlocksStats {
-            allocated: c.allocated.load(Relaxed),
-            freed: c.freed.load(Relaxed),
+            allocated: c.shards.iter().map(|s| s.allocated.load(Relaxed)).sum(),
+            freed: c.shards.iter().map(|s| s.freed.load(Relaxed)).sum(),
             current_bytes: self.table().in_use.load(Relaxed),
             waits: c.waits.load(Relaxed),
             time_waited: Duration::from_nanos(c.waited_ns.load(Relaxed)),

@@ -24,6 +24,7 @@ use std::alloc::Layout;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
@@ -36,6 +37,9 @@ const RECHECK: Duration = Duration::from_millis(100);
 pub(crate) struct Queue {
     state: Mutex<State>,
     changed: Condvar,
+    /// `state.entries.len()`, for the fast path to read without the lock
+    /// (a stale read only lets one attempt jump the queue once).
+    queued: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -141,8 +145,8 @@ fn run_waiter(queue: Arc<Queue>, blocks: Weak<super::Inner>) {
 
 /// The future of [`Blocks::allocate`] and [`Blocks::allocate_timeout`].
 #[must_use = "futures do nothing unless polled"]
-pub struct Allocate {
-    blocks: Blocks,
+pub struct Allocate<'a> {
+    blocks: &'a Blocks,
     layout: Layout,
     deadline: Option<Instant>,
     /// Our place in the queue, once we wait.
@@ -150,7 +154,7 @@ pub struct Allocate {
     since: Option<Instant>,
 }
 
-impl std::fmt::Debug for Allocate {
+impl std::fmt::Debug for Allocate<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Allocate")
             .field("layout", &self.layout)
@@ -159,8 +163,8 @@ impl std::fmt::Debug for Allocate {
     }
 }
 
-impl Allocate {
-    pub(crate) fn new(blocks: Blocks, layout: Layout, timeout: Option<Duration>) -> Allocate {
+impl<'a> Allocate<'a> {
+    pub(crate) fn new(blocks: &'a Blocks, layout: Layout, timeout: Option<Duration>) -> Self {
         Allocate {
             blocks,
             layout,
@@ -204,6 +208,7 @@ impl Allocate {
             waker: waker.clone(),
             deadline: self.deadline,
         });
+        self.queue().queued.store(st.entries.len(), Relaxed);
         self.ticket = Some(ticket);
         self.since = Some(Instant::now());
         self.blocks.inner.counters.waits.fetch_add(1, Relaxed);
@@ -214,7 +219,10 @@ impl Allocate {
     /// Leaves the queue (done, failed or cancelled) and counts the wait.
     fn leave(&mut self, timed_out: bool) {
         if let Some(ticket) = self.ticket.take() {
-            self.queue().lock().remove(ticket);
+            let mut st = self.queue().lock();
+            st.remove(ticket);
+            self.queue().queued.store(st.entries.len(), Relaxed);
+            drop(st);
             self.queue().changed.notify_all();
             let c = &self.blocks.inner.counters;
             let waited = self
@@ -234,7 +242,7 @@ impl Allocate {
     }
 }
 
-impl Future for Allocate {
+impl Future for Allocate<'_> {
     type Output = Result<Block, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -245,7 +253,7 @@ impl Future for Allocate {
             return this.finish(Err(Error::OutOfMemory { requested }));
         }
         let Some(ticket) = this.ticket else {
-            let queued = !this.queue().lock().entries.is_empty();
+            let queued = this.queue().queued.load(Relaxed) != 0;
             let seen = if queued {
                 this.blocks.table().freed.load(SeqCst)
             } else {
@@ -290,7 +298,7 @@ impl Future for Allocate {
     }
 }
 
-impl Drop for Allocate {
+impl Drop for Allocate<'_> {
     fn drop(&mut self) {
         self.leave(false);
     }
