@@ -51,6 +51,7 @@ fn main() {
             cancelled_waiters_pass_their_turn,
         ),
         ("waiters_time_out", waiters_time_out),
+        ("waiters_are_served_in_order", waiters_are_served_in_order),
         ("ids_across_processes", ids_across_processes),
         (
             "a_free_in_another_process_wakes_a_waiter",
@@ -505,5 +506,54 @@ fn reads_racing_frees_in_another_process() {
     let out = wait_child(c);
     let reads: u64 = out.trim().parse().unwrap();
     println!("  {reads} reads raced 2000 frees");
+    assert_all_freed(&blocks);
+}
+
+/// A large request queued first is served before smaller ones queued after
+/// it, although they would fit sooner: first come, first served.
+fn waiters_are_served_in_order() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let blocks = Blocks::new(Matrix::anonymous(SEGMENT).unwrap(), config(64 << 10)).unwrap();
+    let hog = blocks.try_allocate(bytes(40 << 10)).unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    rt.block_on(async {
+        let big = tokio::spawn({
+            let (b, order) = (blocks.clone(), order.clone());
+            async move {
+                // All of the limit: the small ones fit again only after its free.
+                let block = b.allocate(bytes(64 << 10)).await.unwrap();
+                order.lock().unwrap().push("big");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                b.deallocate(block).unwrap();
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // 1 KiB would fit now (24 KiB are free), but the big one is first.
+        let small: Vec<_> = (0..4)
+            .map(|_| {
+                let (b, order) = (blocks.clone(), order.clone());
+                tokio::spawn(async move {
+                    let block = b.allocate(bytes(1 << 10)).await.unwrap();
+                    order.lock().unwrap().push("small");
+                    b.deallocate(block).unwrap();
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(order.lock().unwrap().is_empty(), "nobody jumped the queue");
+        blocks.deallocate(hog).unwrap();
+        big.await.unwrap();
+        for s in small {
+            s.await.unwrap();
+        }
+    });
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["big", "small", "small", "small", "small"]
+    );
     assert_all_freed(&blocks);
 }
