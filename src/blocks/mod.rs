@@ -39,6 +39,33 @@ use std::sync::Arc;
 use std::time::Duration;
 use table::{Limits, Slot, Table, TABLE_NAME};
 
+/// Makes the segment's table, unless another front end (of any process)
+/// makes it first; returns the one published.
+fn make_table(matrix: &Matrix, config: &BlocksConfig) -> Result<crate::Handle<Table>, Error> {
+    let slot_layout = Layout::array::<Slot>(config.max_blocks).map_err(|_| Error::InvalidLayout)?;
+    let fresh = matrix.alloc(slot_layout)?;
+    // SAFETY: a fresh block of `slot_layout`; zero is a free slot of
+    // generation 0.
+    unsafe { fresh.as_ptr().write_bytes(0, slot_layout.size()) };
+    let slots_offset = matrix
+        .offset_of(fresh.as_ptr())
+        .ok_or(Error::NotInSegment)?;
+    let mut made = false;
+    let found = matrix.find_or_construct(TABLE_NAME, || {
+        made = true;
+        Table::new(
+            config.limits(),
+            uuid::Uuid::new_v4().as_u128() as u32,
+            slots_offset,
+        )
+    });
+    if !made || found.is_err() {
+        // SAFETY: our own fresh block, which no published table refers to.
+        unsafe { matrix.free(fresh) }?;
+    }
+    found
+}
+
 /// A blocks front end's configuration, fixed when its table is made in the
 /// segment; [`BlocksConfig::validate`] says what is wrong with one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,29 +252,11 @@ impl Blocks {
     pub fn new(matrix: impl Into<Arc<Matrix>>, config: BlocksConfig) -> Result<Blocks, Error> {
         config.validate()?;
         let matrix = matrix.into();
-        let slot_layout =
-            Layout::array::<Slot>(config.max_blocks).map_err(|_| Error::InvalidLayout)?;
-        let fresh = matrix.alloc(slot_layout)?;
-        // SAFETY: a fresh block of `slot_layout`; zero is a free slot of
-        // generation 0.
-        unsafe { fresh.as_ptr().write_bytes(0, slot_layout.size()) };
-        let slots_offset = matrix
-            .offset_of(fresh.as_ptr())
-            .ok_or(Error::NotInSegment)?;
-        let mut made = false;
-        let found = matrix.find_or_construct(TABLE_NAME, || {
-            made = true;
-            Table::new(
-                config.limits(),
-                uuid::Uuid::new_v4().as_u128() as u32,
-                slots_offset,
-            )
-        });
-        if !made {
-            // SAFETY: our own fresh block, never published.
-            unsafe { matrix.free(fresh) }?;
-        }
-        let table = matrix.get_ptr(found?)?;
+        let found = match matrix.lookup::<Table>(TABLE_NAME)? {
+            Some(h) => h,
+            None => make_table(&matrix, &config)?,
+        };
+        let table = matrix.get_ptr(found)?;
         // SAFETY: a live `Table` in the segment (checked by `get_ptr`).
         let t = unsafe { table.as_ref() };
         if t.limits != config.limits() {

@@ -187,7 +187,12 @@ impl<'a> Allocate<'a> {
         }
     }
 
-    fn enqueue(&mut self, st: &mut State, seen: u32, waker: &Waker) -> Result<(), Error> {
+    fn enqueue(
+        &mut self,
+        st: &mut State,
+        (seen, tried): (u32, bool),
+        waker: &Waker,
+    ) -> Result<(), Error> {
         if !st.thread {
             let queue = Arc::clone(self.queue());
             let inner = Arc::downgrade(&self.blocks.inner);
@@ -201,7 +206,12 @@ impl<'a> Allocate<'a> {
         st.next_ticket += 1;
         if st.entries.is_empty() {
             st.seen = seen;
-            st.woken = false;
+            // The head: if it has not tried yet (it saw others queued, who
+            // left since), it tries at its next poll, which is now.
+            st.woken = !tried;
+            if !tried {
+                waker.wake_by_ref();
+            }
         }
         st.entries.push_back(Entry {
             ticket,
@@ -255,11 +265,11 @@ impl Future for Allocate<'_> {
         let Some(ticket) = this.ticket else {
             let queued = this.queue().queued.load(Relaxed) != 0;
             let seen = if queued {
-                this.blocks.table().freed.load(SeqCst)
+                (this.blocks.table().freed.load(SeqCst), false)
             } else {
                 match this.attempt() {
                     (_, Some(r)) => return Poll::Ready(r),
-                    (seen, None) => seen,
+                    (seen, None) => (seen, true),
                 }
             };
             let queue = Arc::clone(this.queue());
