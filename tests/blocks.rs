@@ -43,6 +43,7 @@ fn main() {
         ),
         ("stale_double_and_forged_ids", stale_double_and_forged_ids),
         ("bounds_and_overflow", bounds_and_overflow),
+        ("over_every_kind_of_segment", over_every_kind_of_segment),
         ("configuration_errors", configuration_errors),
         ("a_thousand_tokio_tasks", a_thousand_tokio_tasks),
         ("waiting_under_block_on", waiting_under_block_on),
@@ -556,4 +557,46 @@ fn waiters_are_served_in_order() {
         ["big", "small", "small", "small", "small"]
     );
     assert_all_freed(&blocks);
+}
+
+/// Named, file, anonymous and pinned segments all carry a front end, and a
+/// second `Matrix` of the same segment finds the same table.
+fn over_every_kind_of_segment() {
+    let dir = common::TempDir::new("blocks");
+    let named = Matrix::create(SEGMENT).unwrap();
+    let _named = RemoveOnDrop(named.id());
+    let pinned = Matrix::create_pinned(SEGMENT).unwrap();
+    let _pinned = RemoveOnDrop(pinned.id());
+    let file = dir.path("segment");
+    let kinds = [
+        (
+            "named",
+            named,
+            Some(Matrix::open as fn(uuid::Uuid) -> Result<Matrix, Error>),
+        ),
+        ("pinned", pinned, None),
+        ("file", Matrix::create_file(&file, SEGMENT).unwrap(), None),
+        ("anonymous", Matrix::anonymous(SEGMENT).unwrap(), None),
+    ];
+    for (kind, m, reopen) in kinds {
+        let id = m.id();
+        let blocks = Blocks::new(m, config(1 << 20)).unwrap();
+        let b = blocks.try_allocate(bytes(32)).unwrap();
+        b.write(0, kind.as_bytes()).unwrap();
+        let second = match (kind, reopen) {
+            (_, Some(open)) => Some(open(id).unwrap()),
+            ("file", _) => Some(Matrix::open_file(&file).unwrap()),
+            _ => None,
+        };
+        if let Some(m2) = second {
+            let other = Blocks::new(m2, config(1 << 20)).unwrap();
+            let seen = other.open(b.id()).unwrap();
+            assert_eq!(seen.read(0, kind.len()).unwrap(), kind.as_bytes(), "{kind}");
+            other.free_id(b.id()).unwrap();
+            assert!(matches!(b.read(0, 1), Err(Error::StaleBlock)), "{kind}");
+        } else {
+            blocks.deallocate(b).unwrap();
+        }
+        assert_all_freed(&blocks);
+    }
 }

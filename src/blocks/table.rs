@@ -249,3 +249,118 @@ pub(crate) fn recycle(table: &Table, slots: &[Slot], index: u32, len: u64) {
         crate::os::futex_wake(&table.freed, u32::MAX);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(n: usize) -> Vec<Slot> {
+        (0..n)
+            .map(|_| Slot {
+                state: AtomicU64::new(0),
+                offset: AtomicU64::new(0),
+                len: AtomicU64::new(0),
+                next: AtomicU64::new(0),
+            })
+            .collect()
+    }
+
+    fn table(max_blocks: u64, max_memory: u64) -> Table {
+        let limits = Limits {
+            max_memory,
+            min_block: 1,
+            max_block: max_memory,
+            alignment: 8,
+            zero_on_free: 0,
+            max_blocks,
+        };
+        Table::new(limits, 7, Offset::NULL)
+    }
+
+    #[test]
+    fn generations_move_on_and_ids_are_told_apart() {
+        let s = &slots(1)[0];
+        let g = s.make_live(64, 10);
+        assert_eq!(g, 0);
+        assert_eq!(s.pin(g).unwrap(), (64, 10));
+        assert!(!s.unpin());
+        assert!(matches!(s.pin(g + 1), Err(Error::InvalidBlock)));
+        assert!(s.kill(g).unwrap(), "no pins: given back by the freer");
+        assert!(matches!(s.pin(g), Err(Error::StaleBlock)));
+        assert!(matches!(s.kill(g), Err(Error::DoubleFree)));
+        assert!(
+            matches!(s.kill(g + 1), Err(Error::InvalidBlock)),
+            "not live yet"
+        );
+        let g2 = s.make_live(128, 20);
+        assert_eq!(g2, g + 1);
+        assert!(matches!(s.pin(g), Err(Error::StaleBlock)));
+        assert_eq!(s.pin(g2).unwrap(), (128, 20));
+        s.unpin();
+    }
+
+    #[test]
+    fn the_last_unpinner_gives_a_freed_block_back() {
+        let s = &slots(1)[0];
+        let g = s.make_live(64, 10);
+        s.pin(g).unwrap();
+        s.pin(g).unwrap();
+        assert!(!s.kill(g).unwrap(), "pinned: not given back by the freer");
+        assert!(matches!(s.pin(g), Err(Error::StaleBlock)), "no new pins");
+        assert!(!s.unpin());
+        assert!(s.unpin(), "the last pin gives it back");
+        assert_eq!(s.state.load(Relaxed), (g + 1) << GEN_SHIFT);
+    }
+
+    #[test]
+    fn slots_come_back_last_in_first_out_and_run_out() {
+        let t = table(3, 100);
+        let s = slots(3);
+        let taken: Vec<u32> = (0..3).map(|_| t.take_slot(&s).unwrap()).collect();
+        assert_eq!(taken, [0, 1, 2]);
+        assert_eq!(t.take_slot(&s), None);
+        t.give_back_slot(&s, 1);
+        t.give_back_slot(&s, 2);
+        assert_eq!(t.take_slot(&s), Some(2));
+        assert_eq!(t.take_slot(&s), Some(1));
+        assert_eq!(t.take_slot(&s), None);
+    }
+
+    #[test]
+    fn the_limit_holds() {
+        let t = table(3, 100);
+        assert!(t.reserve(60));
+        assert!(!t.reserve(41));
+        assert!(t.reserve(40));
+        assert!(!t.reserve(u64::MAX));
+        t.unreserve(100);
+        assert!(t.reserve(100));
+    }
+
+    #[test]
+    fn pins_and_frees_on_many_threads_give_back_once() {
+        let s = &slots(1)[0];
+        for round in 0..200 {
+            let g = s.make_live(64, 10);
+            let given_back = AtomicU64::new(0);
+            std::thread::scope(|scope| {
+                for _ in 0..3 {
+                    scope.spawn(|| {
+                        for _ in 0..50 {
+                            if s.pin(g).is_ok() && s.unpin() {
+                                given_back.fetch_add(1, Relaxed);
+                            }
+                        }
+                    });
+                }
+                scope.spawn(|| {
+                    if s.kill(g).unwrap() {
+                        given_back.fetch_add(1, Relaxed);
+                    }
+                });
+            });
+            assert_eq!(given_back.load(Relaxed), 1, "round {round}");
+            assert_eq!(s.state.load(Relaxed), (g + 1) << GEN_SHIFT);
+        }
+    }
+}
