@@ -335,14 +335,14 @@ impl Blocks {
         if !t.reserve(layout.size() as u64) {
             return Err(full);
         }
-        let Some(index) = t.take_slot(self.slots()) else {
+        let Some(index) = t.take_slot(self.slots(), shard_index()) else {
             t.unreserve(layout.size() as u64);
             return Err(full);
         };
         let p = match self.matrix().alloc(layout) {
             Ok(p) => p,
             Err(e) => {
-                t.give_back_slot(self.slots(), index);
+                t.give_back_slot(self.slots(), index, shard_index());
                 t.unreserve(layout.size() as u64);
                 return Err(e);
             }
@@ -419,7 +419,7 @@ impl Blocks {
             // then left as it is rather than freed wrongly.
             let _ = unsafe { self.matrix().free(p) };
         }
-        table::recycle(self.table(), self.slots(), index, len);
+        table::recycle(self.table(), self.slots(), index, len, shard_index());
     }
 
     /// Runs `f` on the block's memory while it is pinned.

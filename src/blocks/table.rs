@@ -60,14 +60,31 @@ pub(crate) struct Table {
     pub tag: u32,
     slots: Offset,
     next_unused: AtomicU64,
-    /// The free-slot stack: top index + 1 (0: empty) | ABA tag << 32.
-    free_top: AtomicU64,
+    /// Free-slot stacks, one per stripe of threads, so that threads reuse
+    /// their own slots and do not take turns on one cache line: each top
+    /// index + 1 (0: empty) | ABA tag << 32.
+    free_tops: [Line<AtomicU64>; STRIPES],
     /// Bytes of live blocks, against `limits.max_memory`.
-    pub in_use: AtomicU64,
+    pub in_use: Line<AtomicU64>,
     /// Bumped after every free: the futex word waiters sleep on.
-    pub freed: AtomicU32,
+    pub freed: Line<AtomicU32>,
     /// Threads (of any process) sleeping on `freed`.
     pub waiters: AtomicU32,
+}
+
+/// Free-slot stacks in a table.
+pub(crate) const STRIPES: usize = 8;
+
+/// A value on a cache line (pair) of its own.
+#[repr(C, align(128))]
+#[derive(Default)]
+pub(crate) struct Line<T>(pub T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 // SAFETY: integers, atomics and an offset; `#[repr(C)]`.
@@ -92,9 +109,9 @@ impl Table {
             tag,
             slots,
             next_unused: AtomicU64::new(0),
-            free_top: AtomicU64::new(0),
-            in_use: AtomicU64::new(0),
-            freed: AtomicU32::new(0),
+            free_tops: Default::default(),
+            in_use: Line::default(),
+            freed: Line::default(),
             waiters: AtomicU32::new(0),
         }
     }
@@ -117,25 +134,13 @@ impl Table {
         self.in_use.fetch_sub(bytes, Relaxed);
     }
 
-    /// Takes a free slot: a recycled one, else one never used.
-    pub(crate) fn take_slot(&self, slots: &[Slot]) -> Option<u32> {
-        let mut top = self.free_top.load(Acquire);
-        loop {
-            let index = (top & u32::MAX as u64) as usize;
-            if index == 0 {
-                break;
-            }
-            let next = slots.get(index - 1)?.next.load(Relaxed);
-            let tagged = next | ((top >> 32) + 1) << 32;
-            // Acquire: the slot's `next`, as pushed; the tag makes a slot
-            // popped and pushed again meanwhile fail this CAS (ABA).
-            match self
-                .free_top
-                .compare_exchange(top, tagged, Acquire, Acquire)
-            {
-                Ok(_) => return Some(index as u32 - 1),
-                Err(now) => top = now,
-            }
+    /// Takes a free slot: a recycled one, from stripe `stripe`'s stack
+    /// first, else one never used.
+    pub(crate) fn take_slot(&self, slots: &[Slot], stripe: usize) -> Option<u32> {
+        let recycled = (0..STRIPES)
+            .find_map(|i| self.pop(slots, &self.free_tops[(stripe + i) % STRIPES]));
+        if recycled.is_some() {
+            return recycled;
         }
         let fresh = self
             .next_unused
@@ -146,19 +151,35 @@ impl Table {
         Some(fresh as u32)
     }
 
-    /// Puts slot `index` (dead, no pins) back on the free-slot stack.
-    pub(crate) fn give_back_slot(&self, slots: &[Slot], index: u32) {
-        let mut top = self.free_top.load(Relaxed);
+    fn pop(&self, slots: &[Slot], stack: &AtomicU64) -> Option<u32> {
+        let mut top = stack.load(Acquire);
+        loop {
+            let index = (top & u32::MAX as u64) as usize;
+            if index == 0 {
+                return None;
+            }
+            let next = slots.get(index - 1)?.next.load(Relaxed);
+            let tagged = next | ((top >> 32) + 1) << 32;
+            // Acquire: the slot's `next`, as pushed; the tag makes a slot
+            // popped and pushed again meanwhile fail this CAS (ABA).
+            match stack.compare_exchange(top, tagged, Acquire, Acquire) {
+                Ok(_) => return Some(index as u32 - 1),
+                Err(now) => top = now,
+            }
+        }
+    }
+
+    /// Puts slot `index` (dead, no pins) on stripe `stripe`'s stack.
+    pub(crate) fn give_back_slot(&self, slots: &[Slot], index: u32, stripe: usize) {
+        let stack = &self.free_tops[stripe % STRIPES];
+        let mut top = stack.load(Relaxed);
         loop {
             slots[index as usize]
                 .next
                 .store(top & u32::MAX as u64, Relaxed);
             let tagged = (index as u64 + 1) | ((top >> 32) + 1) << 32;
             // Release: the `next` just written, for the popper's Acquire.
-            match self
-                .free_top
-                .compare_exchange(top, tagged, Release, Relaxed)
-            {
+            match stack.compare_exchange(top, tagged, Release, Relaxed) {
                 Ok(_) => return,
                 Err(now) => top = now,
             }
@@ -239,9 +260,9 @@ impl Slot {
 }
 
 /// Returns a dead, unpinned slot to the stack and wakes the waiters.
-pub(crate) fn recycle(table: &Table, slots: &[Slot], index: u32, len: u64) {
+pub(crate) fn recycle(table: &Table, slots: &[Slot], index: u32, len: u64, stripe: usize) {
     table.unreserve(len);
-    table.give_back_slot(slots, index);
+    table.give_back_slot(slots, index, stripe);
     // SeqCst with the waiters' SeqCst increment: either a sleeper sees the
     // new `freed` (and does not sleep) or this sees it counted (and wakes).
     table.freed.fetch_add(1, SeqCst);
@@ -313,17 +334,18 @@ mod tests {
     }
 
     #[test]
-    fn slots_come_back_last_in_first_out_and_run_out() {
+    fn slots_come_back_to_their_stripe_first_and_run_out() {
         let t = table(3, 100);
         let s = slots(3);
-        let taken: Vec<u32> = (0..3).map(|_| t.take_slot(&s).unwrap()).collect();
+        let taken: Vec<u32> = (0..3).map(|_| t.take_slot(&s, 0).unwrap()).collect();
         assert_eq!(taken, [0, 1, 2]);
-        assert_eq!(t.take_slot(&s), None);
-        t.give_back_slot(&s, 1);
-        t.give_back_slot(&s, 2);
-        assert_eq!(t.take_slot(&s), Some(2));
-        assert_eq!(t.take_slot(&s), Some(1));
-        assert_eq!(t.take_slot(&s), None);
+        assert_eq!(t.take_slot(&s, 0), None);
+        t.give_back_slot(&s, 1, 0);
+        t.give_back_slot(&s, 2, 5);
+        // Its own stripe's first, then the others'.
+        assert_eq!(t.take_slot(&s, 5), Some(2));
+        assert_eq!(t.take_slot(&s, 5), Some(1));
+        assert_eq!(t.take_slot(&s, 0), None);
     }
 
     #[test]
