@@ -210,9 +210,9 @@ struct Counters {
 }
 
 struct Inner {
-    matrix: Arc<Matrix>,
+    /// Keeps the segment mapped; reached through `Blocks::matrix`.
+    _mapping: Arc<Matrix>,
     table: NonNull<Table>,
-    slots: NonNull<Slot>,
     counters: Counters,
     waiting: Arc<wait::Queue>,
 }
@@ -223,8 +223,8 @@ impl Drop for Inner {
     }
 }
 
-// SAFETY: `table` and `slots` point into the segment that `matrix` keeps
-// mapped; everything reached through them is atomics or immutable.
+// SAFETY: `table` points into the segment that `_mapping` keeps mapped;
+// everything reached through it is atomics or immutable.
 unsafe impl Send for Inner {}
 // SAFETY: as above.
 unsafe impl Sync for Inner {}
@@ -234,7 +234,19 @@ unsafe impl Sync for Inner {}
 #[derive(Clone)]
 pub struct Blocks {
     inner: Arc<Inner>,
+    /// Copies of `inner`'s pointers, read on every operation: kept here so
+    /// that those reads do not share a cache line with the `Arc`'s count,
+    /// which every `Block` made or dropped on another thread changes.
+    matrix: NonNull<Matrix>,
+    table: NonNull<Table>,
+    slots: NonNull<Slot>,
 }
+
+// SAFETY: the pointers are `inner`'s (an `Arc<Matrix>` and the segment it
+// keeps mapped), valid while `inner` lives; `Inner` is `Send + Sync`.
+unsafe impl Send for Blocks {}
+// SAFETY: as above.
+unsafe impl Sync for Blocks {}
 
 impl std::fmt::Debug for Blocks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -272,31 +284,35 @@ impl Blocks {
         if matrix.live_block_len(slots.as_ptr().cast())? < bytes {
             return Err(Error::Corrupt("blocks table"));
         }
+        let matrix_ptr = NonNull::from(&*matrix);
         Ok(Blocks {
             inner: Arc::new(Inner {
-                matrix,
+                _mapping: matrix,
                 table,
-                slots,
                 counters: Counters::default(),
                 waiting: Arc::default(),
             }),
+            matrix: matrix_ptr,
+            table,
+            slots,
         })
     }
 
     /// The segment's matrix.
     pub fn matrix(&self) -> &Matrix {
-        &self.inner.matrix
+        // SAFETY: `inner.matrix`'s, which `inner` keeps alive.
+        unsafe { self.matrix.as_ref() }
     }
 
     fn table(&self) -> &Table {
         // SAFETY: checked in `new`; lives as long as the mapping.
-        unsafe { self.inner.table.as_ref() }
+        unsafe { self.table.as_ref() }
     }
 
     fn slots(&self) -> &[Slot] {
         let n = self.table().limits.max_blocks as usize;
         // SAFETY: `n` slots in a live block (checked in `new`).
-        unsafe { std::slice::from_raw_parts(self.inner.slots.as_ptr(), n) }
+        unsafe { std::slice::from_raw_parts(self.slots.as_ptr(), n) }
     }
 
     fn slot(&self, id: BlockId) -> Result<&Slot, Error> {

@@ -137,8 +137,8 @@ impl Table {
     /// Takes a free slot: a recycled one, from stripe `stripe`'s stack
     /// first, else one never used.
     pub(crate) fn take_slot(&self, slots: &[Slot], stripe: usize) -> Option<u32> {
-        let recycled = (0..STRIPES)
-            .find_map(|i| self.pop(slots, &self.free_tops[(stripe + i) % STRIPES]));
+        let recycled =
+            (0..STRIPES).find_map(|i| self.pop(slots, &self.free_tops[(stripe + i) % STRIPES]));
         if recycled.is_some() {
             return recycled;
         }
