@@ -168,7 +168,7 @@ fn child(role: &str, m: Matrix, args: &[String]) {
 
 fn assert_all_freed(blocks: &Blocks) {
     let s = blocks.stats();
-    assert_eq!(s.current_bytes, 0, "{s:?}");
+    assert_eq!((s.current_bytes, s.current_blocks), (0, 0), "{s:?}");
     let r = blocks.matrix().check().unwrap();
     // The table itself and the directory stay; every block is gone.
     assert!(r.used_blocks <= 3, "{r:?}");
@@ -181,6 +181,10 @@ fn atomallocs_readme_example_ported() {
         let layout = Layout::new::<[u8; 1024]>();
         let block = alloc.allocate(layout).await?;
         block.write(0, &[1, 2, 3, 4])?;
+        assert_eq!(
+            (alloc.stats().current_blocks, alloc.stats().current_bytes),
+            (1, 1024)
+        );
         let data = block.read(0, 4)?;
         assert_eq!(data, [1, 2, 3, 4]);
         alloc.deallocate(block)?;

@@ -175,6 +175,8 @@ pub struct BlocksStats {
     /// Bytes of live blocks, all processes (what counts against
     /// `max_memory`).
     pub current_bytes: u64,
+    /// Live blocks, all processes.
+    pub current_blocks: u64,
     /// Allocations of this process that had to wait for memory.
     pub waits: u64,
     /// Time those allocations spent waiting.
@@ -486,7 +488,8 @@ impl Blocks {
         BlocksStats {
             allocated: c.shards.iter().map(|s| s.allocated.load(Relaxed)).sum(),
             freed: c.shards.iter().map(|s| s.freed.load(Relaxed)).sum(),
-            current_bytes: self.table().in_use.load(Relaxed),
+            current_bytes: self.table().in_use.bytes.load(Relaxed),
+            current_blocks: self.table().in_use.blocks.load(Relaxed),
             waits: c.waits.load(Relaxed),
             time_waited: Duration::from_nanos(c.waited_ns.load(Relaxed)),
             timeouts: c.timeouts.load(Relaxed),

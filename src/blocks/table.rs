@@ -64,12 +64,21 @@ pub(crate) struct Table {
     /// their own slots and do not take turns on one cache line: each top
     /// index + 1 (0: empty) | ABA tag << 32.
     free_tops: [Line<AtomicU64>; STRIPES],
-    /// Bytes of live blocks, against `limits.max_memory`.
-    pub in_use: Line<AtomicU64>,
+    /// Bytes of live blocks, against `limits.max_memory`, and their number.
+    pub in_use: Line<Usage>,
     /// Bumped after every free: the futex word waiters sleep on.
     pub freed: Line<AtomicU32>,
     /// Threads (of any process) sleeping on `freed`.
     pub waiters: AtomicU32,
+}
+
+/// Live blocks (and those being made): one cache line for both, changed
+/// together.
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct Usage {
+    pub bytes: AtomicU64,
+    pub blocks: AtomicU64,
 }
 
 /// Free-slot stacks in a table.
@@ -123,15 +132,22 @@ impl Table {
     /// Reserves `bytes` against the limit.
     pub(crate) fn reserve(&self, bytes: u64) -> bool {
         let limit = self.limits.max_memory;
-        self.in_use
+        let reserved = self
+            .in_use
+            .bytes
             .fetch_update(Relaxed, Relaxed, |used| {
                 used.checked_add(bytes).filter(|&n| n <= limit)
             })
-            .is_ok()
+            .is_ok();
+        if reserved {
+            self.in_use.blocks.fetch_add(1, Relaxed);
+        }
+        reserved
     }
 
     pub(crate) fn unreserve(&self, bytes: u64) {
-        self.in_use.fetch_sub(bytes, Relaxed);
+        self.in_use.bytes.fetch_sub(bytes, Relaxed);
+        self.in_use.blocks.fetch_sub(1, Relaxed);
     }
 
     /// Takes a free slot: a recycled one, from stripe `stripe`'s stack
@@ -355,7 +371,10 @@ mod tests {
         assert!(!t.reserve(41));
         assert!(t.reserve(40));
         assert!(!t.reserve(u64::MAX));
-        t.unreserve(100);
+        assert_eq!(t.in_use.blocks.load(Relaxed), 2);
+        t.unreserve(60);
+        t.unreserve(40);
+        assert_eq!(t.in_use.blocks.load(Relaxed), 0);
         assert!(t.reserve(100));
     }
 
