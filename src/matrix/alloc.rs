@@ -1,0 +1,341 @@
+//! The checked allocation API of `Matrix`: allocate, free, reallocate,
+//! with the per-thread caches' fast paths in front of the engine.
+
+use super::*;
+
+impl Matrix {
+    /// Allocates a block for `layout`. A zero size gets a minimal block of
+    /// its own. Every power-of-two alignment is honoured.
+    #[inline(always)]
+    pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
+        if let Some(p) = self.alloc_fast(layout) {
+            return Ok(p);
+        }
+        self.alloc_slow(layout)
+    }
+
+    /// The call-free part of [`Matrix::alloc`]: a small block from this
+    /// thread's cache, or `None` when more is needed (a new page, a counter
+    /// flush, a large request, a thread without a cache), with nothing
+    /// changed; `alloc` then does the rest. For adapters that keep their
+    /// own slow path out of line, so that their fast path needs no stack
+    /// frame (the global allocator).
+    #[doc(hidden)]
+    #[inline(always)]
+    pub fn alloc_fast(&self, layout: Layout) -> Option<NonNull<u8>> {
+        if !cache::is_small(layout.size(), layout.align()) {
+            return None;
+        }
+        let size = layout.size();
+        // SAFETY: `alloc_fast` makes no calls.
+        unsafe { cache::with_heap_fast(&self.shared, |h| h.alloc_fast(size)) }
+    }
+
+    /// Everything the call-free fast path leaves: a new page or a counter
+    /// flush for a small request, large or over-aligned requests, and
+    /// threads without a cache. Kept out of line so that the fast path
+    /// stays small.
+    #[cold]
+    #[inline(never)]
+    fn alloc_slow(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
+        if cache::is_small(layout.size(), layout.align()) {
+            if let Some(p) = self.alloc_cached(layout.size()) {
+                return Ok(p);
+            }
+        }
+        let p = self.alloc_uncounted(layout, false)?;
+        self.count(|d| d.on_alloc(layout.size() as u64));
+        Ok(p)
+    }
+
+    /// A small block from this thread's cache, counted in its batch.
+    fn alloc_cached(&self, size: usize) -> Option<NonNull<u8>> {
+        cache::with_heap(&self.shared, |h| {
+            let p = h.alloc(size)?;
+            if h.delta.on_alloc(size as u64) {
+                self.engine().counters().flush(&mut h.delta);
+            }
+            Some(p)
+        })
+        .flatten()
+    }
+
+    /// Allocates without counting the request (the caller counts it);
+    /// `small_ok`: small requests may go to this thread's cache.
+    fn alloc_uncounted(&self, layout: Layout, small_ok: bool) -> Result<NonNull<u8>, Error> {
+        if small_ok && cache::is_small(layout.size(), layout.align()) {
+            if let Some(Some(p)) = cache::with_heap(&self.shared, |h| h.alloc(layout.size())) {
+                return Ok(p);
+            }
+        }
+        let a = match self.engine().alloc(layout.size(), layout.align()) {
+            // Only when a process died: this path runs on every failed
+            // engine allocation, and taking back pages walks the page table.
+            // Then once more, even if another thread took the memory back
+            // first (it is counted as hidden while that thread republishes
+            // it, so the second attempt waits for it).
+            Err(oom @ Error::OutOfMemory { .. }) => {
+                let dead = self.engine().dead_slots();
+                if dead == 0 {
+                    return Err(oom);
+                }
+                reclaim_dead_slots(self.engine(), dead);
+                self.engine().alloc(layout.size(), layout.align())?
+            }
+            other => other?,
+        };
+        self.engine().counters().add_block_bytes(a.block_bytes);
+        // SAFETY: payload addresses are inside the mapping, never null.
+        Ok(unsafe { NonNull::new_unchecked(self.engine().payload(a.pos)) })
+    }
+
+    /// Frees a block allocated from this segment, by any thread of any
+    /// process.
+    ///
+    /// Returns [`Error::InvalidPointer`] for a pointer that is not a block of
+    /// this segment and [`Error::DoubleFree`] for a block that is not
+    /// allocated; both are detected before anything is changed (two threads
+    /// freeing the same small block at the same moment, a race in the
+    /// caller, may go undetected).
+    ///
+    /// # Safety
+    /// - `ptr` must not be used after this call (by anyone);
+    /// - `ptr` must come from an allocation of this segment that has not been
+    ///   freed since. Violations are detected as far as a header check can
+    ///   (see the errors), but a pointer into the middle of a live block, or a
+    ///   stale pointer to a block that was since reallocated, cannot always be.
+    #[inline(always)]
+    pub unsafe fn free(&self, ptr: NonNull<u8>) -> Result<(), Error> {
+        // SAFETY: forwarded contract.
+        match unsafe { self.free_fast(ptr) } {
+            Ok(()) => Ok(()),
+            // SAFETY: forwarded contract; `free_fast` declined with nothing
+            // changed, and `declined` is what it said.
+            Err(declined) => unsafe { self.free_declined(ptr, declined) },
+        }
+    }
+
+    /// The call-free part of [`Matrix::free`] (but for a page's `tidy`):
+    /// `Ok` if `ptr` was a live small block of this thread's cache and is
+    /// now free; else, with nothing changed, where the block is, for
+    /// [`Matrix::free_declined`] to do the rest (another thread's block, an
+    /// engine block, a counter flush, an error). For adapters that keep
+    /// their own slow path out of line (the global allocator).
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`].
+    #[doc(hidden)]
+    #[inline(always)]
+    pub unsafe fn free_fast(&self, ptr: NonNull<u8>) -> Result<(), Declined> {
+        let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) else {
+            return Err(Declined {
+                page: std::ptr::null_mut(),
+            });
+        };
+        let block = ptr.as_ptr();
+        // SAFETY: `free_fast` makes no calls; `locate` found block `i` of
+        // `page` at `block`.
+        let done = unsafe { cache::with_heap_fast(&self.shared, |h| h.free_fast(page, i, block)) };
+        match done {
+            Some(false) => Ok(()),
+            Some(true) => {
+                self.tidy(page);
+                Ok(())
+            }
+            None => Err(Declined { page: page.0 }),
+        }
+    }
+
+    /// The rest of [`Matrix::free`], for a block that [`Matrix::free_fast`]
+    /// declined: out of line, so that the fast path stays small.
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`], and `declined` is what `free_fast` returned
+    /// for `ptr` on this matrix.
+    #[doc(hidden)]
+    #[cold]
+    #[inline(never)]
+    pub unsafe fn free_declined(&self, ptr: NonNull<u8>, declined: Declined) -> Result<(), Error> {
+        if declined.page.is_null() {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_engine_counted(ptr) };
+        }
+        let page = cache::Page(declined.page);
+        let i = page.index_of(ptr.as_ptr()).ok_or(Error::InvalidPointer)?;
+        self.free_small_slow(page, i)
+    }
+
+    /// Moves a page the fast path freed into to where it belongs now (see
+    /// `Heap::tidy`): a second borrow of the heap, out of line, so that the
+    /// fast path makes no call while it holds the heap.
+    #[cold]
+    #[inline(never)]
+    fn tidy(&self, page: cache::Page) {
+        // `None` only on re-entry (when the matrix is the global allocator
+        // and a slow path allocates): the page then stays where it is,
+        // owned and correct, until the thread next tidies it or exits.
+        let _ = cache::with_heap(&self.shared, |h| h.tidy(page));
+    }
+
+    /// A small block the fast path left: another thread's (or process's),
+    /// a thread without a cache, or an error; by the page `free_fast` found.
+    fn free_small_slow(&self, page: cache::Page, i: u32) -> Result<(), Error> {
+        let counters = self.engine().counters();
+        // One borrow of the heap for the free and its count.
+        let freed = cache::with_heap(&self.shared, |h| {
+            let requested = h.free(page, i)?;
+            if h.delta.on_free(requested) {
+                counters.flush(&mut h.delta);
+            }
+            Ok(())
+        });
+        freed.unwrap_or_else(|| {
+            let requested = cache::free_remote(page, i)?;
+            self.count(|d| d.on_free(requested));
+            Ok(())
+        })
+    }
+
+    /// Frees block `i` of `page` (this thread's or not) without counting;
+    /// returns the requested size.
+    fn free_small_uncounted(&self, page: cache::Page, i: u32) -> Result<u64, Error> {
+        cache::with_heap(&self.shared, |h| h.free(page, i))
+            .unwrap_or_else(|| cache::free_remote(page, i))
+    }
+
+    /// An engine block (anything that is not in a page).
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`].
+    unsafe fn free_engine_counted(&self, ptr: NonNull<u8>) -> Result<(), Error> {
+        let requested = self.free_engine(ptr)?;
+        self.count(|d| d.on_free(requested));
+        Ok(())
+    }
+
+    /// Frees without counting; returns the requested size.
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`].
+    unsafe fn free_uncounted(&self, ptr: NonNull<u8>) -> Result<u64, Error> {
+        match cache::locate(&self.pages, ptr.as_ptr()) {
+            Some((page, i)) => self.free_small_uncounted(page, i),
+            None => self.free_engine(ptr),
+        }
+    }
+
+    /// Frees an engine block without counting the request; returns its
+    /// requested size.
+    fn free_engine(&self, ptr: NonNull<u8>) -> Result<u64, Error> {
+        let pos = self
+            .engine()
+            .block_of(ptr.as_ptr())
+            .ok_or(Error::InvalidPointer)?;
+        let (requested, block_bytes) = self.engine().free(pos)?;
+        self.engine().counters().sub_block_bytes(block_bytes);
+        Ok(requested)
+    }
+
+    /// Resizes the block at `ptr` to `new` (size and alignment), in place
+    /// when the neighbours allow (or, for small blocks, when the size class
+    /// stays the same), else by moving it. Counted as one reallocation, as
+    /// dhat counts `realloc`.
+    ///
+    /// # Safety
+    /// As for [`Matrix::free`]; on success the old pointer must no longer be
+    /// used unless it equals the returned one.
+    pub unsafe fn realloc(&self, ptr: NonNull<u8>, new: Layout) -> Result<NonNull<u8>, Error> {
+        let old_req = match cache::locate(&self.pages, ptr.as_ptr()) {
+            Some((page, i)) => {
+                if cache::is_small(new.size(), new.align()) {
+                    let block = ptr.as_ptr();
+                    // SAFETY: `realloc_fast` makes no call that reaches the
+                    // cache (its one call copies bytes); `locate` found block
+                    // `i` of `page` at `block`.
+                    let done = unsafe {
+                        cache::with_heap_fast(&self.shared, |h| {
+                            h.realloc_fast(page, i, block, new.size())
+                        })
+                    };
+                    if let Some((p, tidy)) = done {
+                        if tidy {
+                            self.tidy(page);
+                        }
+                        return Ok(p);
+                    }
+                }
+                let old_req = cache::requested(page, i)?;
+                if new.align() <= 16 && cache::resize_in_place(page, i, new.size()) {
+                    self.count(|d| d.on_realloc(old_req, new.size() as u64));
+                    return Ok(ptr);
+                }
+                old_req
+            }
+            None => {
+                let pos = self
+                    .engine()
+                    .block_of(ptr.as_ptr())
+                    .ok_or(Error::InvalidPointer)?;
+                let header = self.engine().used_block(pos)?;
+                let old_req = self.engine().requested(pos);
+                let old_block = (header.size as u64) * GRANULE as u64;
+                if (ptr.as_ptr() as usize) % new.align() == 0
+                    && !cache::is_small(new.size(), new.align())
+                {
+                    let in_place = if new.size() as u64 >= old_req {
+                        self.engine().grow_in_place(pos, new.size())
+                    } else {
+                        self.engine().shrink_in_place(pos, new.size())
+                    };
+                    if let Some(new_block) = in_place {
+                        let counters = self.engine().counters();
+                        counters.sub_block_bytes(old_block);
+                        counters.add_block_bytes(new_block);
+                        self.count(|d| d.on_realloc(old_req, new.size() as u64));
+                        return Ok(ptr);
+                    }
+                }
+                old_req
+            }
+        };
+        let dst = self.alloc_uncounted(new, true)?;
+        let len = (old_req as usize).min(new.size());
+        // SAFETY: both blocks are live and owned by the caller, distinct, and
+        // at least `len` bytes long (`len` <= both requested sizes).
+        unsafe { std::ptr::copy_nonoverlapping(ptr.as_ptr(), dst.as_ptr(), len) };
+        // SAFETY: forwarded contract; the contents were copied.
+        unsafe { self.free_uncounted(ptr) }?;
+        self.count(|d| d.on_realloc(old_req, new.size() as u64));
+        Ok(dst)
+    }
+
+    /// Payload bytes of the live block that starts at `ptr`, checked without
+    /// trusting `ptr`: a pointer into a small-object page must be one of its
+    /// blocks (never the page's own engine block), any other one the start
+    /// of a used engine block.
+    pub(crate) fn live_block_len(&self, ptr: *const u8) -> Result<usize, Error> {
+        let off = (ptr as usize).wrapping_sub(self.pages.base() as usize);
+        if self.pages.is_page(off / cache::PAGE_SIZE) {
+            let (page, i) = cache::locate(&self.pages, ptr).ok_or(Error::StaleHandle)?;
+            return match cache::requested(page, i) {
+                Ok(_) => Ok(cache::usable(page)),
+                Err(_) => Err(Error::StaleHandle),
+            };
+        }
+        let pos = self.engine().block_of(ptr).ok_or(Error::InvalidHandle)?;
+        match self.engine().used_block(pos) {
+            Ok(_) => Ok(self.engine().usable(pos)),
+            Err(_) => Err(Error::StaleHandle),
+        }
+    }
+
+    /// Payload bytes usable in the block at `ptr` (at least what was asked).
+    pub fn usable_size(&self, ptr: NonNull<u8>) -> Option<usize> {
+        if let Some((page, i)) = cache::locate(&self.pages, ptr.as_ptr()) {
+            return cache::requested(page, i).ok().map(|_| cache::usable(page));
+        }
+        let pos = self.engine().block_of(ptr.as_ptr())?;
+        self.engine().used_block(pos).ok()?;
+        Some(self.engine().usable(pos))
+    }
+}
