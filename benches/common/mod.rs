@@ -209,11 +209,20 @@ pub const ALTERNATIONS: usize = 201;
 /// two calls of a pair run milliseconds apart and share that moment's
 /// load, where two turns of a round are a second or more apart.
 pub fn interleaved(
+    a: impl FnMut() -> std::time::Duration,
+    b: impl FnMut() -> std::time::Duration,
+) -> f64 {
+    interleaved_n(ALTERNATIONS, a, b)
+}
+
+/// As [`interleaved`], over `n` pairs (for calls too long for 201).
+pub fn interleaved_n(
+    n: usize,
     mut a: impl FnMut() -> std::time::Duration,
     mut b: impl FnMut() -> std::time::Duration,
 ) -> f64 {
     median(
-        (0..ALTERNATIONS)
+        (0..n)
             .map(|k| {
                 let (ta, tb) = if k % 2 == 0 {
                     let ta = a();
