@@ -8,6 +8,7 @@ pub mod collections;
 pub mod directory;
 mod engine;
 mod error;
+mod geometry;
 mod handle;
 mod lock;
 mod matrix;
@@ -16,6 +17,7 @@ mod os;
 mod pinned;
 mod profile;
 mod segment;
+mod shared;
 mod stats;
 mod sync;
 
@@ -44,13 +46,14 @@ pub fn stop_at_engine_step(n: u64) {
     os::signal_at_step(n, libc::SIGSTOP);
 }
 
+pub use cache::Reclaimed;
 pub use engine::HeapReport;
 pub use error::Error;
 pub use handle::{Handle, Shareable};
 pub use lock::{LockError, ShmGuard, ShmMutex, LIVENESS_POLL};
 #[doc(hidden)]
 pub use matrix::Declined;
-pub use matrix::{Matrix, Reclaimed};
+pub use matrix::Matrix;
 pub use offset::Offset;
 pub use pinned::{FixedState, PinnedAlloc};
 pub use segment::{MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE};

@@ -144,7 +144,7 @@ impl Heap {
         if let Some(page) = self.new_page(class) {
             return Some(page);
         }
-        crate::matrix::reclaim_dead(self.engine());
+        reclaim_dead(self.engine());
         self.adopt(class).or_else(|| self.new_page(class))
     }
 

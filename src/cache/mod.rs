@@ -48,17 +48,14 @@ use ring::Ring;
 
 use crate::engine::words::{ListHead, NIL};
 use crate::engine::{Engine, PageTable, PAGE_MARK, SLOTS};
-use crate::matrix::SharedRef;
+use crate::shared::SharedRef;
 use crate::stats::Delta;
 use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use crate::Error;
 use std::cell::{Cell, UnsafeCell};
 use std::ptr::NonNull;
 
-/// The largest request served from pages.
-pub(crate) const SMALL_MAX: usize = 1024;
-/// Size classes: 16, 32, ..., `SMALL_MAX` bytes.
-pub(crate) const SMALL_CLASSES: usize = SMALL_MAX / 16;
+pub(crate) use crate::geometry::{SMALL_CLASSES, SMALL_MAX};
 // `Heap::stash_classes` has a bit per class.
 const _: () = assert!(SMALL_CLASSES <= 64);
 /// Full pages a slow allocation looks at for remote frees (`revisit_full`).
@@ -355,7 +352,7 @@ fn pop_pooled(engine: &Engine) -> Option<Page> {
 /// it is empty or abandons it for adoption. Returns how many pages it took.
 /// Slow path (it walks the page table); runs when the engine is out of
 /// memory and from `Matrix::reclaim_dead`.
-pub(crate) fn reclaim_dead(engine: &Engine) -> usize {
+pub(crate) fn reclaim_dead_pages(engine: &Engine) -> usize {
     let mut taken = 0;
     // Walking the page table while pages are released is fine: each entry
     // is read once, atomically, and every candidate is re-checked below.
@@ -385,4 +382,48 @@ pub(crate) fn reclaim_dead(engine: &Engine) -> usize {
         }
     }
     taken
+}
+
+// ---- what a dead process held ------------------------------------------------
+
+/// What [`Matrix::reclaim_dead`](crate::Matrix::reclaim_dead) took back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Bytes of free memory that threads of dead processes held inside the
+    /// engine (mid-split or mid-merge), published again.
+    pub engine_bytes: u64,
+    /// Small-object pages of dead processes taken over.
+    pub pages: usize,
+}
+
+/// What `Matrix::reclaim_dead` does, for any path that needs it (the
+/// out-of-memory paths of the engine and the caches). The engine's nodes
+/// are only looked through when a slot's process died; then those slots
+/// are freed, so that the next out-of-memory does not look again. (Holders
+/// of a dead slot that a new process took over were recovered by it when
+/// it joined.)
+pub(crate) fn reclaim_dead(engine: &Engine) -> Reclaimed {
+    reclaim_dead_slots(engine, engine.dead_slots())
+}
+
+/// `reclaim_dead` for the slots `dead` (from `Engine::dead_slots`).
+pub(crate) fn reclaim_dead_slots(engine: &Engine, dead: u128) -> Reclaimed {
+    let engine_bytes = if dead != 0 {
+        engine.recover_dead_holds()
+    } else {
+        0
+    };
+    let pages = reclaim_dead_pages(engine);
+    engine.free_dead_slots(dead);
+    Reclaimed {
+        engine_bytes,
+        pages,
+    }
+}
+
+impl Reclaimed {
+    /// Whether anything was taken back.
+    pub fn any(&self) -> bool {
+        self.engine_bytes != 0 || self.pages != 0
+    }
 }

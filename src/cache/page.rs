@@ -35,8 +35,7 @@ use crate::engine::words::{ListHead, NIL};
 use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::ptr::NonNull;
 
-/// Bytes per page; pages are aligned to it.
-pub(crate) const PAGE_SIZE: usize = 16 * 1024;
+pub(crate) use crate::geometry::PAGE_SIZE;
 /// "MTXP".
 const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"MTXP");
 pub(crate) const FREE: u8 = 0x80;
@@ -508,7 +507,7 @@ mod tests {
     #[test]
     fn exact_quotient_finds_exactly_the_multiples() {
         let page = PAGE_SIZE as u32;
-        for class in 0..crate::cache::SMALL_CLASSES as u32 {
+        for class in 0..crate::geometry::SMALL_CLASSES as u32 {
             let d = (class + 1) * 16;
             let shift = d.trailing_zeros();
             let inverse = odd_inverse(d >> shift);
@@ -534,7 +533,7 @@ mod tests {
         // SAFETY: non-zero size.
         let mem = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!mem.is_null());
-        for class in 0..crate::cache::SMALL_CLASSES as u32 {
+        for class in 0..crate::geometry::SMALL_CLASSES as u32 {
             let bs = (class + 1) * 16;
             for n in [0, 7, COLOURS - 1] {
                 let offset = colour_offset(n);
@@ -596,7 +595,7 @@ mod tests {
 
     #[test]
     fn geometry_fits_the_page() {
-        for class in 0..crate::cache::SMALL_CLASSES {
+        for class in 0..crate::geometry::SMALL_CLASSES {
             let bs = (class + 1) * 16;
             for n in 0..COLOURS {
                 let offset = colour_offset(n);

@@ -43,12 +43,12 @@ thread_local! {
 /// is retired (`find`) or the thread exits. Separate cells, so that each
 /// access is one load or store.
 struct Fast {
-    shared: Cell<*const crate::matrix::Shared>,
+    shared: Cell<*const crate::shared::Shared>,
     heap: Cell<*mut Heap>,
 }
 
 /// `Fast::shared` while a heap is borrowed: an address no `Shared` has.
-const BUSY: *const crate::matrix::Shared = NonNull::dangling().as_ptr();
+const BUSY: *const crate::shared::Shared = NonNull::dangling().as_ptr();
 
 impl Fast {
     fn forget(&self) {

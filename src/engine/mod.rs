@@ -33,7 +33,7 @@ pub(crate) mod words;
 
 pub use check::HeapReport;
 
-use crate::cache::{PAGE_SIZE, SMALL_CLASSES};
+use crate::geometry::{PAGE_SIZE, SMALL_CLASSES};
 use crate::stats::Counters;
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use mapping::{FL_COUNT, SL_COUNT};

@@ -1,16 +1,16 @@
 //! `Matrix`: a segment plus the engine in it, and the checked API.
 
-use crate::cache;
+use crate::cache::{self, reclaim_dead, reclaim_dead_slots, Reclaimed};
 use crate::engine::words::GRANULE;
 use crate::engine::{Engine, HeapReport, PageTable};
 use crate::segment::{self, NamedPath, Segment};
+use crate::shared::{leak, Shared, SharedRef};
 use crate::stats::Delta;
 use crate::{Error, Offset, Stats};
 use std::alloc::Layout;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
 use uuid::Uuid;
 
 mod alloc;
@@ -50,162 +50,6 @@ pub struct Matrix {
     /// This handle put its pinned segment in the `PinnedAlloc` registry,
     /// and takes it out when dropped.
     registered: bool,
-}
-
-/// The mapping and the engine in it. Thread caches hold an `Arc` to it, so
-/// the mapping outlives every cache that points into it.
-pub(crate) struct Shared {
-    // Declared before `segment`: the engine points into the mapping and is
-    // dropped first.
-    pub(crate) engine: Engine,
-    segment: Segment,
-    /// When this process mapped it (the start of its dhat profiles).
-    joined: std::time::Instant,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        self.engine.leave();
-    }
-}
-
-/// How a handle (and each thread cache made through it) holds the shared
-/// state: reference-counted, or leaked for the rest of the process by the
-/// allocation-free constructors that global allocators use. The pointer is
-/// kept apart from the count so that the hot path reads it with one load.
-#[derive(Clone)]
-pub(crate) struct SharedRef {
-    ptr: NonNull<Shared>,
-    /// `None` for a leaked state.
-    counted: Option<Arc<Shared>>,
-}
-
-// SAFETY: a `SharedRef` is an `Arc<Shared>` or a `&'static Shared`, both
-// of which are `Send` and `Sync` because `Shared` is `Sync` and `Send`.
-unsafe impl Send for SharedRef {}
-// SAFETY: as above.
-unsafe impl Sync for SharedRef {}
-
-impl SharedRef {
-    fn counted(shared: Shared) -> SharedRef {
-        let arc = Arc::new(shared);
-        SharedRef {
-            ptr: NonNull::from(&*arc),
-            counted: Some(arc),
-        }
-    }
-
-    fn leaked(shared: &'static Shared) -> SharedRef {
-        SharedRef {
-            ptr: NonNull::from(shared),
-            counted: None,
-        }
-    }
-
-    #[inline]
-    pub(crate) fn as_ptr(&self) -> *const Shared {
-        self.ptr.as_ptr()
-    }
-
-    /// Whether nothing but this reference keeps the state alive (a leaked
-    /// state is always kept).
-    pub(crate) fn is_last(&self) -> bool {
-        self.counted
-            .as_ref()
-            .is_some_and(|a| Arc::strong_count(a) == 1)
-    }
-}
-
-impl std::ops::Deref for SharedRef {
-    type Target = Shared;
-    #[inline]
-    fn deref(&self) -> &Shared {
-        // SAFETY: `ptr` points to the `Arc`'s value, alive while `counted`
-        // holds it, or to a leaked `Shared` that lives until the process ends.
-        unsafe { self.ptr.as_ref() }
-    }
-}
-
-/// Moves `shared` into memory of its own, mapped from the kernel (not the
-/// heap, so that a global allocator can do this on its first call), and
-/// never gives it back.
-fn leak(shared: Shared) -> Result<&'static Shared, Error> {
-    let len = size_of::<Shared>();
-    // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(Error::Io(std::io::Error::last_os_error()));
-    }
-    let p = p as *mut Shared;
-    // SAFETY: `p` is page-aligned (enough for `Shared`), writable, at least
-    // `len` bytes, and ours alone; it is never unmapped, so `'static` holds.
-    unsafe {
-        p.write(shared);
-        Ok(&*p)
-    }
-}
-
-/// What [`Matrix::reclaim_dead`] took back.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Reclaimed {
-    /// Bytes of free memory that threads of dead processes held inside the
-    /// engine (mid-split or mid-merge), published again.
-    pub engine_bytes: u64,
-    /// Small-object pages of dead processes taken over.
-    pub pages: usize,
-}
-
-/// What `Matrix::reclaim_dead` does, for any path that needs it (the
-/// out-of-memory paths of the engine and the caches). The engine's nodes
-/// are only looked through when a slot's process died; then those slots
-/// are freed, so that the next out-of-memory does not look again. (Holders
-/// of a dead slot that a new process took over were recovered by it when
-/// it joined.)
-pub(crate) fn reclaim_dead(engine: &Engine) -> Reclaimed {
-    reclaim_dead_slots(engine, engine.dead_slots())
-}
-
-/// `reclaim_dead` for the slots `dead` (from `Engine::dead_slots`).
-fn reclaim_dead_slots(engine: &Engine, dead: u128) -> Reclaimed {
-    let engine_bytes = if dead != 0 {
-        engine.recover_dead_holds()
-    } else {
-        0
-    };
-    let pages = cache::reclaim_dead(engine);
-    engine.free_dead_slots(dead);
-    Reclaimed {
-        engine_bytes,
-        pages,
-    }
-}
-
-impl Reclaimed {
-    /// Whether anything was taken back.
-    pub fn any(&self) -> bool {
-        self.engine_bytes != 0 || self.pages != 0
-    }
-}
-
-impl Shared {
-    fn join(segment: Segment) -> Shared {
-        let mut engine = segment.engine();
-        engine.join();
-        Shared {
-            engine,
-            segment,
-            joined: std::time::Instant::now(),
-        }
-    }
 }
 
 impl std::fmt::Debug for Matrix {

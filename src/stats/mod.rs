@@ -255,7 +255,7 @@ pub(crate) const BATCH_BYTES: u64 = 4 << 20;
 
 /// The most requested bytes a thread can have allocated, or freed, without
 /// applying them: the bound on how far batched counters lag.
-pub const PENDING_BYTES: u64 = BATCH_BYTES + FLUSH_EVERY * crate::cache::SMALL_MAX as u64;
+pub const PENDING_BYTES: u64 = BATCH_BYTES + FLUSH_EVERY * crate::geometry::SMALL_MAX as u64;
 
 impl Delta {
     /// Whether an allocation can be counted without a flush: the fast
