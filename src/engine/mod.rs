@@ -29,6 +29,7 @@ mod mapping;
 mod nodes;
 mod ops;
 mod recover;
+mod resize;
 pub(crate) mod words;
 
 pub use check::HeapReport;
