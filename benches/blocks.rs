@@ -12,37 +12,21 @@
 
 mod common;
 
-use allocator_api2::alloc::{AllocError, Allocator, Global};
+use common::Mi;
+
+use allocator_api2::alloc::{Allocator, Global};
 use allocator_api2::vec::Vec as AVec;
 use matrix_alloc::blocks::{BlockId, Blocks, BlocksConfig};
 use matrix_alloc::Matrix;
-use std::alloc::{GlobalAlloc, Layout};
+use std::alloc::Layout;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::ptr::NonNull;
 use std::time::Duration;
 
 const OPS: usize = 200_000;
 const TASKS: usize = 64;
 const ALTERNATIONS: usize = 11;
 const WAKES: usize = 200;
-
-/// mimalloc as an `allocator_api2` allocator, for a `Vec` of its own.
-#[derive(Clone, Copy)]
-struct Mi;
-
-// SAFETY: forwards to mimalloc, whose blocks stay valid until freed.
-unsafe impl Allocator for Mi {
-    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
-        // SAFETY: layouts here have non-zero size.
-        let p = NonNull::new(unsafe { mimalloc::MiMalloc.alloc(layout) }).ok_or(AllocError)?;
-        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
-    }
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        // SAFETY: forwarded contract.
-        unsafe { mimalloc::MiMalloc.dealloc(ptr.as_ptr(), layout) }
-    }
-}
 
 fn vec_ops<A: Allocator + Copy>(a: A, ops: usize) {
     let data = [7u8; 64];

@@ -10,11 +10,17 @@
 //! start to the last thread's end. The figure is interleaved: the median,
 //! over alternating calls, of one allocator's time over the other's.
 //!
+//! Last, growth: an `allocator_api2` `Vec<u64>` pushed from empty to 64 MiB,
+//! and a byte string built by appending 16-byte pieces to 16 MiB, through
+//! `&Matrix` as the allocator against mimalloc (`mi_realloc`) and `System`.
+//!
 //! Run: `cargo bench --bench sizes`
 
 mod common;
 
-use common::{BenchAlloc, GlobalMatrix, Peer};
+use allocator_api2::alloc::{Allocator, Global};
+use allocator_api2::vec::Vec as AVec;
+use common::{BenchAlloc, GlobalMatrix, Mi, Peer};
 use matrix_alloc::Matrix;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::alloc::Layout;
@@ -152,6 +158,51 @@ impl Workers {
     }
 }
 
+/// Pushes `u64`s onto an empty `Vec` until it holds 64 MiB.
+fn vec_growth<A: Allocator>(a: A) -> Duration {
+    common::timed(|| {
+        let mut v = AVec::new_in(a);
+        for i in 0..(64u64 << 20) / 8 {
+            v.push(i);
+        }
+        std::hint::black_box(&v);
+    })
+}
+
+/// Appends 16-byte pieces to an empty byte string until it holds 16 MiB.
+fn string_growth<A: Allocator>(a: A) -> Duration {
+    common::timed(|| {
+        let mut s = AVec::new_in(a);
+        for _ in 0..(16 << 20) / 16 {
+            s.extend_from_slice(b"sixteen bytes, !");
+        }
+        std::hint::black_box(&s);
+    })
+}
+
+fn growth(matrix: &Matrix) {
+    const CALLS: usize = 11;
+    let vec_mi = common::interleaved_n(CALLS, || vec_growth(matrix), || vec_growth(Mi));
+    let vec_sys = common::interleaved_n(CALLS, || vec_growth(matrix), || vec_growth(Global));
+    let str_mi = common::interleaved_n(CALLS, || string_growth(matrix), || string_growth(Mi));
+    let str_sys = common::interleaved_n(CALLS, || string_growth(matrix), || string_growth(Global));
+    let ms = |f: &dyn Fn() -> Duration| {
+        common::median((0..5).map(|_| f().as_secs_f64() * 1e3).collect())
+    };
+    println!(
+        "Vec<u64> pushed to 64 MiB: matrix / mimalloc {vec_mi:.2}, matrix / System {vec_sys:.2} (ms: matrix {:.1}, mimalloc {:.1}, System {:.1})",
+        ms(&|| vec_growth(matrix)),
+        ms(&|| vec_growth(Mi)),
+        ms(&|| vec_growth(Global))
+    );
+    println!(
+        "bytes appended to 16 MiB: matrix / mimalloc {str_mi:.2}, matrix / System {str_sys:.2} (ms: matrix {:.1}, mimalloc {:.1}, System {:.1})",
+        ms(&|| string_growth(matrix)),
+        ms(&|| string_growth(Mi)),
+        ms(&|| string_growth(Global))
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -191,6 +242,7 @@ fn main() {
             println!("{:>13}  ns per replacement: {}", "", per_op.join(", "));
         }
     }
+    growth(matrix);
     if let Some(cpu) = cpu {
         println!("{}", cpu.steal_line());
     }

@@ -2,10 +2,12 @@
 //! workloads, and reading criterion's medians back.
 #![allow(dead_code)]
 
+use allocator_api2::alloc::{AllocError, Allocator};
 use criterion::black_box;
 use matrix_alloc::Matrix;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use std::alloc::{GlobalAlloc, Layout};
+use std::ptr::NonNull;
 
 /// The minimal interface the workloads need.
 pub trait BenchAlloc {
@@ -304,5 +306,36 @@ impl CpuTimes {
             }
             None => "machine: /proc/stat not readable".into(),
         }
+    }
+}
+
+/// mimalloc as an `allocator_api2` allocator, for a `Vec` of its own;
+/// growing goes through `mi_realloc`, as a `Vec` under mimalloc as the
+/// global allocator would.
+#[derive(Clone, Copy)]
+pub struct Mi;
+
+// SAFETY: forwards to mimalloc, whose blocks stay valid until freed;
+// `realloc` keeps the contents as `grow` requires.
+unsafe impl Allocator for Mi {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: layouts here have non-zero size.
+        let p = NonNull::new(unsafe { mimalloc::MiMalloc.alloc(layout) }).ok_or(AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
+    }
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { mimalloc::MiMalloc.dealloc(ptr.as_ptr(), layout) }
+    }
+    unsafe fn grow(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, AllocError> {
+        // SAFETY: forwarded contract; same alignment in these benches.
+        let p = unsafe { mimalloc::MiMalloc.realloc(ptr.as_ptr(), old, new.size()) };
+        let p = NonNull::new(p).ok_or(AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, new.size()))
     }
 }
