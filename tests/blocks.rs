@@ -45,6 +45,10 @@ fn main() {
         ("bounds_and_overflow", bounds_and_overflow),
         ("over_every_kind_of_segment", over_every_kind_of_segment),
         ("configuration_errors", configuration_errors),
+        (
+            "zero_on_dealloc_zeroes_freed_bytes",
+            zero_on_dealloc_zeroes_freed_bytes,
+        ),
         ("a_thousand_tokio_tasks", a_thousand_tokio_tasks),
         ("waiting_under_block_on", waiting_under_block_on),
         (
@@ -258,34 +262,17 @@ fn bounds_and_overflow() {
 
 fn configuration_errors() {
     let m = Arc::new(Matrix::anonymous(SEGMENT).unwrap());
-    let bad = [
-        BlocksConfig {
-            min_block_size: 0,
-            ..config(1 << 20)
-        },
-        BlocksConfig {
-            min_block_size: 10,
-            max_block_size: 5,
-            ..config(1 << 20)
-        },
-        BlocksConfig {
-            max_block_size: 2 << 20,
-            ..config(1 << 20)
-        },
-        BlocksConfig {
-            alignment: 3,
-            ..config(1 << 20)
-        },
-        BlocksConfig {
-            alignment: 1 << 30,
-            ..config(1 << 20)
-        },
-        BlocksConfig {
-            max_blocks: 0,
-            ..config(1 << 20)
-        },
+    let bad: [fn(&mut BlocksConfig); 6] = [
+        |c| c.min_block_size = 0,
+        |c| (c.min_block_size, c.max_block_size) = (10, 5),
+        |c| c.max_block_size = 2 << 20,
+        |c| c.alignment = 3,
+        |c| c.alignment = 1 << 30,
+        |c| c.max_blocks = 0,
     ];
-    for c in bad {
+    for spoil in bad {
+        let mut c = config(1 << 20);
+        spoil(&mut c);
         assert!(
             matches!(Blocks::new(m.clone(), c), Err(Error::InvalidConfig(_))),
             "{c:?}"
@@ -602,5 +589,28 @@ fn over_every_kind_of_segment() {
             blocks.deallocate(b).unwrap();
         }
         assert_all_freed(&blocks);
+    }
+}
+
+/// The same allocations with and without `zero_on_dealloc`: the second
+/// block reuses the first one's memory (its bytes are still there without
+/// zeroing), and with zeroing it reads zeros.
+fn zero_on_dealloc_zeroes_freed_bytes() {
+    for zero in [false, true] {
+        let c = BlocksConfig {
+            zero_on_dealloc: zero,
+            ..config(1 << 20)
+        };
+        let blocks = Blocks::new(Matrix::anonymous(SEGMENT).unwrap(), c).unwrap();
+        let first = blocks.try_allocate(bytes(4096)).unwrap();
+        first.write(0, &[0xab; 4096]).unwrap();
+        blocks.deallocate(first).unwrap();
+        let second = blocks.try_allocate(bytes(4096)).unwrap();
+        let expected = if zero { 0 } else { 0xab };
+        // The last bytes may hold the engine's bookkeeping of the free
+        // block (its footer), written after the zeroing: no user data.
+        let got = second.read(0, 4096 - 16).unwrap();
+        assert!(got.iter().all(|&x| x == expected), "zero_on_dealloc {zero}");
+        blocks.deallocate(second).unwrap();
     }
 }

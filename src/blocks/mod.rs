@@ -78,7 +78,9 @@ pub struct BlocksConfig {
     pub max_block_size: usize,
     /// Every block is aligned to at least this (a power of two).
     pub alignment: usize,
-    /// Whether a block's bytes are zeroed when it is freed.
+    /// Whether a block's bytes are zeroed when it is freed (before the
+    /// memory goes back to the segment, whose own bookkeeping may then
+    /// write a few bytes of its own there: never the freed block's data).
     pub zero_on_dealloc: bool,
     /// Blocks live at once, over all processes: the size of the table.
     pub max_blocks: usize,
