@@ -34,7 +34,7 @@ pub use wait::Allocate;
 use crate::{Error, Matrix, Offset};
 use std::alloc::Layout;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 use table::{Limits, Slot, Table, TABLE_NAME};
@@ -357,6 +357,7 @@ impl Blocks {
         }
         let Some(index) = t.take_slot(self.slots(), shard_index()) else {
             t.unreserve(layout.size() as u64);
+            table::notify(t);
             return Err(full);
         };
         let p = match self.matrix().alloc(layout) {
@@ -364,6 +365,7 @@ impl Blocks {
             Err(e) => {
                 t.give_back_slot(self.slots(), index, shard_index());
                 t.unreserve(layout.size() as u64);
+                table::notify(t);
                 return Err(e);
             }
         };
@@ -525,20 +527,29 @@ impl Block {
         self.len == 0
     }
 
-    /// Writes `bytes` at `offset`.
+    /// Writes `bytes` at `offset`. Other `Block`s of the same block (in
+    /// any thread or process) may read and write it at the same time: the
+    /// bytes are copied with relaxed atomic stores, so that is no data
+    /// race, but which writer's byte wins is not ordered.
     pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<(), Error> {
         self.blocks.access(self.id, offset, bytes.len(), |p| {
-            // SAFETY: `bytes.len()` bytes at `p` lie in the pinned block;
-            // `bytes` is process memory, so the two do not overlap.
-            unsafe { p.copy_from_nonoverlapping(bytes.as_ptr(), bytes.len()) }
+            for (i, &b) in bytes.iter().enumerate() {
+                // SAFETY: byte `i` lies in the pinned block; `AtomicU8` has
+                // the layout of `u8`, and every access to block bytes goes
+                // through atomics.
+                unsafe { AtomicU8::from_ptr(p.add(i)) }.store(b, Relaxed);
+            }
         })
     }
 
-    /// Reads `out.len()` bytes at `offset` into `out`.
+    /// Reads `out.len()` bytes at `offset` into `out` (relaxed atomic
+    /// loads, see [`Block::write`]).
     pub fn read_into(&self, offset: usize, out: &mut [u8]) -> Result<(), Error> {
         self.blocks.access(self.id, offset, out.len(), |p| {
-            // SAFETY: as in `write`, the other way.
-            unsafe { out.as_mut_ptr().copy_from_nonoverlapping(p, out.len()) }
+            for (i, o) in out.iter_mut().enumerate() {
+                // SAFETY: as in `write`.
+                *o = unsafe { AtomicU8::from_ptr(p.add(i)) }.load(Relaxed);
+            }
         })
     }
 

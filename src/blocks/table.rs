@@ -279,11 +279,17 @@ impl Slot {
 pub(crate) fn recycle(table: &Table, slots: &[Slot], index: u32, len: u64, stripe: usize) {
     table.unreserve(len);
     table.give_back_slot(slots, index, stripe);
+    notify(table);
+}
+
+/// Tells the waiters of every process that bytes or a slot came back.
+pub(crate) fn notify(table: &Table) {
     // SeqCst with the waiters' SeqCst increment: either a sleeper sees the
     // new `freed` (and does not sleep) or this sees it counted (and wakes).
     table.freed.fetch_add(1, SeqCst);
     if table.waiters.load(SeqCst) > 0 {
-        crate::os::futex_wake(&table.freed, u32::MAX);
+        // The kernel reads the count as an `int`: `i32::MAX` is "all".
+        crate::os::futex_wake(&table.freed, i32::MAX as u32);
     }
 }
 

@@ -168,7 +168,8 @@ impl<'a> Allocate<'a> {
         Allocate {
             blocks,
             layout,
-            deadline: timeout.map(|t| Instant::now() + t),
+            // A timeout too long to represent is no deadline.
+            deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
             ticket: None,
             since: None,
         }
