@@ -328,11 +328,9 @@ impl Matrix {
     /// The object `h` names, after every check (see the module documentation).
     pub fn get<T: Shareable>(&self, h: Handle<T>) -> Result<&T, Error> {
         let p = self.get_ptr(h)?;
-        // SAFETY: `p` is in bounds, aligned, and the start of a live block of
-        // at least `size_of::<T>()` bytes made for a `T` (type tag); `T` is
-        // `Shareable`, so every bit pattern a live `T` leaves is valid, and
-        // the block lives as long as the mapping (`&self`) unless the user
-        // frees it, which `free_value`'s contract rules out while borrowed.
+        // A live block for a `T` (checked by `get_ptr`), valid for any bits a
+        // `T` leaves (`Shareable`); `free_value`'s contract keeps it alive.
+        // SAFETY: so `p` may be read as a `&T` for as long as `&self`.
         Ok(unsafe { p.as_ref() })
     }
 

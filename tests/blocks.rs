@@ -26,6 +26,15 @@ fn config(max_memory: usize) -> BlocksConfig {
     }
 }
 
+/// tokio's multi-threaded runtime with `workers` threads, timers on.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn bytes(n: usize) -> Layout {
     Layout::from_size_align(n, 1).unwrap()
 }
@@ -312,11 +321,7 @@ fn configuration_errors() {
 /// 1,000 tasks on tokio's multi-threaded runtime, in a limit that makes
 /// many of them wait; every block's contents are verified before its free.
 fn a_thousand_tokio_tasks() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(4);
     let blocks = Blocks::new(Matrix::anonymous(SEGMENT).unwrap(), config(256 << 10)).unwrap();
     rt.block_on(async {
         let tasks: Vec<_> = (0..1000u64)
@@ -371,11 +376,7 @@ fn waiting_under_block_on() {
 /// Dropping waiting futures (the head among them) loses no wakeup: the
 /// waiter behind them still gets the memory when it is freed.
 fn cancelled_waiters_pass_their_turn() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(2);
     let blocks = Blocks::new(Matrix::anonymous(SEGMENT).unwrap(), config(64 << 10)).unwrap();
     let hog = blocks.try_allocate(bytes(64 << 10)).unwrap();
     rt.block_on(async {
@@ -504,11 +505,7 @@ fn reads_racing_frees_in_another_process() {
 /// A large request queued first is served before smaller ones queued after
 /// it, although they would fit sooner: first come, first served.
 fn waiters_are_served_in_order() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(2);
     let blocks = Blocks::new(Matrix::anonymous(SEGMENT).unwrap(), config(64 << 10)).unwrap();
     let hog = blocks.try_allocate(bytes(40 << 10)).unwrap();
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
