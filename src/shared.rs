@@ -66,9 +66,13 @@ impl SharedRef {
     /// Whether nothing but this reference keeps the state alive (a leaked
     /// state is always kept).
     pub(crate) fn is_last(&self) -> bool {
-        self.counted
-            .as_ref()
-            .is_some_and(|a| Arc::strong_count(a) == 1)
+        self.holders() == 1
+    }
+
+    /// How many references keep the state alive (`usize::MAX` for a leaked
+    /// state, which is always kept).
+    pub(crate) fn holders(&self) -> usize {
+        self.counted.as_ref().map_or(usize::MAX, Arc::strong_count)
     }
 }
 

@@ -174,6 +174,7 @@ fn free_recorded(m: &Matrix, slots: &[AtomicU64], in_flight: u32, what: &str) {
 fn free_all_recorded(m: &Matrix, (table_ptr, table_at): (NonNull<u8>, Offset), what: &str) {
     free_recorded(m, table(m, table_at), 0, what);
     unsafe { m.free(table_ptr).unwrap() };
+    m.trim(); // what this thread's caches keep goes back too
     let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_eq!(
         (
@@ -200,6 +201,7 @@ fn assert_only_in_flight_lost(
 ) -> matrix_alloc::HeapReport {
     free_recorded(m, table(m, table_at), threads as u32, what);
     unsafe { m.free(table_ptr).unwrap() };
+    m.trim(); // what this thread's caches keep goes back too
     let r = m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
     let (in_flight, lost) = (r.used_blocks + r.orphaned_blocks, r.capacity - r.free_bytes);
     assert!(
@@ -253,6 +255,8 @@ fn child_sweep_die_at(id: Uuid, table_at: u64, die_at: u64) {
         for g in 0..GROUPS {
             unsafe { m.free(blocks[5 * g + second]).unwrap() };
         }
+        // Into the engine now, in this order, not kept in the block cache.
+        m.trim();
     }
     matrix_alloc::die_at_engine_step(die_at);
     m.sweep_free_lists();
@@ -299,6 +303,7 @@ fn child_sweep_stop_at(id: Uuid, table_at: u64, stop_at: u64) {
     for p in to_free {
         unsafe { m.free(p).unwrap() };
     }
+    m.trim(); // onto the engine's lists, not kept in the block cache
     matrix_alloc::stop_at_engine_step(stop_at);
     m.sweep_free_lists();
     matrix_alloc::stop_at_engine_step(0);
@@ -807,6 +812,9 @@ fn kill_9_inside_the_engine_loses_no_free_memory() {
                     while stop.load(Relaxed) == 0 {
                         engine_op(m, half, &mut rng);
                     }
+                    // The thread's caches go back at its exit, which the
+                    // scope does not wait for: give them back now.
+                    m.trim();
                 });
             }
             std::thread::sleep(Duration::from_millis(rng.gen_range(1..30)));

@@ -29,6 +29,8 @@ pub(crate) struct Heap {
     stash_classes: u64,
     stashed: usize,
     stash_limit: usize,
+    /// The cache of blocks above `SMALL_MAX` (see `bins`).
+    pub(crate) bins: Bins,
 }
 
 // The fast paths' part of a heap is one cache line.
@@ -40,8 +42,11 @@ impl Heap {
         let thread = THREAD_NUMBERS.fetch_add(1, Relaxed);
         let delta = shared.engine.counters().fresh_delta();
         let stash_limit = stash_limit(&shared.engine);
+        let token = make_token(slot, gen, thread);
+        let bins = Bins::new(&shared.engine, token);
         Heap {
-            token: make_token(slot, gen, thread),
+            token,
+            bins,
             shared,
             current: [no_page(); SMALL_CLASSES],
             available: [Ring::EMPTY; SMALL_CLASSES],
@@ -473,6 +478,7 @@ impl Heap {
             }
         }
         self.drain_stash();
+        let _ = self.bins.release(&self.shared.engine);
         self.shared.engine.counters().flush(&mut self.delta);
     }
 }

@@ -34,16 +34,19 @@
 //! classes, owner tokens, the page lists shared by all threads (pool,
 //! abandoned pages), `trim` and `reclaim_dead`.
 
+mod bins;
 mod heap;
 mod page;
 mod registry;
 mod ring;
 
+use bins::Bins;
+pub(crate) use bins::{bin_class, class_size, Census as BinCensus};
 pub(crate) use heap::Heap;
 use page::{allocated, AVAILABLE, CURRENT, FREE, ON_FULL_RING, REMOTE};
 use page::{colour_offset, no_page};
 pub(crate) use page::{Page, PAGE_SIZE};
-pub(crate) use registry::{flush_thread, with_heap, with_heap_fast};
+pub(crate) use registry::{flush_thread, retire_if_last, with_heap, with_heap_fast};
 use ring::Ring;
 
 use crate::engine::words::{ListHead, NIL};
@@ -225,6 +228,7 @@ pub(crate) fn trim(shared: &SharedRef) {
             }
         }
         heap.drain_stash();
+        let _ = heap.bins.release(&heap.shared.engine);
         heap.shared.engine.counters().flush(&mut heap.delta);
     });
     while let Some(page) = pop_pooled(engine) {
@@ -394,6 +398,9 @@ pub struct Reclaimed {
     pub engine_bytes: u64,
     /// Small-object pages of dead processes taken over.
     pub pages: usize,
+    /// Bytes of blocks that threads of dead processes kept in their block
+    /// caches, with the caches' records, given back to the heap.
+    pub cached_bytes: u64,
 }
 
 /// What `Matrix::reclaim_dead` does, for any path that needs it (the
@@ -414,16 +421,35 @@ pub(crate) fn reclaim_dead_slots(engine: &Engine, dead: u128) -> Reclaimed {
         0
     };
     let pages = reclaim_dead_pages(engine);
+    let cached_bytes = bins::reclaim_dead(engine);
     engine.free_dead_slots(dead);
     Reclaimed {
         engine_bytes,
         pages,
+        cached_bytes,
     }
+}
+
+/// Gives back the block caches of dead threads, as a process joins (where
+/// a dead process's slot is taken over, this is how its cached blocks come
+/// back without a `reclaim_dead`). Returns the bytes given back.
+pub(crate) fn reclaim_dead_bins(engine: &Engine) -> u64 {
+    bins::reclaim_dead(engine)
+}
+
+/// What the block caches hold (`check()`).
+pub(crate) fn bin_census(engine: &Engine) -> BinCensus {
+    bins::census(engine)
+}
+
+/// Payload bytes in the block caches (`stats()`).
+pub(crate) fn cached_bytes(engine: &Engine) -> u64 {
+    bins::cached_bytes(engine)
 }
 
 impl Reclaimed {
     /// Whether anything was taken back.
     pub fn any(&self) -> bool {
-        self.engine_bytes != 0 || self.pages != 0
+        self.engine_bytes != 0 || self.pages != 0 || self.cached_bytes != 0
     }
 }

@@ -181,6 +181,37 @@ pub(crate) fn flush_thread() {
     });
 }
 
+/// The `Matrix` that holds `shared` goes: if this thread's heap for it is
+/// the one other holder, retires the heap now (instead of when the thread
+/// next makes a heap, or exits), so that its pages and cached blocks go
+/// back while the segment is still in use.
+pub(crate) fn retire_if_last(shared: &SharedRef) {
+    let _ = FAST.try_with(|fast| {
+        let mut remembered = fast.shared.get();
+        if remembered == BUSY {
+            return;
+        }
+        fast.shared.set(BUSY);
+        let _ = HEAPS.try_with(|cell| {
+            // SAFETY: as in `find`.
+            let heaps = unsafe { &mut *cell.get() };
+            for entry in heaps.entries.iter_mut() {
+                let last = entry.as_ref().is_some_and(|h| {
+                    h.shared.as_ptr() == shared.as_ptr() && h.shared.holders() == 2
+                });
+                if let Some(mut heap) = entry.take_if(|_| last) {
+                    heap.retire();
+                    if remembered == shared.as_ptr() {
+                        remembered = std::ptr::null();
+                        fast.heap.set(std::ptr::null_mut());
+                    }
+                }
+            }
+        });
+        fast.shared.set(remembered);
+    });
+}
+
 impl Heaps {
     #[inline]
     fn find_or_make(&mut self, shared: &SharedRef) -> Option<&mut Heap> {

@@ -57,6 +57,11 @@ pub struct HeapReport {
     pub unindexed_lists: u64,
     /// Small-object pages (each is one used engine block).
     pub pages: u64,
+    /// Blocks kept whole in the threads' block caches (part of
+    /// `used_bytes`, not of `used_blocks`), and their bytes.
+    pub cached_blocks: u64,
+    /// Bytes of those blocks.
+    pub cached_bytes: u64,
     /// Whether the counters (`Stats::curr_blocks`, `curr_bytes`,
     /// `block_bytes`) agree with the blocks found. They can only disagree
     /// after a process was killed between changing the heap and counting it.
@@ -136,6 +141,11 @@ impl Engine {
                 s if s == BlockState::Freeing as u8 => {
                     report.orphaned_blocks += 1;
                     report.orphaned_bytes += bytes;
+                }
+                s if s == BlockState::Cached as u8 => {
+                    report.used_bytes += bytes;
+                    report.cached_blocks += 1;
+                    report.cached_bytes += bytes;
                 }
                 s => {
                     return Err(corrupt(format!(

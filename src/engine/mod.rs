@@ -24,6 +24,7 @@
 //! [`nodes`] for the claim protocol and its invariants, and [`ops`] for
 //! allocation, freeing and coalescing.
 
+mod cached;
 mod check;
 mod mapping;
 mod nodes;
@@ -32,6 +33,8 @@ mod recover;
 mod resize;
 pub(crate) mod words;
 
+pub(crate) use cached::payload_bytes;
+pub(crate) use ops::Allocated;
 pub use check::HeapReport;
 
 use crate::geometry::{PAGE_SIZE, SMALL_CLASSES};
@@ -76,7 +79,14 @@ pub(crate) struct Control {
     /// Offset of the segment's named directory (`crate::directory`), 0
     /// until the first use makes one.
     pub(crate) directory: AtomicU64,
+    /// The threads' block-cache records (`cache::bins`): registration
+    /// words, 0 where no thread has one.
+    pub(crate) bin_records: [AtomicU64; BIN_RECORDS],
 }
+
+/// Threads (of all processes together) that can have a block cache at
+/// once; more allocate without one.
+pub(crate) const BIN_RECORDS: usize = 256;
 
 /// Bit 31 of a page-table entry: the page is a small-object page.
 pub(crate) const PAGE_MARK: u32 = 1 << 31;

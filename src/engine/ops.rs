@@ -360,7 +360,8 @@ impl Engine {
             s if s == BlockState::Used as u8 => {}
             s if s == BlockState::Free as u8
                 || s == BlockState::Freeing as u8
-                || s == BlockState::Absorbed as u8 =>
+                || s == BlockState::Absorbed as u8
+                || s == BlockState::Cached as u8 =>
             {
                 return Err(Error::DoubleFree)
             }
@@ -392,12 +393,19 @@ impl Engine {
             return Err(self.used_block(pos).err().unwrap_or(Error::DoubleFree));
         }
         let requested = self.requested(pos);
+        Ok((requested, self.free_claimed(pos, h)))
+    }
+
+    /// The rest of a free, once this thread has moved the block at `pos`
+    /// (whose header was `h`) to `Freeing`: lists it, merged with its free
+    /// neighbours. Returns its block bytes.
+    pub(super) fn free_claimed(&self, pos: u32, h: HeaderWord) -> u64 {
         // A node held by us from here on: a process killed while freeing
         // loses at most this block, never the neighbours it absorbs.
         let Some(hint) = self.prepare(pos, h.size, None) else {
             // Node table exhausted: the block stays free but unlisted (see
             // `publish`).
-            return Ok((requested, (h.size as u64) << GRANULE_LOG));
+            return (h.size as u64) << GRANULE_LOG;
         };
         let mut cur = Held {
             hint,
@@ -435,7 +443,7 @@ impl Engine {
         if let Some(left) = resettle {
             self.settle(left);
         }
-        Ok((requested, (h.size as u64) << GRANULE_LOG))
+        (h.size as u64) << GRANULE_LOG
     }
 
     /// Claims the free right neighbour of the held free block `cur` and

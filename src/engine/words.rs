@@ -26,6 +26,9 @@ pub(crate) enum BlockState {
     Freeing = 3,
     /// No longer a block start: absorbed into its left neighbour.
     Absorbed = 4,
+    /// Freed by its user and kept, whole, in a thread's block cache
+    /// (`cache::bins`). Header word 1 holds the tag of the cache's record.
+    Cached = 5,
 }
 
 /// Header word 0 of a block:

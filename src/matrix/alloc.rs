@@ -42,6 +42,10 @@ impl Matrix {
             if let Some(p) = self.alloc_cached(layout.size()) {
                 return Ok(p);
             }
+        } else if let Some(k) = cache::bin_class(layout.size(), layout.align()) {
+            if let Some(p) = self.alloc_binned(k, layout.size()) {
+                return Ok(p);
+            }
         }
         let p = self.alloc_uncounted(layout, false)?;
         self.count(|d| d.on_alloc(layout.size() as u64));
@@ -60,33 +64,95 @@ impl Matrix {
         .flatten()
     }
 
+    /// A block of class `k` from this thread's block cache, handed out for
+    /// `size` bytes and counted in its batch.
+    fn alloc_binned(&self, k: usize, size: usize) -> Option<NonNull<u8>> {
+        let engine = self.engine();
+        cache::with_heap(&self.shared, |h| {
+            let p = h.bins.pop(engine, k, size as u64)?;
+            if h.delta.on_alloc(size as u64) {
+                engine.counters().flush(&mut h.delta);
+            }
+            NonNull::new(p)
+        })
+        .flatten()
+    }
+
     /// Allocates without counting the request (the caller counts it);
-    /// `small_ok`: small requests may go to this thread's cache.
-    fn alloc_uncounted(&self, layout: Layout, small_ok: bool) -> Result<NonNull<u8>, Error> {
-        if small_ok && cache::is_small(layout.size(), layout.align()) {
-            if let Some(Some(p)) = cache::with_heap(&self.shared, |h| h.alloc(layout.size())) {
+    /// `cached_ok`: the request may be served from this thread's caches
+    /// (the caller has not tried them).
+    fn alloc_uncounted(&self, layout: Layout, cached_ok: bool) -> Result<NonNull<u8>, Error> {
+        let size = layout.size();
+        let class = cache::bin_class(size, layout.align());
+        if cached_ok {
+            let engine = self.engine();
+            let cached = if cache::is_small(size, layout.align()) {
+                cache::with_heap(&self.shared, |h| h.alloc(size)).flatten()
+            } else if let Some(k) = class {
+                cache::with_heap(&self.shared, |h| h.bins.pop(engine, k, size as u64))
+                    .flatten()
+                    .and_then(NonNull::new)
+            } else {
+                None
+            };
+            if let Some(p) = cached {
                 return Ok(p);
             }
         }
-        let a = match self.engine().alloc(layout.size(), layout.align()) {
-            // Only when a process died: this path runs on every failed
-            // engine allocation, and taking back pages walks the page table.
-            // Then once more, even if another thread took the memory back
-            // first (it is counted as hidden while that thread republishes
-            // it, so the second attempt waits for it).
-            Err(oom @ Error::OutOfMemory { .. }) => {
-                let dead = self.engine().dead_slots();
-                if dead == 0 {
-                    return Err(oom);
-                }
-                reclaim_dead_slots(self.engine(), dead);
-                self.engine().alloc(layout.size(), layout.align())?
-            }
-            other => other?,
-        };
+        // A request the block caches serve gets a block of its whole class,
+        // so that the block serves any request of the class once cached.
+        let engine_size = class.map_or(size, cache::class_size);
+        let a = self.alloc_engine(engine_size, size, layout.align())?;
+        if engine_size != size {
+            self.engine().set_requested(a.pos, size as u64);
+        }
         self.engine().counters().add_block_bytes(a.block_bytes);
         // SAFETY: payload addresses are inside the mapping, never null.
         Ok(unsafe { NonNull::new_unchecked(self.engine().payload(a.pos)) })
+    }
+
+    /// An engine block of `rounded` bytes (`size` rounded up to its block
+    /// cache class), or else of `size`, aligned to `align`; when the heap
+    /// is out of memory, after giving this thread's cached blocks back
+    /// (they may be what is missing, and merged with their neighbours,
+    /// more), and after taking back what dead processes held (only when a
+    /// process died: this path runs on every failed engine allocation, and
+    /// taking back pages walks the page table; then once more, even if
+    /// another thread took the memory back first: it is counted as hidden
+    /// while that thread republishes it, so the next attempt waits for it).
+    fn alloc_engine(
+        &self,
+        rounded: usize,
+        size: usize,
+        align: usize,
+    ) -> Result<crate::engine::Allocated, Error> {
+        let engine = self.engine();
+        let attempt = || match engine.alloc(rounded, align) {
+            Err(Error::OutOfMemory { .. }) if rounded != size => engine.alloc(size, align),
+            other => other,
+        };
+        let a = match attempt() {
+            Err(Error::OutOfMemory { .. }) if self.release_bins() => attempt(),
+            other => other,
+        };
+        match a {
+            Err(oom @ Error::OutOfMemory { .. }) => {
+                let dead = engine.dead_slots();
+                if dead == 0 {
+                    return Err(oom);
+                }
+                reclaim_dead_slots(engine, dead);
+                attempt()
+            }
+            other => other,
+        }
+    }
+
+    /// Gives this thread's cached blocks back to the engine; whether it had any.
+    #[cold]
+    fn release_bins(&self) -> bool {
+        let engine = self.engine();
+        cache::with_heap(&self.shared, |h| h.bins.release(engine)).unwrap_or(false)
     }
 
     /// Frees a block allocated from this segment, by any thread of any
@@ -208,7 +274,21 @@ impl Matrix {
     /// # Safety
     /// As for [`Matrix::free`].
     unsafe fn free_engine_counted(&self, ptr: NonNull<u8>) -> Result<(), Error> {
-        let requested = self.free_engine(ptr)?;
+        let engine = self.engine();
+        let pos = engine.block_of(ptr.as_ptr()).ok_or(Error::InvalidPointer)?;
+        // Into this thread's block cache, counted in the same borrow.
+        let kept = cache::with_heap(&self.shared, |h| {
+            let requested = h.bins.free(engine, pos)?;
+            Some(requested.map(|requested| {
+                if h.delta.on_free(requested) {
+                    engine.counters().flush(&mut h.delta);
+                }
+            }))
+        });
+        if let Some(Some(done)) = kept {
+            return done;
+        }
+        let requested = self.free_engine_block(pos)?;
         self.count(|d| d.on_free(requested));
         Ok(())
     }
@@ -227,10 +307,17 @@ impl Matrix {
     /// Frees an engine block without counting the request; returns its
     /// requested size.
     fn free_engine(&self, ptr: NonNull<u8>) -> Result<u64, Error> {
-        let pos = self
-            .engine()
-            .block_of(ptr.as_ptr())
-            .ok_or(Error::InvalidPointer)?;
+        let engine = self.engine();
+        let pos = engine.block_of(ptr.as_ptr()).ok_or(Error::InvalidPointer)?;
+        if let Some(Some(kept)) = cache::with_heap(&self.shared, |h| h.bins.free(engine, pos)) {
+            return kept;
+        }
+        self.free_engine_block(pos)
+    }
+
+    /// Gives the engine block at `pos` back to the engine, without counting
+    /// the request; returns its requested size.
+    fn free_engine_block(&self, pos: u32) -> Result<u64, Error> {
         let (requested, block_bytes) = self.engine().free(pos)?;
         self.engine().counters().sub_block_bytes(block_bytes);
         Ok(requested)

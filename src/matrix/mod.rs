@@ -81,7 +81,9 @@ pub struct Declined {
 
 impl Matrix {
     fn from_segment(segment: Segment, backing: Backing) -> Matrix {
-        let mut m = Matrix::with_shared(SharedRef::counted(Shared::join(segment)), backing);
+        let shared = Shared::join(segment);
+        cache::reclaim_dead_bins(&shared.engine);
+        let mut m = Matrix::with_shared(SharedRef::counted(shared), backing);
         if m.pinned_address().is_some() {
             crate::pinned::register(&m);
             m.registered = true;
@@ -105,7 +107,9 @@ impl Matrix {
     }
 
     fn from_segment_leaked(segment: Segment, backing: Backing) -> Result<Matrix, Error> {
-        let shared = SharedRef::leaked(leak(Shared::join(segment))?);
+        let shared = Shared::join(segment);
+        cache::reclaim_dead_bins(&shared.engine);
+        let shared = SharedRef::leaked(leak(shared)?);
         Ok(Matrix::with_shared(shared, backing))
     }
 
@@ -284,9 +288,12 @@ impl Matrix {
     /// `max_bytes`.
     pub fn stats(&self) -> Stats {
         self.flush_counters();
-        self.engine()
+        let mut s = self
+            .engine()
             .counters()
-            .snapshot(self.engine().capacity(), self.engine().largest_free())
+            .snapshot(self.engine().capacity(), self.engine().largest_free());
+        s.cached_bytes = cache::cached_bytes(self.engine());
+        s
     }
 
     /// Starts the peaks (`max_bytes`, `max_blocks`, `max_block_bytes`) afresh
@@ -401,6 +408,19 @@ impl Matrix {
         report.used_blocks = report.used_blocks - pages + small_blocks;
         report.requested_bytes =
             report.requested_bytes - pages * cache::PAGE_SIZE as u64 + small_bytes;
+        let bins = cache::bin_census(self.engine());
+        if bins.inconsistent != 0 {
+            return Err(Error::HeapCorrupt(format!(
+                "{} block caches disagree with their counts",
+                bins.inconsistent
+            )));
+        }
+        // The engine counted each cache record as a used block; cached
+        // blocks off every list were lost by a killed owner.
+        report.used_blocks -= bins.records;
+        report.requested_bytes -= bins.record_bytes;
+        report.orphaned_blocks += report.cached_blocks.saturating_sub(bins.blocks);
+        report.orphaned_bytes += report.cached_bytes.saturating_sub(bins.block_bytes);
         let s = self.engine().counters().snapshot(0, 0);
         report.counters_agree = report.used_blocks == s.curr_blocks
             && report.requested_bytes == s.curr_bytes
@@ -429,6 +449,7 @@ impl Matrix {
 
 impl Drop for Matrix {
     fn drop(&mut self) {
+        cache::retire_if_last(&self.shared);
         if self.registered {
             crate::pinned::unregister(self.base_address());
         }

@@ -561,6 +561,7 @@ impl Counters {
             block_bytes,
             max_block_bytes: self.max_block_bytes.load(Relaxed),
             page_bytes: self.page_bytes.load(Relaxed),
+            cached_bytes: 0,
         }
     }
 }

@@ -28,6 +28,9 @@ pub struct Stats {
     /// Bytes of small-object pages (part of `block_bytes`): memory held by
     /// the per-thread caches, whether in live blocks or free in the pages.
     pub page_bytes: u64,
+    /// Payload bytes of freed blocks above 1 KiB that the per-thread block
+    /// caches keep for reuse (part of `block_bytes`).
+    pub cached_bytes: u64,
 }
 
 impl Stats {
