@@ -273,13 +273,18 @@ fn take(engine: &Engine, rec: &Record, tag: u64, k: usize) -> Option<(u32, u32)>
     let Some(size) = engine.cached_block(pos, tag) else {
         head.store(NIL, Relaxed);
         rec.counts[k].store(0, Relaxed);
+        // What the dropped blocks held is not known: count the rest again.
+        let mut bytes = 0;
+        walk(engine, rec, tag, |size| bytes += payload_bytes(size) as u64);
+        rec.bytes.store(bytes, Relaxed);
         return None;
     };
     head.store(link(engine.payload(pos)).load(Relaxed), Relaxed);
     let count = &rec.counts[k];
     count.store(count.load(Relaxed).wrapping_sub(1), Relaxed);
     let bytes = payload_bytes(size) as u64;
-    rec.bytes.store(rec.bytes.load(Relaxed).wrapping_sub(bytes), Relaxed);
+    rec.bytes
+        .store(rec.bytes.load(Relaxed).wrapping_sub(bytes), Relaxed);
     Some((pos, size))
 }
 

@@ -34,8 +34,8 @@ mod resize;
 pub(crate) mod words;
 
 pub(crate) use cached::payload_bytes;
-pub(crate) use ops::Allocated;
 pub use check::HeapReport;
+pub(crate) use ops::Allocated;
 
 use crate::geometry::{PAGE_SIZE, SMALL_CLASSES};
 use crate::stats::Counters;
