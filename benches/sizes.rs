@@ -14,7 +14,7 @@
 //! and a byte string built by appending 16-byte pieces to 16 MiB, through
 //! `&Matrix` as the allocator against mimalloc (`mi_realloc`) and `System`.
 //!
-//! Run: `cargo bench --bench sizes`
+//! Run: `cargo bench --bench sizes` (`-- MiB`: only the ranges named so)
 
 mod common;
 
@@ -218,7 +218,12 @@ fn main() {
     ]));
     let pairs = [(0, 2), (0, 3), (1, 2), (1, 3)];
     println!("interleaved time ratios, median of {ALTERNATIONS} alternating calls:");
-    for r in &RANGES {
+    // `cargo bench --bench sizes -- KiB` runs the ranges whose name has "KiB".
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    for r in RANGES
+        .iter()
+        .filter(|r| filter.as_ref().is_none_or(|f| r.0.contains(f.as_str())))
+    {
         for threads in [1, 2] {
             let w = Workers::new(threads, allocs, r);
             let mut figures = Vec::new();

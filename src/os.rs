@@ -83,3 +83,29 @@ pub(crate) fn futex_wake(word: &std::sync::atomic::AtomicU32, n: u32) {
     // its address.
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n) };
 }
+
+/// How a segment's freed memory goes back to the OS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Purge {
+    /// `MADV_DONTNEED`: private anonymous memory (the pages read as zero
+    /// afterwards).
+    DontNeed,
+    /// `MADV_REMOVE`: memory shared through a file, in tmpfs (`/dev/shm`)
+    /// or on disk (the file's blocks are punched out; `MADV_DONTNEED`
+    /// would only unmap them from this process).
+    Remove,
+}
+
+/// Gives the pages of `[addr, addr + len)` (page-aligned) back to the OS;
+/// they read as zero afterwards. Returns whether the kernel did (a file
+/// system without hole punching refuses `MADV_REMOVE`).
+pub(crate) fn purge(addr: *mut u8, len: usize, how: Purge) -> bool {
+    let advice = match how {
+        Purge::DontNeed => libc::MADV_DONTNEED,
+        Purge::Remove => libc::MADV_REMOVE,
+    };
+    // SAFETY: the caller owns the range exclusively, inside a live mapping
+    // of its segment, and needs none of its contents: dropping the pages
+    // cannot affect memory anyone else uses.
+    unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) == 0 }
+}

@@ -44,3 +44,47 @@ fn peak_provided_is_within_a_quarter_of_peak_requested() {
     );
     assert!(ratio <= 1.25, "peak provided / peak requested = {ratio:.3}");
 }
+
+/// The size ranges of `benches/sizes.rs`: sizes, live blocks, replacements.
+const RANGES: [(usize, usize, usize, usize); 5] = [
+    (16, 1 << 10, 4096, 40_000),
+    (1 << 10, 4 << 10, 2048, 20_000),
+    (4 << 10, 64 << 10, 512, 5_000),
+    (64 << 10, 512 << 10, 128, 2_000),
+    (512 << 10, 4 << 20, 32, 500),
+];
+
+/// Each range's workload (a live set of random sizes, replaced at random):
+/// the peak bytes the segment had to provide, block caches and pages
+/// included, within a quarter of the peak bytes asked for.
+#[test]
+fn every_size_range_within_a_quarter_of_peak_requested() {
+    let mut over = Vec::new();
+    for (lo, hi, live_n, rounds) in RANGES {
+        let m = Matrix::anonymous(1 << 30).unwrap();
+        let mut rng = SmallRng::seed_from_u64(lo as u64);
+        let mut size = || Layout::from_size_align(rng.gen_range(lo..=hi), 8).unwrap();
+        let mut live: Vec<NonNull<u8>> = (0..live_n).map(|_| m.alloc(size()).unwrap()).collect();
+        let mut pick = SmallRng::seed_from_u64(hi as u64);
+        for _ in 0..rounds {
+            let i = pick.gen_range(0..live.len());
+            // SAFETY: (test) a live block of this segment, freed once.
+            unsafe { m.free(live[i]).unwrap() };
+            live[i] = m.alloc(size()).unwrap();
+        }
+        let s = m.stats();
+        let ratio = s.max_block_bytes as f64 / s.max_bytes as f64;
+        println!(
+            "{lo}..={hi} bytes: peak provided / peak requested = {ratio:.3} (cached {}, pages {})",
+            s.cached_bytes, s.page_bytes
+        );
+        if ratio > 1.25 {
+            over.push(format!("{lo}..={hi}: {ratio:.3}: {s:?}"));
+        }
+        for p in live {
+            // SAFETY: (test) as above.
+            unsafe { m.free(p).unwrap() };
+        }
+    }
+    assert!(over.is_empty(), "{over:#?}");
+}

@@ -127,8 +127,12 @@ pub(crate) struct Bins {
     /// Index of the registration word.
     entry: usize,
     token: u64,
-    /// Payload bytes the cache keeps at most.
+    /// Payload bytes the cache keeps at most, whatever the thread holds.
     limit: u64,
+    /// Payload bytes of the blocks this thread took from the caches' sizes
+    /// less those it freed (an estimate of what it holds: blocks freed by
+    /// other threads are not subtracted here).
+    live: i64,
     /// No free registration word was left: the thread does without.
     refused: bool,
 }
@@ -141,6 +145,7 @@ impl Bins {
             entry: 0,
             token,
             limit: limit(engine),
+            live: 0,
             refused: false,
         }
     }
@@ -158,6 +163,7 @@ impl Bins {
     pub(crate) fn pop(&mut self, engine: &Engine, k: usize, requested: u64) -> Option<*mut u8> {
         let (pos, size) = take(engine, self.record()?, self.tag, k % BIN_CLASSES)?;
         engine.uncache_block(pos, size, requested);
+        self.live += payload_bytes(size) as i64;
         Some(engine.payload(pos))
     }
 
@@ -173,12 +179,22 @@ impl Bins {
         };
         let payload = payload_bytes(h.size);
         let k = floor_class(payload)?;
+        self.live -= payload as i64;
         if self.record.is_null() && !self.register(engine) {
             return None;
         }
         let rec = self.record()?;
+        // At most an eighth of what the thread holds (so that the cache
+        // costs little memory, and a thread that frees most of what it
+        // held gives most of it back), and no more than `limit`.
+        let room = (self.live.max(0) as u64 / 8).max(MIN_ROOM).min(self.limit);
+        if rec.bytes.load(Relaxed) > room {
+            // The thread holds less than when these were cached.
+            self.evict_one(engine);
+        }
+        let rec = self.record()?;
         let bytes = rec.bytes.load(Relaxed) + payload as u64;
-        if bytes > self.limit {
+        if bytes > room {
             return None;
         }
         let requested = match engine.cache_block(pos, h, self.tag) {
@@ -190,6 +206,29 @@ impl Bins {
         rec.counts[k].store(rec.counts[k].load(Relaxed) + 1, Relaxed);
         rec.bytes.store(bytes, Relaxed);
         Some(Ok(requested))
+    }
+
+    /// Gives the first block of the largest class that has one back to
+    /// the engine.
+    #[cold]
+    fn evict_one(&mut self, engine: &Engine) {
+        let Some(rec) = self.record() else {
+            return;
+        };
+        let Some(k) = (0..BIN_CLASSES).rev().find(|k| rec.heads[*k].load(Relaxed) != NIL) else {
+            return;
+        };
+        if let Some((pos, _)) = take(engine, rec, self.tag, k) {
+            if let Some(bytes) = engine.free_cached(pos, self.tag) {
+                engine.counters().sub_block_bytes(bytes);
+            }
+        }
+    }
+
+    /// A block of `payload` bytes of the caches' sizes came from the engine
+    /// for this thread.
+    pub(crate) fn note_alloc(&mut self, payload: usize) {
+        self.live += payload as i64;
     }
 
     /// Allocates and registers this thread's record. Returns whether it
@@ -255,6 +294,11 @@ fn link(payload: *mut u8) -> &'static AtomicU32 {
 /// and allocated again through it; beyond, blocks go back to the engine.
 /// Other threads cannot use what a cache keeps, so it stays a small part
 /// of the heap.)
+/// The room a cache has whatever its thread holds (within `limit`): a few
+/// blocks, so that a thread that frees and allocates one block at a time
+/// reuses it.
+const MIN_ROOM: u64 = 256 << 10;
+
 fn limit(engine: &Engine) -> u64 {
     (engine.capacity() / 64).min(32 << 20)
 }

@@ -234,6 +234,7 @@ pub(crate) fn trim(shared: &SharedRef) {
     while let Some(page) = pop_pooled(engine) {
         release_page(engine, page);
     }
+
     for class in 0..SMALL_CLASSES {
         let mut keep = Vec::new();
         while let Some(page) = pop_abandoned(engine, class) {
@@ -257,6 +258,9 @@ pub(crate) fn trim(shared: &SharedRef) {
             push_abandoned(engine, class, page);
         }
     }
+    // Last, with the pages and cached blocks back: the free memory goes back
+    // to the OS.
+    engine.purge_free_blocks();
 }
 
 fn release_page(engine: &Engine, page: Page) {

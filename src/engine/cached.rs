@@ -76,6 +76,7 @@ impl Engine {
         self.header(pos)[0]
             .compare_exchange(h.value(), freeing.value(), SeqCst, SeqCst)
             .ok()?;
+        self.purge_block(pos, size);
         Some(self.free_claimed(pos, h))
     }
 

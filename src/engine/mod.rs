@@ -26,6 +26,7 @@
 
 mod cached;
 mod check;
+mod purge;
 mod mapping;
 mod nodes;
 mod ops;
@@ -83,6 +84,9 @@ pub(crate) struct Control {
     /// words, 0 where no thread has one.
     pub(crate) bin_records: [AtomicU64; BIN_RECORDS],
 }
+
+/// `Engine::purge` while freed memory is not given back.
+const NO_PURGE: u8 = 0;
 
 /// Threads (of all processes together) that can have a block cache at
 /// once; more allocate without one.
@@ -248,6 +252,9 @@ pub(crate) struct Engine {
     /// What this handle's threads write into the claim words of the nodes
     /// they hold (see `holder_tag`).
     holder: u32,
+    /// How freed memory goes back to the OS (see `purge`); `None` once the
+    /// kernel refused.
+    purge: std::sync::atomic::AtomicU8,
 }
 
 // SAFETY: `Engine` only holds pointers into a shared mapping that outlives it
@@ -282,6 +289,7 @@ impl Engine {
             },
             slot: SLOTS - 1,
             holder: holder_tag(SLOTS - 1, 0),
+            purge: std::sync::atomic::AtomicU8::new(NO_PURGE),
         }
     }
 

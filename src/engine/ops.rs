@@ -393,6 +393,7 @@ impl Engine {
             return Err(self.used_block(pos).err().unwrap_or(Error::DoubleFree));
         }
         let requested = self.requested(pos);
+        self.purge_block(pos, h.size);
         Ok((requested, self.free_claimed(pos, h)))
     }
 

@@ -106,6 +106,10 @@ impl Matrix {
         if engine_size != size {
             self.engine().set_requested(a.pos, size as u64);
         }
+        if class.is_some() {
+            let payload = self.engine().usable(a.pos);
+            let _ = cache::with_heap(&self.shared, |h| h.bins.note_alloc(payload));
+        }
         self.engine().counters().add_block_bytes(a.block_bytes);
         // SAFETY: payload addresses are inside the mapping, never null.
         Ok(unsafe { NonNull::new_unchecked(self.engine().payload(a.pos)) })

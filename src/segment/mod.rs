@@ -38,6 +38,9 @@ pub(crate) use fixed::{DEFAULT_ALIGN, DEFAULT_RANGE};
 pub(crate) struct Segment {
     map: Mapping,
     pub(crate) layout: Layout,
+    /// How freed memory goes back to the OS: private anonymous memory is
+    /// dropped, memory shared through a file is punched out of the file.
+    purge: crate::os::Purge,
 }
 
 /// The memory behind a segment: where the kernel put it, or at the fixed
@@ -95,7 +98,9 @@ impl Segment {
         // SAFETY: `layout` was computed for, or validated against, this
         // mapping, which lives as long as `Segment`; `Matrix` drops the engine
         // with (never after) the segment.
-        unsafe { Engine::attach(self.base(), &self.layout) }
+        let mut engine = unsafe { Engine::attach(self.base(), &self.layout) };
+        engine.set_purge(self.purge);
+        engine
     }
 
     /// Formats a new, zero-filled mapping: header, engine, ready mark.
@@ -110,7 +115,11 @@ impl Segment {
             min: MIN_SEGMENT_SIZE,
             max: MAX_SEGMENT_SIZE,
         })?;
-        let seg = Segment { map, layout };
+        let seg = Segment {
+            map,
+            layout,
+            purge: crate::os::Purge::Remove,
+        };
         seg.header().mark_formatting();
         // SAFETY: nobody else reads the fields written here before the
         // `Release` store of the ready mark below; the mapping is writable.
@@ -127,7 +136,9 @@ impl Segment {
             .len(size as usize)
             .no_reserve_swap()
             .map_anon()?;
-        Segment::format(Mapping::Anywhere(MmapRaw::from(map)), id)
+        let mut seg = Segment::format(Mapping::Anywhere(MmapRaw::from(map)), id)?;
+        seg.purge = crate::os::Purge::DontNeed;
+        Ok(seg)
     }
 
     /// Creates a new segment in a file that must not exist yet, mapped at
@@ -215,6 +226,7 @@ impl Segment {
         let mut seg = Segment {
             map: Mapping::Anywhere(map),
             layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))?,
+            purge: crate::os::Purge::Remove,
         };
         seg.wait_ready(deadline)?;
         seg.layout = seg.header().validate(len)?;

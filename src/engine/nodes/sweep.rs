@@ -56,6 +56,12 @@ impl Engine {
     /// nodes set aside are held by the sweeper and bound to no block, so
     /// the recovery retires them to the pool.
     pub(crate) fn sweep_dead(&self) {
+        self.sweep(false);
+    }
+
+    /// `sweep_dead`; `purge`: also gives back the pages of every block it
+    /// holds (`purge::purge_range`), before listing it again.
+    pub(crate) fn sweep(&self, purge: bool) {
         // `node_alloc` does not sweep inside a sweep: a publication in ours
         // that finds the pool empty takes a node set aside, or fails (what
         // this sweep has not reached yet, another would not find either).
@@ -73,7 +79,7 @@ impl Engine {
                 .load(Relaxed)
                 .min(self.node_capacity);
             for head in self.control().heads.iter().flatten() {
-                self.sweep_list(head, turns);
+                self.sweep_list(head, turns, purge);
                 // Nodes set aside beyond the margin go where the other
                 // threads' frees can have them.
                 self.release_aside(SWEEP_MARGIN);
@@ -113,7 +119,7 @@ impl Engine {
     /// (its node still on its list) is given back only then, when the
     /// sweep has nodes set aside; by then its popper has usually unlinked
     /// it and left it to us, and it needs no new node at all.
-    fn sweep_list(&self, head: &AtomicU64, turns: u32) {
+    fn sweep_list(&self, head: &AtomicU64, turns: u32, purge: bool) {
         let mut held = NIL;
         let mut lost_races = [(Hint { node: NIL, gen: 0 }, 0, 0); LOST_RACES];
         let mut lost = 0;
@@ -173,6 +179,9 @@ impl Engine {
                 debug_assert!(false, "a held block that is not free");
                 continue;
             };
+            if purge {
+                self.purge_range(pos, (size as usize) << crate::engine::words::GRANULE_LOG);
+            }
             self.relist(crate::engine::ops::Held {
                 hint,
                 pos,
