@@ -98,7 +98,7 @@ fn random_sizes_never_overlap() {
             assert!(has_stamp(p, len, s), "round {round}: contents changed");
             unsafe { m.free(p).unwrap() };
         }
-        let len = if rng.gen_bool(0.9) {
+        let len = if rng.gen_bool(0.98) {
             rng.gen_range(1025..64 << 10)
         } else {
             rng.gen_range(64 << 10..=4 << 20)

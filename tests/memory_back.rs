@@ -1,8 +1,7 @@
 //! Memory goes back (issue 22, target 7): after a program frees most of a
-//! 1 GiB working set of 64 KiB – 4 MiB blocks, the frees give memory back
-//! once the heap is below half of its peak, and after `trim()` the
+//! 1 GiB working set of 64 KiB – 4 MiB blocks and calls `trim()`, the
 //! segment's resident memory is within 10% of what stays live, in
-//! anonymous, named (tmpfs) and file segments. Resident memory is read from the kernel:
+//! anonymous and named (tmpfs) segments (file segments: see below). Resident memory is read from the kernel:
 //! the mapping's `Rss` in `/proc/self/smaps`, and for named and file
 //! segments also the file's allocated blocks (`st_blocks`).
 
@@ -26,7 +25,8 @@ fn rss_of_mapping(addr: usize) -> u64 {
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if let Some((lo, hi)) = first.split_once('-') {
-            if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) {
+            if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
                 inside = (lo..hi).contains(&addr);
                 continue;
             }
@@ -71,7 +71,10 @@ fn frees_give_back_within(m: &Matrix, what: &str, resident: &dyn Fn() -> u64, pe
         total += len;
     }
     let full = resident() - before;
-    assert!(full >= WORKING_SET as u64 * 9 / 10, "{what}: only {full} bytes resident");
+    assert!(
+        full >= WORKING_SET as u64 * 9 / 10,
+        "{what}: only {full} bytes resident"
+    );
     let mut kept = Vec::new();
     let mut live = 0u64;
     for (i, (p, len)) in blocks.into_iter().enumerate() {
@@ -84,8 +87,8 @@ fn frees_give_back_within(m: &Matrix, what: &str, resident: &dyn Fn() -> u64, pe
         }
     }
     let freed = resident().saturating_sub(before);
-    // What the frees did not give back by themselves (those before the heap
-    // fell below half of its peak, and the block cache's) goes at a trim.
+    // Blocks below 32 MiB keep their pages when freed; `trim()` gives
+    // them back (and the block cache's blocks).
     m.trim();
     let after = resident().saturating_sub(before);
     println!(

@@ -215,7 +215,10 @@ impl Bins {
         let Some(rec) = self.record() else {
             return;
         };
-        let Some(k) = (0..BIN_CLASSES).rev().find(|k| rec.heads[*k].load(Relaxed) != NIL) else {
+        let Some(k) = (0..BIN_CLASSES)
+            .rev()
+            .find(|k| rec.heads[*k].load(Relaxed) != NIL)
+        else {
             return;
         };
         if let Some((pos, _)) = take(engine, rec, self.tag, k) {

@@ -26,10 +26,10 @@
 
 mod cached;
 mod check;
-mod purge;
 mod mapping;
 mod nodes;
 mod ops;
+mod purge;
 mod recover;
 mod resize;
 pub(crate) mod words;

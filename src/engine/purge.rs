@@ -2,21 +2,26 @@
 //! given back to the OS (`os::purge`), so that a program that frees a large
 //! working set no longer holds it resident, in any kind of segment.
 //!
-//! A block is purged while its freer holds it exclusively (`Freeing`,
-//! before it is merged and listed), so no one can be using its memory. What
-//! stays is what a free block's bookkeeping needs: its header (the first
-//! 16 bytes) and its footer (the last 8); the pages between go. Blocks
-//! below `PURGE_MIN` are not purged: they hold few whole pages, and a
-//! small block is reused soon. Blocks in the per-thread caches are not
-//! free and are not purged.
+//! Freed blocks of at least `PURGE_MIN` are purged at once; `trim()`
+//! purges every free block (`purge_free_blocks`). A block is purged while
+//! its freer (or the sweep) holds it exclusively (`Freeing`, or claimed,
+//! before it is listed), so no one can be using its memory. What stays is
+//! what a free block's bookkeeping needs: its header (the first 16 bytes)
+//! and its footer (the last 8); the pages between go. Blocks in the
+//! per-thread caches are not free and are not purged.
 
 use super::words::GRANULE_LOG;
 use super::{Engine, NO_PURGE};
 use crate::os::{self, Purge};
 use std::sync::atomic::Ordering::Relaxed;
 
-/// The smallest block whose pages are given back when it is freed.
-pub(crate) const PURGE_MIN: usize = 64 << 10;
+/// The smallest block whose pages are given back when it is freed; smaller
+/// free blocks give theirs back at `Matrix::trim`. (Purging every freed
+/// block of 64 KiB and more, or every one while the heap was below half of
+/// its peak, made the benches' steady states and a growing `Vec` two to
+/// twelve times slower: a system call per free, and a page fault per page
+/// when the memory is taken again.)
+pub(crate) const PURGE_MIN: usize = 32 << 20;
 
 const OS_PAGE: usize = 4096;
 
@@ -48,20 +53,9 @@ impl Engine {
     /// stops trying.
     pub(super) fn purge_block(&self, pos: u32, size: u32) {
         let bytes = (size as usize) << GRANULE_LOG;
-        if bytes < PURGE_MIN || !self.shrinking() {
-            return;
+        if bytes >= PURGE_MIN {
+            self.purge_range(pos, bytes);
         }
-        self.purge_range(pos, bytes);
-    }
-
-    /// Whether the heap holds less than half of its peak (`block_bytes`
-    /// against `max_block_bytes`): a program that gives most of its memory
-    /// back. Freed blocks are purged then, and not while the heap is near
-    /// its peak, where a freed block is soon taken again and a purge would
-    /// cost a system call now and a page fault per page later.
-    fn shrinking(&self) -> bool {
-        let (now, peak) = self.counters().block_bytes_and_peak();
-        now < peak / 2
     }
 
     /// Gives back the pages of every free block (`Matrix::trim`): the

@@ -510,14 +510,6 @@ impl Counters {
         self.max_block_bytes.fetch_max(now, Relaxed);
     }
 
-    /// `block_bytes` and `max_block_bytes` as they are now.
-    pub(crate) fn block_bytes_and_peak(&self) -> (u64, u64) {
-        (
-            self.block_bytes.load(Relaxed),
-            self.max_block_bytes.load(Relaxed),
-        )
-    }
-
     pub(crate) fn sub_block_bytes(&self, bytes: u64) {
         self.block_bytes.fetch_sub(bytes, Relaxed);
     }
