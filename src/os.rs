@@ -96,6 +96,19 @@ pub(crate) enum Purge {
     Remove,
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the
+/// machine, so that times stored in a segment compare across them.
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always
+    // exists on Linux, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Gives the pages of `[addr, addr + len)` (page-aligned) back to the OS;
 /// they read as zero afterwards. Returns whether the kernel did (a file
 /// system without hole punching refuses `MADV_REMOVE`).

@@ -76,8 +76,9 @@ impl Engine {
         self.header(pos)[0]
             .compare_exchange(h.value(), freeing.value(), SeqCst, SeqCst)
             .ok()?;
-        self.purge_block(pos, size);
-        Some(self.free_claimed(pos, h))
+        let bytes = self.free_claimed(pos, h);
+        self.purge_if_due();
+        Some(bytes)
     }
 
     /// Records `requested` as the requested size of the `Used` block at

@@ -83,6 +83,9 @@ pub(crate) struct Control {
     /// The threads' block-cache records (`cache::bins`): registration
     /// words, 0 where no thread has one.
     pub(crate) bin_records: [AtomicU64; BIN_RECORDS],
+    /// When the next delayed purge is due (`purge`), in `CLOCK_MONOTONIC`
+    /// nanoseconds; 0 while none is.
+    pub(crate) purge_due: AtomicU64,
 }
 
 /// `Engine::purge` while freed memory is not given back.

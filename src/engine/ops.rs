@@ -167,6 +167,7 @@ impl Engine {
     /// header.
     pub(crate) fn alloc(&self, size: usize, align: usize) -> Result<Allocated, Error> {
         debug_assert!(align.is_power_of_two());
+        self.purge_if_due();
         let oom = Error::OutOfMemory { requested: size };
         let need = granules_for(size).ok_or(Error::OutOfMemory { requested: size })?;
         let align_g = u32::try_from(align.max(GRANULE) >> GRANULE_LOG)
@@ -393,8 +394,9 @@ impl Engine {
             return Err(self.used_block(pos).err().unwrap_or(Error::DoubleFree));
         }
         let requested = self.requested(pos);
-        self.purge_block(pos, h.size);
-        Ok((requested, self.free_claimed(pos, h)))
+        let bytes = self.free_claimed(pos, h);
+        self.purge_if_due();
+        Ok((requested, bytes))
     }
 
     /// The rest of a free, once this thread has moved the block at `pos`
@@ -440,6 +442,7 @@ impl Engine {
                 ..l
             };
         }
+        self.note_freed(cur.pos, cur.size);
         self.relist(cur);
         if let Some(left) = resettle {
             self.settle(left);

@@ -2,6 +2,7 @@
 //! table is exhausted, and the dropping of `Dead` tops.
 
 use super::*;
+use crate::engine::purge::SweepPurge;
 
 impl Engine {
     /// Pops `Dead` nodes off the top of a list and recycles them, so that
@@ -56,12 +57,14 @@ impl Engine {
     /// nodes set aside are held by the sweeper and bound to no block, so
     /// the recovery retires them to the pool.
     pub(crate) fn sweep_dead(&self) {
-        self.sweep(false);
+        self.sweep_from(0, SweepPurge::None);
     }
 
-    /// `sweep_dead`; `purge`: also gives back the pages of every block it
-    /// holds (`purge::purge_range`), before listing it again.
-    pub(crate) fn sweep(&self, purge: bool) {
+    /// `sweep_dead` over the lists from the `first`-th on (in the order of
+    /// `Control::heads`, which is by size), also purging the blocks it
+    /// holds as `purge` says (`purge::sweep_purge`) before listing them
+    /// again. Returns the earliest time a block it saw is due for a purge.
+    pub(crate) fn sweep_from(&self, first: usize, purge: SweepPurge) -> Option<u64> {
         // `node_alloc` does not sweep inside a sweep: a publication in ours
         // that finds the pool empty takes a node set aside, or fails (what
         // this sweep has not reached yet, another would not find either).
@@ -70,6 +73,7 @@ impl Engine {
             s.active.replace(true)
         });
         debug_assert!(!nested, "a sweep inside a sweep");
+        let mut due = None;
         self.as_pop_in_flight(|| {
             // Bounded: others may push to a list as fast as the sweep takes
             // from it.
@@ -78,8 +82,8 @@ impl Engine {
                 .node_hwm
                 .load(Relaxed)
                 .min(self.node_capacity);
-            for head in self.control().heads.iter().flatten() {
-                self.sweep_list(head, turns, purge);
+            for head in self.control().heads.iter().flatten().skip(first) {
+                due = earliest(due, self.sweep_list(head, turns, purge));
                 // Nodes set aside beyond the margin go where the other
                 // threads' frees can have them.
                 self.release_aside(SWEEP_MARGIN);
@@ -90,6 +94,7 @@ impl Engine {
             SWEEP.with(|s| s.active.set(false));
             self.release_aside(0);
         });
+        due
     }
 
     /// Hands the nodes set aside for this thread's sweep to the pool, but
@@ -119,7 +124,8 @@ impl Engine {
     /// (its node still on its list) is given back only then, when the
     /// sweep has nodes set aside; by then its popper has usually unlinked
     /// it and left it to us, and it needs no new node at all.
-    fn sweep_list(&self, head: &AtomicU64, turns: u32, purge: bool) {
+    fn sweep_list(&self, head: &AtomicU64, turns: u32, purge: SweepPurge) -> Option<u64> {
+        let mut due = None;
         let mut held = NIL;
         let mut lost_races = [(Hint { node: NIL, gen: 0 }, 0, 0); LOST_RACES];
         let mut lost = 0;
@@ -179,9 +185,7 @@ impl Engine {
                 debug_assert!(false, "a held block that is not free");
                 continue;
             };
-            if purge {
-                self.purge_range(pos, (size as usize) << crate::engine::words::GRANULE_LOG);
-            }
+            due = earliest(due, self.sweep_purge(pos, size, purge));
             self.relist(crate::engine::ops::Held {
                 hint,
                 pos,
@@ -189,5 +193,13 @@ impl Engine {
                 hidden: size,
             });
         }
+        due
+    }
+}
+
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        _ => a.or(b),
     }
 }
