@@ -161,7 +161,12 @@ impl Bins {
     /// Returns its payload address.
     #[inline]
     pub(crate) fn pop(&mut self, engine: &Engine, k: usize, requested: u64) -> Option<*mut u8> {
-        let (pos, size) = take(engine, self.record()?, self.tag, k % BIN_CLASSES)?;
+        let rec = self.record()?;
+        let k = k % BIN_CLASSES;
+        // A block of the next class (at most a fifth larger) rather than
+        // none: the caches serve more of a mix of sizes for the same room.
+        let (pos, size) = take(engine, rec, self.tag, k)
+            .or_else(|| take(engine, rec, self.tag, (k + 1).min(BIN_CLASSES - 1)))?;
         engine.uncache_block(pos, size, requested);
         self.live += payload_bytes(size) as i64;
         Some(engine.payload(pos))
