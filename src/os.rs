@@ -96,16 +96,18 @@ pub(crate) enum Purge {
     Remove,
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the
-/// machine, so that times stored in a segment compare across them.
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: one clock for every process of
+/// the machine, so that times stored in a segment compare across them, and
+/// read without the time counter (a few nanoseconds; it moves in steps of
+/// a few milliseconds, fine for the purge delay).
 pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always
-    // exists on Linux, so the call cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE
+    // exists on Linux since 2.6.32, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -297,16 +297,16 @@ fn link(payload: *mut u8) -> &'static AtomicU32 {
     unsafe { &*(payload as *const AtomicU32) }
 }
 
-/// Payload bytes one thread's cache keeps at most: 1/64 of the heap, and
-/// no more than 32 MiB. (A thread's working set of medium blocks is freed
-/// and allocated again through it; beyond, blocks go back to the engine.
-/// Other threads cannot use what a cache keeps, so it stays a small part
-/// of the heap.)
 /// The room a cache has whatever its thread holds (within `limit`): a few
 /// blocks, so that a thread that frees and allocates one block at a time
 /// reuses it.
 const MIN_ROOM: u64 = 256 << 10;
 
+/// Payload bytes one thread's cache keeps at most: 1/64 of the heap, and
+/// no more than 32 MiB. (A thread's working set of medium blocks is freed
+/// and allocated again through it; beyond, blocks go back to the engine.
+/// Other threads cannot use what a cache keeps, so it stays a small part
+/// of the heap.)
 fn limit(engine: &Engine) -> u64 {
     (engine.capacity() / 64).min(32 << 20)
 }

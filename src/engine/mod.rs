@@ -83,7 +83,7 @@ pub(crate) struct Control {
     /// The threads' block-cache records (`cache::bins`): registration
     /// words, 0 where no thread has one.
     pub(crate) bin_records: [AtomicU64; BIN_RECORDS],
-    /// When the next delayed purge is due (`purge`), in `CLOCK_MONOTONIC`
+    /// When the next delayed purge is due (`purge`), in `CLOCK_MONOTONIC_COARSE`
     /// nanoseconds; 0 while none is.
     pub(crate) purge_due: AtomicU64,
 }
