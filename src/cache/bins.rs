@@ -389,11 +389,17 @@ fn free_record(engine: &Engine, tag: u64) {
     }
 }
 
-fn record_at(engine: &Engine, tag: u64) -> &Record {
-    // SAFETY: a registered tag names the position of a live record block
-    // (records are freed only after their word is taken off, by the
-    // registered owner or by the reclaimer that won the word).
-    unsafe { &*(engine.payload(record_pos(tag)) as *const Record) }
+fn record_at(engine: &Engine, tag: u64) -> Option<&Record> {
+    // A registered tag names the position of a live record block (records
+    // are freed only after their word is taken off, by the registered
+    // owner or by the reclaimer that won the word); a damaged word may name
+    // anything, so what it names is checked first.
+    let pos = record_pos(tag);
+    let h = engine.used_block(pos).ok()?;
+    (crate::engine::payload_bytes(h.size) >= size_of::<Record>()).then_some(())?;
+    // SAFETY: a used block inside the heap (checked above) with room for a
+    // record; the record is atomics only, so any bytes there are a value.
+    Some(unsafe { &*(engine.payload(pos) as *const Record) })
 }
 
 /// Takes back the caches of dead threads: gives their blocks and records
@@ -410,7 +416,9 @@ pub(crate) fn reclaim_dead(engine: &Engine) -> u64 {
         if word.compare_exchange(tag, swept, AcqRel, Relaxed).is_err() {
             continue;
         }
-        given += drain(engine, record_at(engine, tag), tag);
+        if let Some(rec) = record_at(engine, tag) {
+            given += drain(engine, rec, tag);
+        }
         if let Ok((_, bytes)) = engine.free(record_pos(tag)) {
             engine.counters().sub_block_bytes(bytes);
             given += bytes;
@@ -445,7 +453,10 @@ pub(crate) fn census(engine: &Engine) -> Census {
         }
         c.records += 1;
         c.record_bytes += size_of::<Record>() as u64;
-        let rec = record_at(engine, tag);
+        let Some(rec) = record_at(engine, tag) else {
+            c.inconsistent += 1;
+            continue;
+        };
         let (mut n, mut bytes, mut payload) = (0u64, 0u64, 0u64);
         walk(engine, rec, tag, |size| {
             n += 1;
@@ -470,7 +481,7 @@ pub(crate) fn cached_bytes(engine: &Engine) -> u64 {
         .iter()
         .map(|w| w.load(Acquire))
         .filter(|t| *t != 0)
-        .map(|t| record_at(engine, t).bytes.load(Relaxed))
+        .filter_map(|t| record_at(engine, t).map(|r| r.bytes.load(Relaxed)))
         .sum()
 }
 

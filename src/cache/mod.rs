@@ -191,12 +191,19 @@ pub(crate) fn usable(page: Page) -> usize {
     page.header().block_size as usize
 }
 
-/// Live small blocks and their requested bytes, over all pages (`check()`).
-pub(crate) fn census(engine: &Engine) -> (u64, u64, u64) {
-    engine.marked_pages().fold((0, 0, 0), |(pages, n, b), p| {
-        let (pn, pb) = page_at(engine, p as u32).census();
-        (pages + 1, n + pn, b + pb)
-    })
+/// Pages, live small blocks and their requested bytes, over all pages
+/// (`check()`); `Err`: the number of a page whose header is damaged.
+pub(crate) fn census(engine: &Engine) -> Result<(u64, u64, u64), usize> {
+    engine
+        .marked_pages()
+        .try_fold((0, 0, 0), |(pages, n, b), p| {
+            let page = page_at(engine, p as u32);
+            if !page.is_sound(colour_offset(p)) {
+                return Err(p);
+            }
+            let (pn, pb) = page.census();
+            Ok((pages + 1, n + pn, b + pb))
+        })
 }
 
 /// Gives back what caches hold without use: the calling thread's empty

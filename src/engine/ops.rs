@@ -351,8 +351,12 @@ impl Engine {
 
     // ---- freeing -----------------------------------------------------------------
 
-    /// Validates that `pos` is a `Used` block and returns its header.
+    /// Validates that `pos` is a `Used` block and returns its header;
+    /// `pos` itself is checked too (it may come from a damaged word).
     pub(crate) fn used_block(&self, pos: u32) -> Result<HeaderWord, Error> {
+        if pos < self.heap_start || pos >= self.heap_end {
+            return Err(Error::InvalidPointer);
+        }
         let h = HeaderWord::from(self.header(pos)[0].load(SeqCst));
         if h.check != super::words::position_check(pos) {
             return Err(Error::InvalidPointer);

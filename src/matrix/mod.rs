@@ -404,23 +404,30 @@ impl Matrix {
     pub fn check(&self) -> Result<HeapReport, Error> {
         self.flush_counters();
         let mut report = self.engine().check()?;
-        let (pages, small_blocks, small_bytes) = cache::census(self.engine());
+        let (pages, small_blocks, small_bytes) = cache::census(self.engine()).map_err(|p| {
+            Error::HeapCorrupt(format!("small-object page {p} has a damaged header"))
+        })?;
         report.pages = pages;
-        // The engine counted each page as one used block of PAGE_SIZE requested bytes.
-        report.used_blocks = report.used_blocks - pages + small_blocks;
-        report.requested_bytes =
-            report.requested_bytes - pages * cache::PAGE_SIZE as u64 + small_bytes;
+        // The engine counted each page as one used block of PAGE_SIZE
+        // requested bytes, and each cache record as a used block. (Checked:
+        // in a damaged segment the page table may mark more pages than the
+        // engine found blocks.)
         let bins = cache::bin_census(self.engine());
+        let unaccounted =
+            || Error::HeapCorrupt("more pages and cache records than used blocks".into());
+        report.used_blocks = (report.used_blocks + small_blocks)
+            .checked_sub(pages + bins.records)
+            .ok_or_else(unaccounted)?;
+        report.requested_bytes = (report.requested_bytes + small_bytes)
+            .checked_sub(pages * cache::PAGE_SIZE as u64 + bins.record_bytes)
+            .ok_or_else(unaccounted)?;
         if bins.inconsistent != 0 {
             return Err(Error::HeapCorrupt(format!(
                 "{} block caches disagree with their counts",
                 bins.inconsistent
             )));
         }
-        // The engine counted each cache record as a used block; cached
-        // blocks off every list were lost by a killed owner.
-        report.used_blocks -= bins.records;
-        report.requested_bytes -= bins.record_bytes;
+        // Cached blocks off every list were lost by a killed owner.
         report.orphaned_blocks += report.cached_blocks.saturating_sub(bins.blocks);
         report.orphaned_bytes += report.cached_bytes.saturating_sub(bins.block_bytes);
         let s = self.engine().counters().snapshot(0, 0);

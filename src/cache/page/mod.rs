@@ -485,8 +485,26 @@ impl Page {
         }
     }
 
+    /// Whether the header's fixed fields are those `init` writes for a page
+    /// of its class with the header `offset` bytes into the page: what
+    /// `check()` makes sure of before it follows the capacity into the size
+    /// entries (a damaged segment may hold anything there).
+    pub(crate) fn is_sound(self, offset: usize) -> bool {
+        let h = self.header();
+        let class = h.class as usize;
+        if h.magic != PAGE_MAGIC || class >= crate::geometry::SMALL_CLASSES {
+            return false;
+        }
+        let size = super::block_size(class);
+        let shift = size.trailing_zeros();
+        h.block_size == size
+            && h.shift as u32 == shift
+            && h.inverse == odd_inverse(size >> shift)
+            && (h.capacity, h.data) == geometry(size as usize, offset)
+    }
+
     /// (allocated blocks, their requested bytes), from the size entries
-    /// (for `check()`).
+    /// (for `check()`, once `is_sound` said so).
     pub(crate) fn census(self) -> (u64, u64) {
         self.sizes()
             .iter()
