@@ -14,6 +14,7 @@
 //! the alignment. It is the same in every process built from the same code;
 //! a lookup under another type is `Error::TypeMismatch`.
 
+use crate::engine::Engine;
 use crate::handle::TypeIdentity;
 use crate::lock::ShmMutex;
 use crate::os::engine_step;
@@ -244,20 +245,43 @@ impl Matrix {
 
     /// Every published object: name, type, size (for tools).
     pub fn directory(&self) -> Result<Vec<DirEntry>, Error> {
-        self.with_directory(|t| {
-            t.entries
-                .iter()
-                .filter(|e| e.state.load(Acquire) == READY)
-                .map(|e| DirEntry {
-                    name: String::from_utf8_lossy(&load_bytes(&e.name, &e.name_len)).into_owned(),
-                    type_name: e.type_name(),
-                    size: e.size.load(Relaxed),
-                    align: e.align.load(Relaxed),
-                    offset: Handle::<()>::from_raw(e.handle.load(Relaxed)).offset(),
-                })
-                .collect()
-        })
+        self.with_directory(list)
     }
+}
+
+fn list(t: &Table) -> Vec<DirEntry> {
+    t.entries
+        .iter()
+        .filter(|e| e.state.load(Acquire) == READY)
+        .map(|e| DirEntry {
+            name: String::from_utf8_lossy(&load_bytes(&e.name, &e.name_len)).into_owned(),
+            type_name: e.type_name(),
+            size: e.size.load(Relaxed),
+            align: e.align.load(Relaxed),
+            offset: Handle::<()>::from_raw(e.handle.load(Relaxed)).offset(),
+        })
+        .collect()
+}
+
+/// The published objects, read without the directory's lock and without
+/// making a directory where there is none (`Inspector`, over a read-only
+/// mapping): an entry being written meanwhile may be missed.
+pub(crate) fn list_unlocked(engine: &Engine) -> Result<Vec<DirEntry>, Error> {
+    let off = engine.directory_word().load(Acquire);
+    if off == 0 {
+        return Ok(Vec::new());
+    }
+    let ptr = engine.base_ptr().wrapping_add(off as usize);
+    let pos = engine
+        .block_of(ptr)
+        .ok_or(Error::Corrupt("directory offset"))?;
+    engine.used_block(pos)?;
+    if engine.usable(pos) < size_of::<Table>() || off as usize % align_of::<Table>() != 0 {
+        return Err(Error::Corrupt("directory block"));
+    }
+    // SAFETY: a used block inside the heap, aligned and large enough for
+    // the table, which is atomics only.
+    Ok(list(unsafe { &*(ptr as *const Table) }))
 }
 
 fn find<'t>(t: &'t Table, name: &str) -> Option<&'t Entry> {

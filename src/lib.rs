@@ -10,6 +10,7 @@ mod engine;
 mod error;
 mod geometry;
 mod handle;
+mod inspect;
 mod lock;
 mod matrix;
 mod offset;
@@ -46,10 +47,12 @@ pub fn stop_at_engine_step(n: u64) {
     os::signal_at_step(n, libc::SIGSTOP);
 }
 
+pub use cache::PageInfo;
 pub use cache::Reclaimed;
-pub use engine::HeapReport;
+pub use engine::{HeapReport, Region, RegionKind};
 pub use error::Error;
 pub use handle::{Handle, Shareable};
+pub use inspect::{named_segments, Attached, Inspector};
 pub use lock::{LockError, ShmGuard, ShmMutex, LIVENESS_POLL};
 #[doc(hidden)]
 pub use matrix::Declined;

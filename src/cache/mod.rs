@@ -206,6 +206,46 @@ pub(crate) fn census(engine: &Engine) -> Result<(u64, u64, u64), usize> {
         })
 }
 
+/// One small-object page, as tools list it (`Inspector::pages`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageInfo {
+    /// Page number (byte offset in the segment / the page size).
+    pub number: usize,
+    /// Bytes of each of its blocks.
+    pub block_size: u32,
+    /// Blocks it has room for.
+    pub capacity: u32,
+    /// Blocks allocated from it.
+    pub allocated: u32,
+    /// Slot of the process whose thread owns it (`None`: abandoned, free
+    /// for any thread to adopt).
+    pub owner_slot: Option<usize>,
+}
+
+/// Every small-object page (`Err`: the number of one whose header is
+/// damaged). Reads only.
+pub(crate) fn pages(engine: &Engine) -> Result<Vec<PageInfo>, usize> {
+    engine
+        .marked_pages()
+        .map(|n| {
+            let page = page_at(engine, n as u32);
+            if !page.is_sound(colour_offset(n)) {
+                return Err(n);
+            }
+            let h = page.header();
+            let token = h.owner.load(Relaxed);
+            let slot = (token >> 48) as usize;
+            Ok(PageInfo {
+                number: n,
+                block_size: h.block_size,
+                capacity: h.capacity,
+                allocated: page.census().0 as u32,
+                owner_slot: (token != 0 && (1..=SLOTS).contains(&slot)).then(|| slot - 1),
+            })
+        })
+        .collect()
+}
+
 /// Gives back what caches hold without use: the calling thread's empty
 /// pages, and abandoned pages whose blocks were all freed since.
 pub(crate) fn trim(shared: &SharedRef) {

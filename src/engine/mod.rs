@@ -26,6 +26,7 @@
 
 mod cached;
 mod check;
+mod map;
 mod mapping;
 mod nodes;
 mod ops;
@@ -36,6 +37,7 @@ pub(crate) mod words;
 
 pub(crate) use cached::payload_bytes;
 pub use check::HeapReport;
+pub use map::{Region, RegionKind};
 pub(crate) use ops::Allocated;
 
 use crate::geometry::{PAGE_SIZE, SMALL_CLASSES};

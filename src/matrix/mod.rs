@@ -288,12 +288,7 @@ impl Matrix {
     /// `max_bytes`.
     pub fn stats(&self) -> Stats {
         self.flush_counters();
-        let mut s = self
-            .engine()
-            .counters()
-            .snapshot(self.engine().capacity(), self.engine().largest_free());
-        s.cached_bytes = cache::cached_bytes(self.engine());
-        s
+        stats_of(self.engine())
     }
 
     /// Starts the peaks (`max_bytes`, `max_blocks`, `max_block_bytes`) afresh
@@ -403,38 +398,7 @@ impl Matrix {
     /// Exact only while no thread or process is allocating or freeing.
     pub fn check(&self) -> Result<HeapReport, Error> {
         self.flush_counters();
-        let mut report = self.engine().check()?;
-        let (pages, small_blocks, small_bytes) = cache::census(self.engine()).map_err(|p| {
-            Error::HeapCorrupt(format!("small-object page {p} has a damaged header"))
-        })?;
-        report.pages = pages;
-        // The engine counted each page as one used block of PAGE_SIZE
-        // requested bytes, and each cache record as a used block. (Checked:
-        // in a damaged segment the page table may mark more pages than the
-        // engine found blocks.)
-        let bins = cache::bin_census(self.engine());
-        let unaccounted =
-            || Error::HeapCorrupt("more pages and cache records than used blocks".into());
-        report.used_blocks = (report.used_blocks + small_blocks)
-            .checked_sub(pages + bins.records)
-            .ok_or_else(unaccounted)?;
-        report.requested_bytes = (report.requested_bytes + small_bytes)
-            .checked_sub(pages * cache::PAGE_SIZE as u64 + bins.record_bytes)
-            .ok_or_else(unaccounted)?;
-        if bins.inconsistent != 0 {
-            return Err(Error::HeapCorrupt(format!(
-                "{} block caches disagree with their counts",
-                bins.inconsistent
-            )));
-        }
-        // Cached blocks off every list were lost by a killed owner.
-        report.orphaned_blocks += report.cached_blocks.saturating_sub(bins.blocks);
-        report.orphaned_bytes += report.cached_bytes.saturating_sub(bins.block_bytes);
-        let s = self.engine().counters().snapshot(0, 0);
-        report.counters_agree = report.used_blocks == s.curr_blocks
-            && report.requested_bytes == s.curr_bytes
-            && report.used_bytes == s.block_bytes;
-        Ok(report)
+        check_segment(self.engine())
     }
 
     /// The offset of `ptr` in this segment, if it points into it.
@@ -468,4 +432,49 @@ impl Drop for Matrix {
             }
         }
     }
+}
+
+/// `Matrix::check` without flushing this thread's counters: reads only,
+/// so it also runs over a read-only mapping (`Inspector::check`).
+pub(crate) fn check_segment(engine: &Engine) -> Result<HeapReport, Error> {
+    let mut report = engine.check()?;
+    let (pages, small_blocks, small_bytes) = cache::census(engine)
+        .map_err(|p| Error::HeapCorrupt(format!("small-object page {p} has a damaged header")))?;
+    report.pages = pages;
+    // The engine counted each page as one used block of PAGE_SIZE
+    // requested bytes, and each cache record as a used block. (Checked:
+    // in a damaged segment the page table may mark more pages than the
+    // engine found blocks.)
+    let bins = cache::bin_census(engine);
+    let unaccounted = || Error::HeapCorrupt("more pages and cache records than used blocks".into());
+    report.used_blocks = (report.used_blocks + small_blocks)
+        .checked_sub(pages + bins.records)
+        .ok_or_else(unaccounted)?;
+    report.requested_bytes = (report.requested_bytes + small_bytes)
+        .checked_sub(pages * cache::PAGE_SIZE as u64 + bins.record_bytes)
+        .ok_or_else(unaccounted)?;
+    if bins.inconsistent != 0 {
+        return Err(Error::HeapCorrupt(format!(
+            "{} block caches disagree with their counts",
+            bins.inconsistent
+        )));
+    }
+    // Cached blocks off every list were lost by a killed owner.
+    report.orphaned_blocks += report.cached_blocks.saturating_sub(bins.blocks);
+    report.orphaned_bytes += report.cached_bytes.saturating_sub(bins.block_bytes);
+    let s = engine.counters().snapshot(0, 0);
+    report.counters_agree = report.used_blocks == s.curr_blocks
+        && report.requested_bytes == s.curr_bytes
+        && report.used_bytes == s.block_bytes;
+    Ok(report)
+}
+
+/// The counters of the segment as they are (`Matrix::stats` after its
+/// flush); reads only.
+pub(crate) fn stats_of(engine: &Engine) -> Stats {
+    let mut s = engine
+        .counters()
+        .snapshot(engine.capacity(), engine.largest_free());
+    s.cached_bytes = cache::cached_bytes(engine);
+    s
 }

@@ -186,11 +186,7 @@ impl Segment {
             .write(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
-            .map_err(|e| match (e.kind(), e.raw_os_error()) {
-                (io::ErrorKind::NotFound, _) => Error::NotFound(path.to_path_buf()),
-                (_, Some(libc::ELOOP)) => Error::NotARegularFile(path.to_path_buf()),
-                _ => Error::Io(e),
-            })?;
+            .map_err(|e| open_error(path, e))?;
         let deadline = Instant::now() + patience;
         // A racing creator may not have sized the file yet.
         let len = loop {
@@ -242,6 +238,46 @@ impl Segment {
         Ok(seg)
     }
 
+    /// Opens the segment file at `path` for reading only: a read-only
+    /// mapping (anywhere, even for a pinned segment: nothing read here is
+    /// an address), so that nothing done through it can change the segment.
+    /// No waiting: a segment still being formatted is an error.
+    pub(crate) fn open_read_only(path: &Path) -> Result<Segment, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| open_error(path, e))?;
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(Error::NotARegularFile(path.to_path_buf()));
+        }
+        let len = meta.len();
+        if len < MIN_SEGMENT_SIZE {
+            return Err(Error::Truncated {
+                file_len: len,
+                expected: MIN_SEGMENT_SIZE,
+            });
+        }
+        check_size(len)?;
+        let map = MmapOptions::new()
+            .len(len as usize)
+            .map_raw_read_only(&file)?;
+        let mut seg = Segment {
+            map: Mapping::Anywhere(map),
+            layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))?,
+            purge: crate::os::Purge::Remove,
+        };
+        seg.wait_ready(Instant::now())?;
+        seg.layout = seg.header().validate(len)?;
+        Ok(seg)
+    }
+
+    /// The layout version the header states, whatever it is.
+    pub(crate) fn layout_version(&self) -> u32 {
+        self.header().layout_version
+    }
+
     /// Waits until the header's state word says ready, failing fast on a
     /// foreign file and on a creator that died while formatting.
     fn wait_ready(&self, deadline: Instant) -> Result<(), Error> {
@@ -270,6 +306,14 @@ impl Segment {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+}
+
+fn open_error(path: &Path, e: io::Error) -> Error {
+    match (e.kind(), e.raw_os_error()) {
+        (io::ErrorKind::NotFound, _) => Error::NotFound(path.to_path_buf()),
+        (_, Some(libc::ELOOP)) => Error::NotARegularFile(path.to_path_buf()),
+        _ => Error::Io(e),
     }
 }
 
