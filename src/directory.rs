@@ -188,6 +188,24 @@ impl Matrix {
 
     /// Publishes `h` under `name`. `Error::NameTaken` if the name is in use,
     /// `Error::DirectoryFull` if every entry is.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), matrix_alloc::Error> {
+    /// use matrix_alloc::Matrix;
+    /// let m = Matrix::create(1 << 20)?;
+    /// let h = m.alloc_value(42u64)?;
+    /// m.publish("answer", h)?;
+    /// // Any process that opens the segment by its id finds it by name.
+    /// let other = Matrix::open(m.id())?;
+    /// let found = other.lookup::<u64>("answer")?.expect("published");
+    /// assert_eq!(*other.get(found)?, 42);
+    /// // Under another type, the lookup is refused.
+    /// assert!(other.lookup::<u32>("answer").is_err());
+    /// # m.unpublish("answer")?;
+    /// # unsafe { m.free_value(h)? };
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn publish<T: Shareable>(&self, name: &str, h: Handle<T>) -> Result<(), Error> {
         check_name(name)?;
         self.get_ptr(h)?;
@@ -206,6 +224,18 @@ impl Matrix {
     /// many threads and processes racing on one name exactly one constructs
     /// it. A process killed while constructing publishes nothing (its block
     /// is lost, as a dead process's in-flight blocks are).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), matrix_alloc::Error> {
+    /// use matrix_alloc::Matrix;
+    /// let m = Matrix::create(1 << 20)?;
+    /// let a = m.find_or_construct("counter", || 0u64)?;
+    /// let b = m.find_or_construct("counter", || 99u64)?; // found, not made
+    /// assert_eq!(a, b);
+    /// assert_eq!(*m.get(b)?, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn find_or_construct<T: Shareable>(
         &self,
         name: &str,

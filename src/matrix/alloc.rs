@@ -6,6 +6,23 @@ use super::*;
 impl Matrix {
     /// Allocates a block for `layout`. A zero size gets a minimal block of
     /// its own. Every power-of-two alignment is honoured.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), matrix_alloc::Error> {
+    /// use matrix_alloc::Matrix;
+    /// use std::alloc::Layout;
+    /// let m = Matrix::anonymous(1 << 20)?;
+    /// let p = m.alloc(Layout::from_size_align(100, 64).unwrap())?;
+    /// assert_eq!(p.as_ptr() as usize % 64, 0);
+    /// // SAFETY: a fresh block of 100 bytes, freed once.
+    /// unsafe {
+    ///     p.as_ptr().write_bytes(7, 100);
+    ///     m.free(p)?;
+    /// }
+    /// assert_eq!(m.stats().curr_blocks, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[inline(always)]
     pub fn alloc(&self, layout: Layout) -> Result<NonNull<u8>, Error> {
         if let Some(p) = self.alloc_fast(layout) {
@@ -335,6 +352,24 @@ impl Matrix {
     /// # Safety
     /// As for [`Matrix::free`]; on success the old pointer must no longer be
     /// used unless it equals the returned one.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), matrix_alloc::Error> {
+    /// use matrix_alloc::Matrix;
+    /// use std::alloc::Layout;
+    /// let m = Matrix::anonymous(1 << 20)?;
+    /// let p = m.alloc(Layout::new::<[u8; 16]>())?;
+    /// // SAFETY: `p` is live and 16 bytes long; the old pointer is not used
+    /// // after the call, and the new block is freed once.
+    /// unsafe {
+    ///     p.as_ptr().write_bytes(1, 16);
+    ///     let q = m.realloc(p, Layout::new::<[u8; 5000]>())?;
+    ///     assert_eq!(*q.as_ptr().add(15), 1);
+    ///     m.free(q)?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub unsafe fn realloc(&self, ptr: NonNull<u8>, new: Layout) -> Result<NonNull<u8>, Error> {
         let old_req = match cache::locate(&self.pages, ptr.as_ptr()) {
             Some((page, i)) => {

@@ -42,6 +42,21 @@ impl Stats {
     /// (so that the peaks belong to the window), and the window must not
     /// free blocks allocated before it (dhat does not see those frees). The
     /// capacity and memory figures are `self`'s.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), matrix_alloc::Error> {
+    /// use matrix_alloc::Matrix;
+    /// use std::alloc::Layout;
+    /// let m = Matrix::anonymous(1 << 20)?.exact_counts();
+    /// let base = m.reset_peak();
+    /// let p = m.alloc(Layout::new::<[u8; 300]>())?;
+    /// // SAFETY: freed once.
+    /// unsafe { m.free(p)? };
+    /// let window = m.stats().since(&base);
+    /// assert_eq!((window.total_blocks, window.total_bytes, window.max_bytes), (1, 300, 300));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn since(&self, base: &Stats) -> Stats {
         Stats {
             total_blocks: self.total_blocks.wrapping_sub(base.total_blocks),
