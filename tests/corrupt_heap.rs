@@ -64,6 +64,11 @@ fn template(path: &Path) -> u64 {
             unsafe { m.free(p).unwrap() };
         }
     }
+    assert!(m.stats().cached_bytes > 0, "the template has cached blocks");
+    // Left attached, as a process that is still running: its pages stay
+    // owned and its block cache's record and blocks stay in the segment,
+    // for the cases to damage.
+    std::mem::forget(m);
     end + 4096
 }
 

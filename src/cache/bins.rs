@@ -346,7 +346,10 @@ fn take(engine: &Engine, rec: &Record, tag: u64, k: usize) -> Option<(u32, u32)>
 fn walk(engine: &Engine, rec: &Record, tag: u64, mut visit: impl FnMut(u32)) {
     for k in 0..BIN_CLASSES {
         let mut pos = rec.heads[k].load(Relaxed);
-        let mut left = rec.counts[k].load(Relaxed);
+        // A damaged record may count more blocks than the heap can hold
+        // and link them in a cycle: no more than the heap holds are visited.
+        let most = engine.capacity() / class_size(k) as u64;
+        let mut left = (rec.counts[k].load(Relaxed) as u64).min(most);
         while pos != NIL && left > 0 {
             let Some(size) = engine.cached_block(pos, tag) else {
                 break;
