@@ -37,7 +37,7 @@ const WATCHDOG: Duration = Duration::from_secs(10);
 
 /// Builds the segment every case starts from: small blocks in pages of
 /// several classes, engine blocks of a few KiB and some of tens of KiB,
-/// a third of each freed (into pages, block caches and the free lists).
+/// a quarter of them freed (into pages, block caches and the free lists).
 /// Returns the bytes up to which the segment holds anything (the rest is
 /// one free block).
 fn template(path: &Path) -> u64 {
@@ -60,7 +60,7 @@ fn template(path: &Path) -> u64 {
         live.push(p);
     }
     for (i, p) in live.into_iter().enumerate() {
-        if i % 3 == 0 {
+        if i % 4 == 1 {
             unsafe { m.free(p).unwrap() };
         }
     }
