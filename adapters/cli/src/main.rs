@@ -189,12 +189,38 @@ fn run(cli: Cli) -> Result<Outcome, String> {
     }
 }
 
+/// The error, with the segment's path unless it names it already.
 fn open_error(target: &Target, e: Error) -> String {
-    format!("{}: {e}", target.path().display())
+    let (path, message) = (target.path().display().to_string(), e.to_string());
+    if message.contains(&path) {
+        message
+    } else {
+        format!("{path}: {message}")
+    }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help` and `--version` print as clap prints them.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A usage error: its message on one line, as every error here
+        // (clap's own runs on over the usage lines).
+        Err(e) => {
+            let text = e.to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect();
+            let message = message.join(" ");
+            eprintln!(
+                "matrix-alloc: {}; see --help",
+                message.trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
     match run(cli) {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Damaged) => ExitCode::from(1),

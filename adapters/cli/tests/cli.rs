@@ -318,7 +318,17 @@ fn foreign_files_and_other_versions_are_named_not_opened() {
     // A segment that does not exist, and bad arguments: one line, status 2.
     let out = cli(&["inspect", "/nonexistent/segment"]);
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(cli(&["rm"]).status.code(), Some(2));
+    for bad in [
+        &["rm"][..],
+        &["frobnicate"],
+        &["check"],
+        &["watch", "x", "--count", "many"],
+    ] {
+        let out = cli(bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert_eq!(text(&out).lines().count(), 1, "{bad:?}: {}", text(&out));
+    }
+    assert!(cli(&["--help"]).status.success());
 }
 
 #[test]
