@@ -93,3 +93,35 @@ fn every_size_range_within_a_quarter_of_peak_requested() {
     }
     assert!(over.is_empty(), "{over:#?}");
 }
+
+/// Small-object pages lie side by side: filling a thousand pages of a
+/// fresh segment leaves no free gap between them (the heap is the pages
+/// and one free block after them).
+#[test]
+fn pages_lie_side_by_side() {
+    const PAGE: usize = 16 << 10;
+    let m = Matrix::anonymous(64 << 20).unwrap();
+    let blocks: Vec<_> = (0..16 * 1000)
+        .map(|_| m.alloc(Layout::from_size_align(1000, 8).unwrap()).unwrap())
+        .collect();
+    let report = m.check().unwrap();
+    assert!(report.pages >= 1000, "{report:?}");
+    assert_eq!(report.used_bytes, report.pages * PAGE as u64, "{report:?}");
+    // One free block after the pages, and at most one before the first
+    // (the heap need not start at a page boundary).
+    assert!(report.free_blocks <= 2, "{report:?}");
+    assert!(
+        report.free_bytes - report.largest_free < PAGE as u64,
+        "{report:?}"
+    );
+    let mut pages: Vec<usize> = blocks.iter().map(|p| p.as_ptr() as usize / PAGE).collect();
+    pages.dedup();
+    assert!(
+        pages.windows(2).all(|w| w[1] == w[0] + 1),
+        "pages are not side by side"
+    );
+    for p in blocks {
+        // SAFETY: (test) a live block of this segment, freed once.
+        unsafe { m.free(p).unwrap() };
+    }
+}

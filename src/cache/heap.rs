@@ -233,15 +233,16 @@ impl Heap {
             return Some(page);
         }
         let engine = self.engine();
-        let a = engine.alloc(PAGE_SIZE, PAGE_SIZE).ok()?;
+        let a = engine.alloc_page().ok()?;
         let start = engine.payload(a.pos);
+        // The block starts at the page: its payload, one header later.
         let n = (start as usize - engine.base_ptr() as usize) / PAGE_SIZE;
         let page = page_in(engine.base_ptr(), n);
         engine.counters().add_block_bytes(a.block_bytes);
         engine.counters().add_page_bytes(a.block_bytes as i64);
-        // SAFETY: the engine just gave us these PAGE_SIZE bytes (from
-        // `start`, a multiple of `PAGE_SIZE` into the mapping); the page is
-        // unreachable until marked below.
+        // SAFETY: the engine just gave us page `n` but for its first
+        // `HEADER` bytes (the block's header, before `colour_offset`); the
+        // page is unreachable until marked below.
         unsafe {
             page.init(
                 class as u16,

@@ -49,7 +49,7 @@ pub(crate) use page::{Page, PAGE_SIZE};
 pub(crate) use registry::{flush_thread, retire_if_last, with_heap, with_heap_fast};
 use ring::Ring;
 
-use crate::engine::words::{ListHead, NIL};
+use crate::engine::words::{ListHead, HEADER, NIL};
 use crate::engine::{Engine, PageTable, PAGE_MARK, SLOTS};
 use crate::shared::SharedRef;
 use crate::stats::Delta;
@@ -133,11 +133,11 @@ fn on_full_ring(page: Page) -> bool {
     page.header().tidy_below.load(Relaxed) == ON_FULL_RING
 }
 
-/// The first byte of `page`: where its engine block starts.
-fn page_start(engine: &Engine, page: Page) -> *mut u8 {
+/// The payload of `page`'s engine block (the block starts at the page).
+fn page_payload(engine: &Engine, page: Page) -> *mut u8 {
     let n = page_number(engine, page) as usize;
     // SAFETY: as in `page_in`.
-    unsafe { engine.base_ptr().add(n * PAGE_SIZE) }
+    unsafe { engine.base_ptr().add(n * PAGE_SIZE + HEADER) }
 }
 
 fn page_number(engine: &Engine, page: Page) -> u32 {
@@ -313,7 +313,7 @@ pub(crate) fn trim(shared: &SharedRef) {
 fn release_page(engine: &Engine, page: Page) {
     let n = page_number(engine, page);
     engine.set_page(n as usize, false);
-    if let Some(pos) = engine.block_of(page_start(engine, page)) {
+    if let Some(pos) = engine.block_of(page_payload(engine, page)) {
         if let Ok((_, bytes)) = engine.free(pos) {
             engine.counters().sub_block_bytes(bytes);
             engine.counters().add_page_bytes(-(bytes as i64));

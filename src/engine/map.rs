@@ -53,8 +53,8 @@ impl Engine {
             let offset = (pos as u64) << GRANULE_LOG;
             let kind = match h.state {
                 s if s == BlockState::Used as u8 => {
-                    // A page's block starts one granule before its page.
-                    let page = (offset + (1 << GRANULE_LOG)) as usize;
+                    // A page's block starts where its page does.
+                    let page = offset as usize;
                     if page % PAGE_SIZE == 0 && self.is_page(page / PAGE_SIZE) {
                         RegionKind::Page
                     } else {

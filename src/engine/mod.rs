@@ -38,7 +38,7 @@ pub(crate) mod words;
 pub(crate) use cached::payload_bytes;
 pub use check::HeapReport;
 pub use map::{Region, RegionKind};
-pub(crate) use ops::Allocated;
+pub(crate) use ops::{Allocated, PAGE_PAYLOAD};
 
 use crate::geometry::{PAGE_SIZE, SMALL_CLASSES};
 use crate::stats::Counters;

@@ -441,7 +441,7 @@ pub(crate) fn check_segment(engine: &Engine) -> Result<HeapReport, Error> {
     let (pages, small_blocks, small_bytes) = cache::census(engine)
         .map_err(|p| Error::HeapCorrupt(format!("small-object page {p} has a damaged header")))?;
     report.pages = pages;
-    // The engine counted each page as one used block of PAGE_SIZE
+    // The engine counted each page as one used block of PAGE_PAYLOAD
     // requested bytes, and each cache record as a used block. (Checked:
     // in a damaged segment the page table may mark more pages than the
     // engine found blocks.)
@@ -451,7 +451,7 @@ pub(crate) fn check_segment(engine: &Engine) -> Result<HeapReport, Error> {
         .checked_sub(pages + bins.records)
         .ok_or_else(unaccounted)?;
     report.requested_bytes = (report.requested_bytes + small_bytes)
-        .checked_sub(pages * cache::PAGE_SIZE as u64 + bins.record_bytes)
+        .checked_sub(pages * crate::engine::PAGE_PAYLOAD as u64 + bins.record_bytes)
         .ok_or_else(unaccounted)?;
     if bins.inconsistent != 0 {
         return Err(Error::HeapCorrupt(format!(

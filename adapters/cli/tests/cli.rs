@@ -228,7 +228,7 @@ fn file_segment(path: &Path) -> usize {
     drop(m);
     let bytes = std::fs::read(path).unwrap();
     let page = first / (16 << 10) * (16 << 10);
-    (page..page + 1024)
+    (page..page + 2048)
         .find(|&at| &bytes[at..at + 4] == b"MTXP")
         .unwrap()
 }

@@ -1,8 +1,9 @@
-//! A small-object page: `PAGE_SIZE` bytes of the segment (one engine block,
-//! page-aligned) holding blocks of one size class.
+//! A small-object page: `PAGE_SIZE` bytes of the segment (one engine block
+//! of exactly that size, starting at a multiple of it) holding blocks of
+//! one size class.
 //!
 //! ```text
-//! [colour | PageHeader | sizes: [AtomicU8; capacity] | pad | block 0 | block 1 | ...]
+//! [engine header | colour | PageHeader | sizes: [AtomicU8; capacity] | pad | block 0 | block 1 | ...]
 //! ```
 //!
 //! `sizes[i]` says what block `i` is: allocated, with its slack (block size
@@ -136,8 +137,10 @@ pub(crate) fn no_page() -> *mut u8 {
 /// slow path runs once per many allocations.
 const EXTEND_BYTES: u32 = 4096;
 
-/// Page colours: the header of page `n` sits `colour(n) * 64` bytes into
-/// the page. Pages are aligned to `PAGE_SIZE`, so without this every header
+/// Page colours: the header of page `n` sits `(1 + n % COLOURS) * 64`
+/// bytes into the page, past the engine block's header (which the page's
+/// first line holds, so that the page header has a line of its own).
+/// Pages are aligned to `PAGE_SIZE`, so without this every header
 /// (and the start of every size array) would fall into the same few sets of
 /// the L1 and L2 caches, and a workload spread over more than a dozen pages
 /// would miss on nearly every header access.
@@ -146,7 +149,7 @@ pub(crate) const COLOURS: usize = 16;
 /// Bytes between the page start and the header of page number `n`.
 #[inline]
 pub(crate) fn colour_offset(n: usize) -> usize {
-    (n % COLOURS) * 64
+    (1 + n % COLOURS) * 64
 }
 
 /// Blocks per page and offset of block 0 from the header, for blocks of
@@ -204,7 +207,7 @@ impl Page {
     pub(crate) fn header(self) -> &'static PageHeader {
         // ('static is a convenience of this module's internals: no reference
         // outlives the heap that made the `Page`.)
-        // SAFETY: `Page` values are only made for page-aligned addresses of
+        // SAFETY: `Page` values are only made for the header addresses of
         // pages inside a live mapping (by `cache`), which the thread heap
         // keeps mapped while it holds them; the header is all integers and atomics.
         unsafe { &*(self.0 as *const PageHeader) }
