@@ -257,9 +257,11 @@ pub(crate) struct Engine {
     /// What this handle's threads write into the claim words of the nodes
     /// they hold (see `holder_tag`).
     holder: u32,
-    /// How freed memory goes back to the OS (see `purge`); `None` once the
-    /// kernel refused.
+    /// How freed memory goes back to the OS (see `purge`); `NO_PURGE` once
+    /// the kernel refused.
     purge: std::sync::atomic::AtomicU8,
+    /// The segment file's descriptor, for `Purge::Punch`.
+    purge_fd: std::os::fd::RawFd,
 }
 
 // SAFETY: `Engine` only holds pointers into a shared mapping that outlives it
@@ -295,6 +297,7 @@ impl Engine {
             slot: SLOTS - 1,
             holder: holder_tag(SLOTS - 1, 0),
             purge: std::sync::atomic::AtomicU8::new(NO_PURGE),
+            purge_fd: -1,
         }
     }
 

@@ -62,20 +62,23 @@ fn encode(how: Option<Purge>) -> u8 {
     match how {
         None => NO_PURGE,
         Some(Purge::DontNeed) => 1,
-        Some(Purge::Remove) => 2,
+        Some(Purge::Punch(_)) => 2,
     }
 }
 
 impl Engine {
     /// Sets how this handle gives freed memory back (from the segment's kind).
     pub(crate) fn set_purge(&mut self, how: Purge) {
+        if let Purge::Punch(fd) = how {
+            self.purge_fd = fd;
+        }
         self.purge.store(encode(Some(how)), Relaxed);
     }
 
     fn purge_how(&self) -> Option<Purge> {
         match self.purge.load(Relaxed) {
             1 => Some(Purge::DontNeed),
-            2 => Some(Purge::Remove),
+            2 => Some(Purge::Punch(self.purge_fd)),
             _ => None,
         }
     }
@@ -184,11 +187,12 @@ impl Engine {
         let Some(how) = self.purge_how() else {
             return;
         };
-        let start = self.pages.base as usize + ((pos as usize) << GRANULE_LOG);
+        let base = self.pages.base as usize;
+        let start = base + ((pos as usize) << GRANULE_LOG);
         let from = (start + HEADER + 8).next_multiple_of(OS_PAGE);
         let to = (start + bytes - 8) / OS_PAGE * OS_PAGE;
         if to > from {
-            if os::purge(from as *mut u8, to - from, how) {
+            if os::purge(from as *mut u8, (from - base) as u64, to - from, how) {
                 if bytes >= PURGE_MIN {
                     self.stamp(pos).store(PURGED, Relaxed);
                 }

@@ -360,8 +360,8 @@ impl Matrix {
     /// the calling thread's empty pages and cached blocks, and abandoned
     /// pages (of threads that exited) whose blocks have all been freed
     /// since; then gives the pages of every free block back to the OS
-    /// (`MADV_DONTNEED`, or `MADV_REMOVE` for memory shared through a
-    /// file). After every block is freed and every other thread has exited,
+    /// (`MADV_DONTNEED`, or a hole punched in the file of memory shared
+    /// through one). After every block is freed and every other thread has exited,
     /// `trim()` leaves the heap one free block again.
     pub fn trim(&self) {
         cache::trim(&self.shared);

@@ -15,8 +15,9 @@ use crate::engine::{Engine, Layout};
 use crate::Error;
 use header::{SegmentHeader, HEADER_SPACE, PHASE_FORMATTING, PHASE_READY};
 use memmap2::{MmapOptions, MmapRaw};
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -39,8 +40,11 @@ pub(crate) struct Segment {
     map: Mapping,
     pub(crate) layout: Layout,
     /// How freed memory goes back to the OS: private anonymous memory is
-    /// dropped, memory shared through a file is punched out of the file.
-    purge: crate::os::Purge,
+    /// dropped, memory shared through a file is punched out of the file
+    /// (`None`: it does not, read-only).
+    purge: Option<crate::os::Purge>,
+    /// The file behind the mapping, open for the punches.
+    _file: Option<File>,
 }
 
 /// The memory behind a segment: where the kernel put it, or at the fixed
@@ -99,12 +103,14 @@ impl Segment {
         // mapping, which lives as long as `Segment`; `Matrix` drops the engine
         // with (never after) the segment.
         let mut engine = unsafe { Engine::attach(self.base(), &self.layout) };
-        engine.set_purge(self.purge);
+        if let Some(how) = self.purge {
+            engine.set_purge(how);
+        }
         engine
     }
 
     /// Formats a new, zero-filled mapping: header, engine, ready mark.
-    fn format(map: Mapping, id: uuid::Uuid) -> Result<Segment, Error> {
+    fn format(map: Mapping, file: Option<File>, id: uuid::Uuid) -> Result<Segment, Error> {
         crate::stats::check_atomics()?;
         let (size, pinned_at) = match &map {
             Mapping::Anywhere(m) => (m.len() as u64, 0),
@@ -118,7 +124,10 @@ impl Segment {
         let seg = Segment {
             map,
             layout,
-            purge: crate::os::Purge::Remove,
+            purge: file
+                .as_ref()
+                .map(|f| crate::os::Purge::Punch(f.as_raw_fd())),
+            _file: file,
         };
         seg.header().mark_formatting();
         // SAFETY: nobody else reads the fields written here before the
@@ -136,8 +145,8 @@ impl Segment {
             .len(size as usize)
             .no_reserve_swap()
             .map_anon()?;
-        let mut seg = Segment::format(Mapping::Anywhere(MmapRaw::from(map)), id)?;
-        seg.purge = crate::os::Purge::DontNeed;
+        let mut seg = Segment::format(Mapping::Anywhere(MmapRaw::from(map)), None, id)?;
+        seg.purge = Some(crate::os::Purge::DontNeed);
         Ok(seg)
     }
 
@@ -167,7 +176,7 @@ impl Segment {
                 None => Mapping::Anywhere(MmapOptions::new().len(size as usize).map_raw(&file)?),
                 Some(at) => Mapping::Fixed(fixed::FixedMap::map(&file, at, size as usize)?),
             };
-            Segment::format(map, id)
+            Segment::format(map, Some(file), id)
         })();
         if formatted.is_err() {
             // Don't leave a half-made file behind.
@@ -222,7 +231,8 @@ impl Segment {
         let mut seg = Segment {
             map: Mapping::Anywhere(map),
             layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))?,
-            purge: crate::os::Purge::Remove,
+            purge: Some(crate::os::Purge::Punch(file.as_raw_fd())),
+            _file: None,
         };
         seg.wait_ready(deadline)?;
         seg.layout = seg.header().validate(len)?;
@@ -235,6 +245,7 @@ impl Segment {
                 return Err(Error::Corrupt("pinned address changed"));
             }
         }
+        seg._file = Some(file);
         Ok(seg)
     }
 
@@ -266,7 +277,8 @@ impl Segment {
         let mut seg = Segment {
             map: Mapping::Anywhere(map),
             layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))?,
-            purge: crate::os::Purge::Remove,
+            purge: None,
+            _file: None,
         };
         seg.wait_ready(Instant::now())?;
         seg.layout = seg.header().validate(len)?;
