@@ -30,6 +30,10 @@ fn main() {
             "a_freed_block_is_reused_by_its_class",
             a_freed_block_is_reused_by_its_class,
         ),
+        (
+            "a_full_cache_makes_room_for_a_class_it_lacks",
+            a_full_cache_makes_room_for_a_class_it_lacks,
+        ),
         ("random_sizes_never_overlap", random_sizes_never_overlap),
         ("frees_from_another_thread", frees_from_another_thread),
         (
@@ -81,6 +85,33 @@ fn a_freed_block_is_reused_by_its_class() {
     let r = m.check().unwrap();
     assert_eq!((r.used_blocks, r.requested_bytes), (1, 2900), "{r:?}");
     assert!(r.counters_agree, "{r:?}");
+    unsafe { m.free(q).unwrap() };
+    assert_pristine(&m);
+}
+
+/// A cache full of one class gives a block of it back to keep a block of
+/// a class it has none of, which the next allocation of that class gets.
+fn a_full_cache_makes_room_for_a_class_it_lacks() {
+    let m = Matrix::anonymous(SEGMENT).unwrap();
+    // 64 blocks of the 8 KiB class, freed: the cache keeps what its room
+    // (256 KiB for a thread that holds little) allows.
+    let many: Vec<_> = (0..64).map(|_| m.alloc(layout(8000, 8)).unwrap()).collect();
+    for p in many {
+        unsafe { m.free(p).unwrap() };
+    }
+    let full = m.stats().cached_bytes;
+    assert!(full >= 200 << 10, "{full}");
+    let p = m.alloc(layout(20_000, 8)).unwrap();
+    assert_eq!(m.stats().cached_bytes, full, "taken from the engine");
+    unsafe { m.free(p).unwrap() };
+    let kept = m.stats().cached_bytes;
+    // Kept, for a few blocks of 8 KiB given back.
+    assert!(
+        (1..=4).any(|j| kept + j * 8192 == full + 20480),
+        "the 20 KiB block was not kept: {full} -> {kept}"
+    );
+    let q = m.alloc(layout(20_000, 8)).unwrap();
+    assert_eq!(p, q);
     unsafe { m.free(q).unwrap() };
     assert_pristine(&m);
 }

@@ -199,10 +199,11 @@ impl Engine {
     ) -> Result<Allocated, Error> {
         debug_assert!(align.is_power_of_two());
         self.purge_if_due();
-        let oom = Error::OutOfMemory { requested: size };
-        let need = granules_for(size).ok_or(Error::OutOfMemory { requested: size })?;
-        let align_g = u32::try_from(align.max(GRANULE) >> GRANULE_LOG)
-            .map_err(|_| Error::OutOfMemory { requested: size })?;
+        // (`ok_or_else`: an `Error` made and dropped on every allocation
+        // costs a call to its destructor.)
+        let oom = || Error::OutOfMemory { requested: size };
+        let need = granules_for(size).ok_or_else(oom)?;
+        let align_g = u32::try_from(align.max(GRANULE) >> GRANULE_LOG).map_err(|_| oom())?;
         // An over-aligned payload may need a front pad of up to two alignments
         // (the pad must itself be empty or a whole block).
         let extra = if align_g > 1 {
@@ -213,8 +214,8 @@ impl Engine {
         let search = extra
             .and_then(|e| need.checked_add(e))
             .filter(|s| (*s as u64) <= self.capacity() >> GRANULE_LOG)
-            .ok_or(Error::OutOfMemory { requested: size })?;
-        let held = self.take_block(search).ok_or(oom)?;
+            .ok_or_else(oom)?;
+        let held = self.take_block(search).ok_or_else(oom)?;
         let hidden = held.hidden;
         let allocated = self.carve(held, need, (align_g, aligned), size);
         self.unhide(hidden);

@@ -296,7 +296,11 @@ impl Matrix {
     /// As for [`Matrix::free`].
     unsafe fn free_engine_counted(&self, ptr: NonNull<u8>) -> Result<(), Error> {
         let engine = self.engine();
-        let pos = engine.block_of(ptr.as_ptr()).ok_or(Error::InvalidPointer)?;
+        // (Not `ok_or`: an `Error` made and dropped on every free costs a
+        // call to its destructor.)
+        let Some(pos) = engine.block_of(ptr.as_ptr()) else {
+            return Err(Error::InvalidPointer);
+        };
         // Into this thread's block cache, counted in the same borrow.
         let kept = cache::with_heap(&self.shared, |h| {
             let requested = h.bins.free(engine, pos)?;
@@ -329,7 +333,9 @@ impl Matrix {
     /// requested size.
     fn free_engine(&self, ptr: NonNull<u8>) -> Result<u64, Error> {
         let engine = self.engine();
-        let pos = engine.block_of(ptr.as_ptr()).ok_or(Error::InvalidPointer)?;
+        let Some(pos) = engine.block_of(ptr.as_ptr()) else {
+            return Err(Error::InvalidPointer);
+        };
         if let Some(Some(kept)) = cache::with_heap(&self.shared, |h| h.bins.free(engine, pos)) {
             return kept;
         }
