@@ -5,6 +5,11 @@
 /// Bytes per small-object page; pages are aligned to it.
 pub(crate) const PAGE_SIZE: usize = 16 * 1024;
 
+/// Bytes at the start of every page before its header can begin: the
+/// engine block's header (a page is one engine block of `PAGE_SIZE`
+/// bytes) and the rest of its cache line.
+pub(crate) const PAGE_HEAD: usize = 64;
+
 /// The largest request served from pages.
 pub(crate) const SMALL_MAX: usize = 1024;
 

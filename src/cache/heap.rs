@@ -237,7 +237,7 @@ impl Heap {
         let start = engine.payload(a.pos);
         // The block starts at the page: its payload, one header later.
         let n = (start as usize - engine.base_ptr() as usize) / PAGE_SIZE;
-        let page = page_in(engine.base_ptr(), n);
+        let page = page_in(engine.page_table().headers(), n);
         engine.counters().add_block_bytes(a.block_bytes);
         engine.counters().add_page_bytes(a.block_bytes as i64);
         // SAFETY: the engine just gave us page `n` but for its first

@@ -44,7 +44,7 @@ use bins::Bins;
 pub(crate) use bins::{bin_class, class_size, Census as BinCensus};
 pub(crate) use heap::Heap;
 use page::{allocated, AVAILABLE, CURRENT, FREE, ON_FULL_RING, REMOTE};
-use page::{colour_offset, no_page};
+use page::{colour, colour_offset, no_page};
 pub(crate) use page::{Page, PAGE_SIZE};
 pub(crate) use registry::{flush_thread, retire_if_last, with_heap, with_heap_fast};
 use ring::Ring;
@@ -109,15 +109,16 @@ static THREAD_NUMBERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU
 
 #[inline]
 fn page_at(engine: &Engine, n: u32) -> Page {
-    page_in(engine.base_ptr(), n as usize)
+    page_in(engine.page_table().headers(), n as usize)
 }
 
-/// Page number `n` of the mapping at `base` (its header, see `colour_offset`).
+/// Page number `n` (its header, see `colour_offset`) of the mapping whose
+/// `PageTable::headers` is `headers`.
 #[inline]
-fn page_in(base: *mut u8, n: usize) -> Page {
+fn page_in(headers: *mut u8, n: usize) -> Page {
     // SAFETY: page numbers come from the page table or from pages this
     // thread made, so they lie inside the mapping.
-    Page(unsafe { base.add(n * PAGE_SIZE + colour_offset(n)) })
+    Page(unsafe { headers.add(n * PAGE_SIZE + colour(n)) })
 }
 
 /// Marks the owner's block at `block`, whose size entry is `entry`, `FREE`
@@ -154,7 +155,7 @@ pub(crate) fn locate(table: &PageTable, ptr: *const u8) -> Option<(Page, u32)> {
     if !table.is_page(n) {
         return None;
     }
-    let page = page_in(table.base(), n);
+    let page = page_in(table.headers(), n);
     Some((page, page.index_of(ptr)?))
 }
 

@@ -40,7 +40,7 @@ pub use check::HeapReport;
 pub use map::{Region, RegionKind};
 pub(crate) use ops::{Allocated, PAGE_PAYLOAD};
 
-use crate::geometry::{PAGE_SIZE, SMALL_CLASSES};
+use crate::geometry::{PAGE_HEAD, PAGE_SIZE, SMALL_CLASSES};
 use crate::stats::Counters;
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use mapping::{FL_COUNT, SL_COUNT};
@@ -207,6 +207,9 @@ pub(crate) const fn align_up(x: u64, a: u64) -> u64 {
 #[derive(Clone, Copy)]
 pub(crate) struct PageTable {
     base: *mut u8,
+    /// `base + PAGE_HEAD`: where page 0's header would be but for its
+    /// colour, kept so that finding a page's header costs no addition.
+    headers: *mut u8,
     entries: *const AtomicU32,
     len: usize,
 }
@@ -222,6 +225,12 @@ impl PageTable {
     #[inline]
     pub(crate) fn base(&self) -> *mut u8 {
         self.base
+    }
+
+    /// `base() + PAGE_HEAD`.
+    #[inline]
+    pub(crate) fn headers(&self) -> *mut u8 {
+        self.headers
     }
 
     #[inline]
@@ -290,6 +299,8 @@ impl Engine {
             heap_end: ((layout.heap_offset + layout.heap_size) >> GRANULE_LOG) as u32,
             pages: PageTable {
                 base,
+                // SAFETY: a mapping is larger than a page.
+                headers: unsafe { base.add(PAGE_HEAD) },
                 // SAFETY: in bounds of the mapping (caller's contract).
                 entries: unsafe { base.add(layout.pagemap_offset as usize) } as *const AtomicU32,
                 len: (layout.heap_offset + layout.heap_size).div_ceil(PAGE_SIZE as u64) as usize,

@@ -36,7 +36,7 @@ use crate::engine::words::{ListHead, NIL};
 use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::ptr::NonNull;
 
-pub(crate) use crate::geometry::PAGE_SIZE;
+pub(crate) use crate::geometry::{PAGE_HEAD, PAGE_SIZE};
 /// "MTXP".
 const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"MTXP");
 pub(crate) const FREE: u8 = 0x80;
@@ -137,9 +137,9 @@ pub(crate) fn no_page() -> *mut u8 {
 /// slow path runs once per many allocations.
 const EXTEND_BYTES: u32 = 4096;
 
-/// Page colours: the header of page `n` sits `(1 + n % COLOURS) * 64`
-/// bytes into the page, past the engine block's header (which the page's
-/// first line holds, so that the page header has a line of its own).
+/// Page colours: the header of page `n` sits `PAGE_HEAD + (n % COLOURS) *
+/// 64` bytes into the page, past the engine block's header (which the
+/// page's first line holds, so that the page header has a line of its own).
 /// Pages are aligned to `PAGE_SIZE`, so without this every header
 /// (and the start of every size array) would fall into the same few sets of
 /// the L1 and L2 caches, and a workload spread over more than a dozen pages
@@ -149,7 +149,13 @@ pub(crate) const COLOURS: usize = 16;
 /// Bytes between the page start and the header of page number `n`.
 #[inline]
 pub(crate) fn colour_offset(n: usize) -> usize {
-    (1 + n % COLOURS) * 64
+    PAGE_HEAD + colour(n)
+}
+
+/// Page `n`'s colour: bytes past `PAGE_HEAD` to its header.
+#[inline]
+pub(crate) fn colour(n: usize) -> usize {
+    (n % COLOURS) * 64
 }
 
 /// Blocks per page and offset of block 0 from the header, for blocks of
