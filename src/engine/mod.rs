@@ -24,6 +24,7 @@
 //! [`nodes`] for the claim protocol and its invariants, and [`ops`] for
 //! allocation, freeing and coalescing.
 
+mod alloc;
 mod cached;
 mod check;
 mod map;
@@ -35,10 +36,10 @@ mod recover;
 mod resize;
 pub(crate) mod words;
 
+pub(crate) use alloc::{Allocated, PAGE_PAYLOAD};
 pub(crate) use cached::payload_bytes;
 pub use check::HeapReport;
 pub use map::{Region, RegionKind};
-pub(crate) use ops::{Allocated, PAGE_PAYLOAD};
 
 use crate::geometry::{PAGE_HEAD, PAGE_SIZE, SMALL_CLASSES};
 use crate::stats::Counters;
