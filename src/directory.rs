@@ -202,6 +202,7 @@ impl Matrix {
     /// // Under another type, the lookup is refused.
     /// assert!(other.lookup::<u32>("answer").is_err());
     /// # m.unpublish("answer")?;
+    /// # // SAFETY: `h` is live, unpublished, and no reference to it remains.
     /// # unsafe { m.free_value(h)? };
     /// # Ok(())
     /// # }

@@ -40,6 +40,7 @@ pub struct Attached {
 /// let seen = Inspector::open(m.id())?;
 /// assert_eq!(seen.processes().len(), 1);
 /// assert!(seen.check()?.used_blocks >= 1);
+/// # // SAFETY: `p` is live and freed once.
 /// # unsafe { m.free(p)? };
 /// # Ok(())
 /// # }
