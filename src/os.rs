@@ -157,14 +157,15 @@ fn write_back_ends(fd: RawFd, offset: u64, len: u64) {
     let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
         | libc::SYNC_FILE_RANGE_WRITE
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-    let head = offset / LARGE_FOLIO * LARGE_FOLIO;
-    let tail = (offset + len) / LARGE_FOLIO * LARGE_FOLIO;
-    for at in [head, tail]
-        .into_iter()
-        .take(if tail == head { 1 } else { 2 })
-    {
+    let write_back = |at: u64| {
         // SAFETY: a plain system call on the segment's descriptor; a
         // failure leaves only the punch less complete.
         unsafe { libc::sync_file_range(fd, at as libc::off_t, LARGE_FOLIO as libc::off_t, flags) };
+    };
+    let head = offset / LARGE_FOLIO * LARGE_FOLIO;
+    let tail = (offset + len) / LARGE_FOLIO * LARGE_FOLIO;
+    write_back(head);
+    if tail != head {
+        write_back(tail);
     }
 }

@@ -39,12 +39,18 @@ pub(crate) use fixed::{DEFAULT_ALIGN, DEFAULT_RANGE};
 pub(crate) struct Segment {
     map: Mapping,
     pub(crate) layout: Layout,
-    /// How freed memory goes back to the OS: private anonymous memory is
-    /// dropped, memory shared through a file is punched out of the file
-    /// (`None`: it does not, read-only).
-    purge: Option<crate::os::Purge>,
-    /// The file behind the mapping, open for the punches.
-    _file: Option<File>,
+    backing: Backing,
+}
+
+/// What is behind the mapping, which says how freed memory goes back to
+/// the OS (`Segment::purge`).
+enum Backing {
+    /// Private anonymous memory: its pages are dropped.
+    Anonymous,
+    /// A file, in tmpfs or on disk, kept open: holes are punched in it.
+    File(File),
+    /// A read-only view: nothing is freed through it.
+    ReadOnly,
 }
 
 /// The memory behind a segment: where the kernel put it, or at the fixed
@@ -103,14 +109,23 @@ impl Segment {
         // mapping, which lives as long as `Segment`; `Matrix` drops the engine
         // with (never after) the segment.
         let mut engine = unsafe { Engine::attach(self.base(), &self.layout) };
-        if let Some(how) = self.purge {
+        if let Some(how) = self.purge() {
             engine.set_purge(how);
         }
         engine
     }
 
+    /// How memory freed in this segment goes back to the OS, if it does.
+    fn purge(&self) -> Option<crate::os::Purge> {
+        match &self.backing {
+            Backing::Anonymous => Some(crate::os::Purge::DontNeed),
+            Backing::File(f) => Some(crate::os::Purge::Punch(f.as_raw_fd())),
+            Backing::ReadOnly => None,
+        }
+    }
+
     /// Formats a new, zero-filled mapping: header, engine, ready mark.
-    fn format(map: Mapping, file: Option<File>, id: uuid::Uuid) -> Result<Segment, Error> {
+    fn format(map: Mapping, backing: Backing, id: uuid::Uuid) -> Result<Segment, Error> {
         crate::stats::check_atomics()?;
         let (size, pinned_at) = match &map {
             Mapping::Anywhere(m) => (m.len() as u64, 0),
@@ -124,10 +139,7 @@ impl Segment {
         let seg = Segment {
             map,
             layout,
-            purge: file
-                .as_ref()
-                .map(|f| crate::os::Purge::Punch(f.as_raw_fd())),
-            _file: file,
+            backing,
         };
         seg.header().mark_formatting();
         // SAFETY: nobody else reads the fields written here before the
@@ -145,9 +157,11 @@ impl Segment {
             .len(size as usize)
             .no_reserve_swap()
             .map_anon()?;
-        let mut seg = Segment::format(Mapping::Anywhere(MmapRaw::from(map)), None, id)?;
-        seg.purge = Some(crate::os::Purge::DontNeed);
-        Ok(seg)
+        Segment::format(
+            Mapping::Anywhere(MmapRaw::from(map)),
+            Backing::Anonymous,
+            id,
+        )
     }
 
     /// Creates a new segment in a file that must not exist yet, mapped at
@@ -176,7 +190,7 @@ impl Segment {
                 None => Mapping::Anywhere(MmapOptions::new().len(size as usize).map_raw(&file)?),
                 Some(at) => Mapping::Fixed(fixed::FixedMap::map(&file, at, size as usize)?),
             };
-            Segment::format(map, Some(file), id)
+            Segment::format(map, Backing::File(file), id)
         })();
         if formatted.is_err() {
             // Don't leave a half-made file behind.
@@ -231,21 +245,19 @@ impl Segment {
         let mut seg = Segment {
             map: Mapping::Anywhere(map),
             layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))?,
-            purge: Some(crate::os::Purge::Punch(file.as_raw_fd())),
-            _file: None,
+            backing: Backing::File(file),
         };
         seg.wait_ready(deadline)?;
         seg.layout = seg.header().validate(len)?;
-        if let Some(at) = seg.pinned_at() {
+        if let (Some(at), Backing::File(file)) = (seg.pinned_at(), &seg.backing) {
             // A pinned segment is only ever used at its own address: map it
             // there (the header is read from the first mapping).
-            seg.map = Mapping::Fixed(fixed::FixedMap::map(&file, at, len as usize)?);
+            seg.map = Mapping::Fixed(fixed::FixedMap::map(file, at, len as usize)?);
             seg.layout = seg.header().validate(len)?;
             if seg.pinned_at() != Some(at) {
                 return Err(Error::Corrupt("pinned address changed"));
             }
         }
-        seg._file = Some(file);
         Ok(seg)
     }
 
@@ -277,8 +289,7 @@ impl Segment {
         let mut seg = Segment {
             map: Mapping::Anywhere(map),
             layout: Layout::for_segment(len, HEADER_SPACE).ok_or(Error::Corrupt("size"))?,
-            purge: None,
-            _file: None,
+            backing: Backing::ReadOnly,
         };
         seg.wait_ready(Instant::now())?;
         seg.layout = seg.header().validate(len)?;
