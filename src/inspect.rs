@@ -145,15 +145,31 @@ pub fn named_segments() -> std::io::Result<Vec<(Uuid, PathBuf)>> {
     for entry in std::fs::read_dir(segment::SHM_DIR)? {
         let entry = entry?;
         let name = entry.file_name();
-        let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(segment::NAME_PREFIX))
-            .and_then(|n| Uuid::parse_str(n).ok())
-        else {
+        let Some(id) = name.to_str().and_then(named_segment_id) else {
             continue;
         };
         out.push((id, entry.path()));
     }
     out.sort();
     Ok(out)
+}
+
+/// The file of the named segment `id`, whether or not it exists.
+pub fn named_segment_path(id: Uuid) -> PathBuf {
+    segment::named_path(&id).to_path_buf()
+}
+
+/// The id of the named segment whose file is called `file_name`, if that
+/// is the name of one.
+///
+/// ```
+/// let id = uuid::Uuid::new_v4();
+/// let path = matrix_alloc::named_segment_path(id);
+/// let name = path.file_name().unwrap().to_str().unwrap();
+/// assert_eq!(matrix_alloc::named_segment_id(name), Some(id));
+/// assert_eq!(matrix_alloc::named_segment_id("notes.txt"), None);
+/// ```
+pub fn named_segment_id(file_name: &str) -> Option<Uuid> {
+    let id = file_name.strip_prefix(segment::NAME_PREFIX)?;
+    Uuid::parse_str(id).ok()
 }

@@ -52,7 +52,7 @@ pub use cache::Reclaimed;
 pub use engine::{HeapReport, Region, RegionKind};
 pub use error::Error;
 pub use handle::{Handle, Shareable};
-pub use inspect::{named_segments, Attached, Inspector};
+pub use inspect::{named_segment_id, named_segment_path, named_segments, Attached, Inspector};
 pub use lock::{LockError, ShmGuard, ShmMutex, LIVENESS_POLL};
 #[doc(hidden)]
 pub use matrix::Declined;

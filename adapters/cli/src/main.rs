@@ -15,7 +15,7 @@ mod map;
 mod report;
 
 use clap::{Parser, Subcommand};
-use matrix_alloc::{Error, Inspector, Matrix};
+use matrix_alloc::{named_segment_id, named_segment_path, Error, Inspector, Matrix};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -101,9 +101,9 @@ impl Target {
     fn parse(s: &str) -> Target {
         // A path has a slash; an id (or the file name of a named segment)
         // has none.
-        let id = s.strip_prefix("matrix-alloc-").unwrap_or(s);
-        match Uuid::parse_str(id) {
-            Ok(id) if !s.contains('/') => Target::Named(id),
+        let id = Uuid::parse_str(s).ok().or_else(|| named_segment_id(s));
+        match id {
+            Some(id) if !s.contains('/') => Target::Named(id),
             _ => Target::File(PathBuf::from(s)),
         }
     }
@@ -124,7 +124,7 @@ impl Target {
 
     fn path(&self) -> PathBuf {
         match self {
-            Target::Named(id) => PathBuf::from(format!("/dev/shm/matrix-alloc-{id}")),
+            Target::Named(id) => named_segment_path(*id),
             Target::File(p) => p.clone(),
         }
     }
@@ -140,15 +140,9 @@ fn run(cli: Cli) -> Result<Outcome, String> {
     match cli.command {
         Command::Ls { paths, json } => report::ls(&paths, json),
         Command::Inspect { segment, json, svg } => {
-            let target = Target::parse(&segment);
-            let seen = target.inspect().map_err(|e| open_error(&target, e))?;
-            report::inspect(&seen, json, svg.as_deref())
+            report::inspect(&inspect(&segment)?, json, svg.as_deref())
         }
-        Command::Check { segment, json } => {
-            let target = Target::parse(&segment);
-            let seen = target.inspect().map_err(|e| open_error(&target, e))?;
-            report::check(&seen, json)
-        }
+        Command::Check { segment, json } => report::check(&inspect(&segment)?, json),
         Command::Reclaim { segment, json } => {
             let target = Target::parse(&segment);
             let m = target.open().map_err(|e| open_error(&target, e))?;
@@ -181,12 +175,17 @@ fn run(cli: Cli) -> Result<Outcome, String> {
             count,
             json,
         } => {
-            let target = Target::parse(&segment);
-            let seen = target.inspect().map_err(|e| open_error(&target, e))?;
+            let seen = inspect(&segment)?;
             report::watch(&seen, Duration::from_millis(interval_ms), count, json);
             Ok(Outcome::Done)
         }
     }
+}
+
+/// The segment named on the command line, opened for reading.
+fn inspect(segment: &str) -> Result<Inspector, String> {
+    let target = Target::parse(segment);
+    target.inspect().map_err(|e| open_error(&target, e))
 }
 
 /// The error, with the segment's path unless it names it already.
