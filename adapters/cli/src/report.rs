@@ -3,7 +3,9 @@
 
 use crate::map;
 use crate::{Outcome, Target};
-use matrix_alloc::{named_segments, Error, Inspector, Matrix, Reclaimed, RegionKind};
+use matrix_alloc::{
+    named_segments, Attached, Error, Inspector, Matrix, PageInfo, Reclaimed, Region, RegionKind,
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -126,9 +128,9 @@ pub fn ls(paths: &[PathBuf], json_out: bool) -> Result<Outcome, String> {
 
 /// Engine blocks by power-of-two size range, and small blocks by block
 /// size: (label, kind) -> (count, bytes).
-fn by_size(seen: &Inspector) -> Result<Value, Error> {
+fn by_size(regions: &[Region], pages: &[PageInfo]) -> Value {
     let mut engine: BTreeMap<(u32, &str), (u64, u64)> = BTreeMap::new();
-    for r in seen.regions()? {
+    for r in regions {
         let kind = match r.kind {
             RegionKind::Used => "used",
             RegionKind::Free => "free",
@@ -142,29 +144,28 @@ fn by_size(seen: &Inspector) -> Result<Value, Error> {
         *e = (e.0 + 1, e.1 + r.len);
     }
     let mut small: BTreeMap<u32, (u64, u64, u64)> = BTreeMap::new();
-    for p in seen.pages()? {
+    for p in pages {
         let e = small.entry(p.block_size).or_default();
         *e = (e.0 + 1, e.1 + p.allocated as u64, e.2 + p.capacity as u64);
     }
-    Ok(json!({
+    json!({
         "engine_blocks": engine.iter().map(|(&(log, kind), &(n, bytes))| json!({
             "up_to": 1u64 << log.min(63), "kind": kind, "count": n, "bytes": bytes,
         })).collect::<Vec<_>>(),
         "small_blocks": small.iter().map(|(&size, &(pages, allocated, capacity))| json!({
             "block_size": size, "pages": pages, "allocated": allocated, "capacity": capacity,
         })).collect::<Vec<_>>(),
-    }))
+    })
 }
 
 /// Pages per attached process.
-fn pages_per_process(seen: &Inspector) -> Result<Value, Error> {
-    let procs = seen.processes();
+fn pages_per_process(procs: &[Attached], pages: &[PageInfo]) -> Value {
     let mut per: BTreeMap<Option<usize>, (u64, u64)> = BTreeMap::new();
-    for p in seen.pages()? {
+    for p in pages {
         let e = per.entry(p.owner_slot).or_default();
         *e = (e.0 + 1, e.1 + p.allocated as u64);
     }
-    Ok(Value::Array(
+    Value::Array(
         per.iter()
             .map(|(slot, &(pages, blocks))| {
                 let owner = slot.and_then(|s| procs.iter().find(|p| p.slot == s));
@@ -177,7 +178,7 @@ fn pages_per_process(seen: &Inspector) -> Result<Value, Error> {
                 })
             })
             .collect(),
-    ))
+    )
 }
 
 fn report_json(r: &matrix_alloc::HeapReport) -> Value {
@@ -204,7 +205,7 @@ fn stats_json(s: &matrix_alloc::Stats) -> Value {
     })
 }
 
-fn or_damage<T>(r: Result<T, Error>, f: impl FnOnce(T) -> Value) -> Value {
+fn or_damage<T, E: std::fmt::Display>(r: Result<T, E>, f: impl FnOnce(T) -> Value) -> Value {
     match r {
         Ok(v) => f(v),
         Err(e) => json!({ "damaged": e.to_string() }),
@@ -212,7 +213,8 @@ fn or_damage<T>(r: Result<T, Error>, f: impl FnOnce(T) -> Value) -> Value {
 }
 
 pub fn inspect(seen: &Inspector, json_out: bool, svg: Option<&Path>) -> Result<Outcome, String> {
-    let regions = seen.regions();
+    // Each read once: a walk of the heap, and one of the pages.
+    let (regions, pages, procs) = (seen.regions(), seen.pages(), seen.processes());
     if let (Some(path), Ok(regions)) = (svg, &regions) {
         std::fs::write(path, map::svg(regions, seen.capacity() as u64))
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -222,13 +224,16 @@ pub fn inspect(seen: &Inspector, json_out: bool, svg: Option<&Path>) -> Result<O
         "path": seen.path().display().to_string(),
         "size": seen.segment_size(),
         "layout_version": seen.layout_version(),
-        "processes": seen.processes().iter().map(|p| json!({
+        "processes": procs.iter().map(|p| json!({
             "slot": p.slot, "pid": p.pid, "alive": p.alive,
         })).collect::<Vec<_>>(),
         "stats": stats_json(&seen.stats()),
         "check": or_damage(seen.check(), |r| report_json(&r)),
-        "by_size": or_damage(by_size(seen), |v| v),
-        "pages_per_process": or_damage(pages_per_process(seen), |v| v),
+        "by_size": match (&regions, &pages) {
+            (Ok(regions), Ok(pages)) => by_size(regions, pages),
+            (Err(e), _) | (_, Err(e)) => json!({ "damaged": e.to_string() }),
+        },
+        "pages_per_process": or_damage(pages.as_ref(), |p| pages_per_process(&procs, p)),
         "directory": or_damage(seen.directory(), |d| Value::Array(d.iter().map(|e| json!({
             "name": e.name, "type": e.type_name, "size": e.size, "offset": e.offset.get(),
         })).collect())),
