@@ -20,7 +20,7 @@ fn symbol(kind: RegionKind) -> char {
     }
 }
 
-fn name(kind: RegionKind) -> &'static str {
+pub fn name(kind: RegionKind) -> &'static str {
     match kind {
         RegionKind::Free => "free",
         RegionKind::Used => "used",

@@ -130,14 +130,9 @@ pub fn ls(paths: &[PathBuf], json_out: bool) -> Result<Outcome, String> {
 /// size: (label, kind) -> (count, bytes).
 fn by_size(regions: &[Region], pages: &[PageInfo]) -> Value {
     let mut engine: BTreeMap<(u32, &str), (u64, u64)> = BTreeMap::new();
-    for r in regions {
-        let kind = match r.kind {
-            RegionKind::Used => "used",
-            RegionKind::Free => "free",
-            RegionKind::Cached => "cached",
-            RegionKind::Orphaned => "orphaned",
-            RegionKind::Page => continue,
-        };
+    // Pages are counted by their small blocks, below.
+    for r in regions.iter().filter(|r| r.kind != RegionKind::Page) {
+        let kind = map::name(r.kind);
         let e = engine
             .entry((64 - r.len.leading_zeros(), kind))
             .or_default();
