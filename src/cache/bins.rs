@@ -159,7 +159,7 @@ impl Bins {
 
     /// Takes a block of class `k` and hands it out for `requested` bytes.
     /// Returns its payload address.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn pop(&mut self, engine: &Engine, k: usize, requested: u64) -> Option<*mut u8> {
         let rec = self.record()?;
         let k = k % BIN_CLASSES;
@@ -176,7 +176,7 @@ impl Bins {
     /// the cache has room for. `None`: not taken (nothing changed; the
     /// caller frees it to the engine); else its requested size, or the
     /// error (`DoubleFree`, `InvalidPointer`) with nothing changed.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn free(&mut self, engine: &Engine, pos: u32) -> Option<Result<u64, Error>> {
         let h = match engine.used_block(pos) {
             Ok(h) => h,
@@ -344,7 +344,7 @@ fn limit(engine: &Engine) -> u64 {
 /// its position and size. The list stays whole at every step, so that an
 /// owner killed here loses at most this block. A head that is not a block
 /// cached under `tag` (a damaged link, see the module notes) empties the list.
-#[inline]
+#[inline(always)]
 fn take(engine: &Engine, rec: &Record, tag: u64, k: usize) -> Option<(u32, u32)> {
     let head = &rec.heads[k];
     let pos = head.load(Relaxed);

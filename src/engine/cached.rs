@@ -24,6 +24,7 @@ use crate::Error;
 impl Engine {
     /// Moves the `Used` block at `pos`, whose header `used_block` returned
     /// as `h`, into a cache with tag `tag`. Returns its requested size.
+    #[inline(always)]
     pub(crate) fn cache_block(&self, pos: u32, h: HeaderWord, tag: u64) -> Result<u64, Error> {
         let cached = HeaderWord {
             state: BlockState::Cached as u8,
@@ -42,6 +43,7 @@ impl Engine {
 
     /// Hands the block at `pos`, `Cached` by the caller (`cached_block`
     /// said so), out again for `requested` bytes.
+    #[inline(always)]
     pub(crate) fn uncache_block(&self, pos: u32, size: u32, requested: u64) {
         self.header(pos)[1].store(requested, Relaxed);
         self.header(pos)[0].store(
@@ -53,6 +55,7 @@ impl Engine {
     /// The size (granules) of the block at `pos`, if `pos` is in the heap
     /// and a block `Cached` under `tag` starts there; checked without
     /// trusting `pos`.
+    #[inline(always)]
     pub(crate) fn cached_block(&self, pos: u32, tag: u64) -> Option<u32> {
         if pos < self.heap_start || pos >= self.heap_end {
             return None;

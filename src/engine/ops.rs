@@ -163,6 +163,7 @@ impl Engine {
 
     /// Validates that `pos` is a `Used` block and returns its header;
     /// `pos` itself is checked too (it may come from a damaged word).
+    #[inline(always)]
     pub(crate) fn used_block(&self, pos: u32) -> Result<HeaderWord, Error> {
         if pos < self.heap_start || pos >= self.heap_end {
             return Err(Error::InvalidPointer);

@@ -83,6 +83,7 @@ impl Matrix {
 
     /// A block of class `k` from this thread's block cache, handed out for
     /// `size` bytes and counted in its batch.
+    #[inline(always)]
     fn alloc_binned(&self, k: usize, size: usize) -> Option<NonNull<u8>> {
         let engine = self.engine();
         cache::with_heap(&self.shared, |h| {
@@ -294,6 +295,7 @@ impl Matrix {
     ///
     /// # Safety
     /// As for [`Matrix::free`].
+    #[inline(always)]
     unsafe fn free_engine_counted(&self, ptr: NonNull<u8>) -> Result<(), Error> {
         let engine = self.engine();
         // (Not `ok_or`: an `Error` made and dropped on every free costs a
