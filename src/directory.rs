@@ -303,14 +303,12 @@ pub(crate) fn list_unlocked(engine: &Engine) -> Result<Vec<DirEntry>, Error> {
         return Ok(Vec::new());
     }
     let ptr = engine.base_ptr().wrapping_add(off as usize);
-    let pos = engine
-        .block_of(ptr)
-        .ok_or(Error::Corrupt("directory offset"))?;
-    engine.used_block(pos)?;
-    if engine.usable(pos) < size_of::<Table>() || off as usize % align_of::<Table>() != 0 {
+    let len = crate::cache::live_block_len(engine, ptr)
+        .map_err(|_| Error::Corrupt("directory offset"))?;
+    if len < size_of::<Table>() || off as usize % align_of::<Table>() != 0 {
         return Err(Error::Corrupt("directory block"));
     }
-    // SAFETY: a used block inside the heap, aligned and large enough for
+    // SAFETY: a live block inside the heap, aligned and large enough for
     // the table, which is atomics only.
     Ok(list(unsafe { &*(ptr as *const Table) }))
 }

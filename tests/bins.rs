@@ -1,4 +1,5 @@
-//! The per-thread block caches of blocks above 1 KiB (`cache::bins`):
+//! The per-thread block caches of blocks above 32 KiB (`cache::bins`;
+//! medium pages serve the sizes between, see `tests/medium_pages.rs`):
 //! freed blocks are reused by the freeing thread, frees from other threads
 //! and processes land in the freeing thread's cache, double frees are
 //! caught, out-of-memory takes the cached blocks back, a damaged link loses
@@ -70,20 +71,23 @@ fn main() {
 /// block, counted as a fresh allocation; `stats()` shows the cached bytes.
 fn a_freed_block_is_reused_by_its_class() {
     let m = Matrix::anonymous(SEGMENT).unwrap();
-    let p = m.alloc(layout(3000, 8)).unwrap();
-    stamp(p, 3000, 1);
+    let p = m.alloc(layout(100_000, 8)).unwrap();
+    stamp(p, 100_000, 1);
     unsafe { m.free(p).unwrap() };
     let s = m.stats();
-    assert!(s.cached_bytes >= 3000, "{s:?}");
+    assert!(s.cached_bytes >= 100_000, "{s:?}");
     assert_eq!((s.curr_blocks, s.curr_bytes), (0, 0));
-    // 3000 and 2900 share the class of 3072 bytes.
-    let q = m.alloc(layout(2900, 8)).unwrap();
+    // 100,000 and 99,000 share the class of 112 KiB.
+    let q = m.alloc(layout(99_000, 8)).unwrap();
     assert_eq!(p, q);
-    assert!(m.usable_size(q).unwrap() >= 3072);
+    assert!(m.usable_size(q).unwrap() >= 112 << 10);
     let s = m.stats();
-    assert_eq!((s.curr_blocks, s.curr_bytes, s.cached_bytes), (1, 2900, 0));
+    assert_eq!(
+        (s.curr_blocks, s.curr_bytes, s.cached_bytes),
+        (1, 99_000, 0)
+    );
     let r = m.check().unwrap();
-    assert_eq!((r.used_blocks, r.requested_bytes), (1, 2900), "{r:?}");
+    assert_eq!((r.used_blocks, r.requested_bytes), (1, 99_000), "{r:?}");
     assert!(r.counters_agree, "{r:?}");
     unsafe { m.free(q).unwrap() };
     assert_pristine(&m);
@@ -93,30 +97,33 @@ fn a_freed_block_is_reused_by_its_class() {
 /// a class it has none of, which the next allocation of that class gets.
 fn a_full_cache_makes_room_for_a_class_it_lacks() {
     let m = Matrix::anonymous(SEGMENT).unwrap();
-    // 64 blocks of the 8 KiB class, freed: the cache keeps what its room
+    // 64 blocks of the 40 KiB class, freed: the cache keeps what its room
     // (256 KiB for a thread that holds little) allows.
-    let many: Vec<_> = (0..64).map(|_| m.alloc(layout(8000, 8)).unwrap()).collect();
+    let many: Vec<_> = (0..64)
+        .map(|_| m.alloc(layout(40_000, 8)).unwrap())
+        .collect();
     for p in many {
         unsafe { m.free(p).unwrap() };
     }
     let full = m.stats().cached_bytes;
     assert!(full >= 200 << 10, "{full}");
-    let p = m.alloc(layout(20_000, 8)).unwrap();
+    let p = m.alloc(layout(100_000, 8)).unwrap();
     assert_eq!(m.stats().cached_bytes, full, "taken from the engine");
     unsafe { m.free(p).unwrap() };
     let kept = m.stats().cached_bytes;
-    // Kept, for a few blocks of 8 KiB given back.
+    // Kept, for a few blocks of 40 KiB given back.
     assert!(
-        (1..=4).any(|j| kept + j * 8192 == full + 20480),
-        "the 20 KiB block was not kept: {full} -> {kept}"
+        (1..=4).any(|j| kept + j * 40960 == full + (112 << 10)),
+        "the 112 KiB block was not kept: {full} -> {kept}"
     );
-    let q = m.alloc(layout(20_000, 8)).unwrap();
+    let q = m.alloc(layout(100_000, 8)).unwrap();
     assert_eq!(p, q);
     unsafe { m.free(q).unwrap() };
     assert_pristine(&m);
 }
 
-/// Blocks of random sizes from 1 KiB to 4 MiB, replaced at random: no two
+/// Blocks of random sizes from 1 KiB to 4 MiB (medium pages' and the
+/// caches' alike), replaced at random: no two
 /// live blocks overlap, each keeps its contents, the counters agree with
 /// the heap at every check, and everything comes back.
 fn random_sizes_never_overlap() {
@@ -160,7 +167,7 @@ fn frees_from_another_thread() {
     std::thread::scope(|s| {
         s.spawn(|| {
             for i in 0..2000 {
-                let len = 1025 + (i * 997) % (128 << 10);
+                let len = (32 << 10) + 1 + (i * 997) % (96 << 10);
                 let p = m.alloc(layout(len, 8)).unwrap();
                 stamp(p, len, i as u64);
                 tx.send(p.as_ptr() as usize).unwrap();
@@ -170,7 +177,7 @@ fn frees_from_another_thread() {
         let mut reused = 0;
         let mut mine = Vec::new();
         for (i, addr) in rx.iter().enumerate() {
-            let len = 1025 + (i * 997) % (128 << 10);
+            let len = (32 << 10) + 1 + (i * 997) % (96 << 10);
             let p = NonNull::new(addr as *mut u8).unwrap();
             assert!(has_stamp(p, len, i as u64));
             unsafe { m.free(p).unwrap() };
@@ -192,7 +199,7 @@ fn frees_from_another_thread() {
 /// are errors that change nothing.
 fn double_frees_of_cached_blocks() {
     let m = Matrix::anonymous(SEGMENT).unwrap();
-    let p = m.alloc(layout(10_000, 8)).unwrap();
+    let p = m.alloc(layout(50_000, 8)).unwrap();
     unsafe { m.free(p).unwrap() };
     assert!(matches!(unsafe { m.free(p) }, Err(Error::DoubleFree)));
     let inside = NonNull::new(unsafe { p.as_ptr().add(64) }).unwrap();
@@ -201,9 +208,9 @@ fn double_frees_of_cached_blocks() {
         Err(Error::InvalidPointer)
     ));
     assert!(m.usable_size(p).is_none());
-    let q = m.alloc(layout(10_000, 8)).unwrap();
+    let q = m.alloc(layout(50_000, 8)).unwrap();
     assert_eq!(p, q, "the cache still holds the block, once");
-    let r = m.alloc(layout(10_000, 8)).unwrap();
+    let r = m.alloc(layout(50_000, 8)).unwrap();
     assert_ne!(q, r);
     unsafe { m.free(q).unwrap() };
     unsafe { m.free(r).unwrap() };
@@ -216,19 +223,19 @@ fn double_frees_of_cached_blocks() {
 fn out_of_memory_takes_cached_blocks_back() {
     let m = Matrix::anonymous(4 << 20).unwrap();
     let mut blocks = Vec::new();
-    while let Ok(p) = m.alloc(layout(2000, 8)) {
+    while let Ok(p) = m.alloc(layout(40_000, 8)) {
         blocks.push(p);
     }
-    assert!(blocks.len() > 1000);
-    // The cache keeps at most 1/64 of the heap (the first 25 blocks freed
-    // here, every other one of the first 50); the rest goes back to the
-    // engine and merges. So the largest free block lacks the first 64
-    // blocks' room until the cache gives its blocks back.
+    assert!(blocks.len() > 80);
+    // The cache keeps at most 1/64 of the heap (the first block freed
+    // here); the rest goes back to the engine and merges. So the largest
+    // free block lacks that block's and its neighbour's room until the
+    // cache gives its block back.
     let (odd, even): (Vec<_>, Vec<_>) = blocks.iter().enumerate().partition(|(i, _)| i % 2 == 1);
     for (_, p) in odd.into_iter().chain(even) {
         unsafe { m.free(*p).unwrap() };
     }
-    assert!(m.stats().cached_bytes >= 20 * 2048, "{:?}", m.stats());
+    assert!(m.stats().cached_bytes >= 40_000, "{:?}", m.stats());
     assert!(m.stats().largest_free < (m.capacity() - (64 << 10)) as u64);
     let big = m.alloc(layout(m.capacity() - (32 << 10), 8)).unwrap();
     assert_eq!(m.stats().cached_bytes, 0);
@@ -241,7 +248,9 @@ fn out_of_memory_takes_cached_blocks_back() {
 /// counted orphaned) and never hands out memory that is not a free block.
 fn a_damaged_link_loses_blocks_not_memory() {
     let m = Matrix::anonymous(SEGMENT).unwrap();
-    let blocks: Vec<_> = (0..4).map(|_| m.alloc(layout(5000, 8)).unwrap()).collect();
+    let blocks: Vec<_> = (0..4)
+        .map(|_| m.alloc(layout(50_000, 8)).unwrap())
+        .collect();
     for &p in &blocks {
         unsafe { m.free(p).unwrap() };
     }
@@ -250,9 +259,9 @@ fn a_damaged_link_loses_blocks_not_memory() {
     let top = blocks[3];
     let bogus = (m.offset_of(blocks[0].as_ptr()).unwrap().get() / 16 + 7) as u32;
     unsafe { (top.as_ptr() as *mut u32).write(bogus) };
-    let a = m.alloc(layout(5000, 8)).unwrap();
+    let a = m.alloc(layout(50_000, 8)).unwrap();
     assert_eq!(a, top);
-    let b = m.alloc(layout(5000, 8)).unwrap();
+    let b = m.alloc(layout(50_000, 8)).unwrap();
     assert!(
         !blocks[..3].contains(&b),
         "a block after the damaged link was handed out"
@@ -268,7 +277,7 @@ fn a_damaged_link_loses_blocks_not_memory() {
 fn child_caches_then_dies(id: uuid::Uuid) {
     let m = Matrix::open(id).unwrap();
     let blocks: Vec<_> = (0..200)
-        .map(|i| m.alloc(layout(1100 + i * 97, 8)).unwrap())
+        .map(|i| m.alloc(layout(33_000 + i * 37, 8)).unwrap())
         .collect();
     for p in blocks {
         unsafe { m.free(p).unwrap() };
@@ -305,7 +314,7 @@ fn a_killed_process_s_cache_comes_back() {
     child.kill().unwrap();
     child.wait().unwrap();
     let r = m.check().unwrap();
-    assert!(r.cached_blocks > 10, "{r:?}");
+    assert!(r.cached_blocks >= 4, "{r:?}");
     assert_eq!(m.stats().cached_bytes, cached);
     let back = m.reclaim_dead();
     assert!(back.cached_bytes > cached, "{back:?}");

@@ -27,7 +27,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-const SIZE: usize = 1 << 20;
+const SIZE: usize = 4 << 20;
 /// The small-object page size.
 const PAGE: u64 = 16 << 10;
 const CASES: u64 = 3_000;
@@ -36,7 +36,8 @@ const BATCH: u64 = 1_000;
 const WATCHDOG: Duration = Duration::from_secs(10);
 
 /// Builds the segment every case starts from: small blocks in pages of
-/// several classes, engine blocks of a few KiB and some of tens of KiB,
+/// several classes, medium blocks of 1 - 2 KiB in medium pages, engine
+/// blocks of tens of KiB,
 /// a quarter of them freed (into pages, block caches and the free lists).
 /// Returns the bytes up to which the segment holds anything (the rest is
 /// one free block).
@@ -52,8 +53,8 @@ fn template(path: &Path) -> u64 {
     for i in 0..90 {
         let size = match i % 6 {
             0..=3 => [16, 48, 100, 256, 1000][rng.gen_range(0..5)],
-            4 => rng.gen_range(1025..=8192),
-            _ => rng.gen_range(8193..=24_000),
+            4 => rng.gen_range(1025..=2048),
+            _ => rng.gen_range(33_000..=36_000),
         };
         let p = m.alloc(layout(size, 8)).unwrap();
         end = end.max(m.offset_of(p.as_ptr()).unwrap().get() + size as u64);

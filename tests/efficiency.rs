@@ -81,8 +81,17 @@ fn every_size_range_within_a_quarter_of_peak_requested() {
         // Blocks up to 1 KiB sit in 16 KiB pages of 64 classes: with 4,096
         // live blocks, the partly used pages of every class cost about half
         // as much again (1.59 here), above the target of 1.25 (issue 22,
-        // open). That bound guards against it growing.
-        let bound = if hi <= 1 << 10 { 1.65 } else { 1.25 };
+        // open). Blocks up to 32 KiB sit in medium pages, four classes per
+        // doubling: with a few hundred to a few thousand live blocks of
+        // random sizes, replaced at random, each class keeps a few pages
+        // part used (1.30 and 1.28 here, against 1.16 and 1.20 as engine
+        // blocks in the block caches, which were 1.3 - 2 times slower).
+        // Those bounds guard against it growing.
+        let bound = match hi {
+            h if h <= 1 << 10 => 1.65,
+            h if h <= 64 << 10 => 1.35,
+            _ => 1.25,
+        };
         if ratio > bound {
             over.push(format!("{lo}..={hi}: {ratio:.3}: {s:?}"));
         }

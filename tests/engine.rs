@@ -167,22 +167,22 @@ fn vec_and_hashmap_live_in_the_segment() {
 #[test]
 fn grow_and_shrink_in_place_when_the_neighbour_allows() {
     let m = Matrix::anonymous(1 << 20).unwrap();
-    // Blocks above the small-object limit live in the engine, where a grow
-    // absorbs the free right neighbour.
-    let a = m.alloc(layout(2000, 8)).unwrap();
-    stamp(a, 2000, 1);
-    let b = unsafe { m.realloc(a, layout(50_000, 8)) }.unwrap();
+    // Blocks above the medium-page limit (32 KiB) live in the engine, where
+    // a grow absorbs the free right neighbour.
+    let a = m.alloc(layout(40_000, 8)).unwrap();
+    stamp(a, 40_000, 1);
+    let b = unsafe { m.realloc(a, layout(150_000, 8)) }.unwrap();
     assert_eq!(a, b, "grow did not happen in place");
-    assert!(has_stamp(b, 2000, 1));
-    let c = unsafe { m.realloc(b, layout(3000, 8)) }.unwrap();
+    assert!(has_stamp(b, 40_000, 1));
+    let c = unsafe { m.realloc(b, layout(60_000, 8)) }.unwrap();
     assert_eq!(b, c, "shrink did not happen in place");
-    assert!(m.usable_size(c).unwrap() < 3100, "shrink kept the tail");
+    assert!(m.usable_size(c).unwrap() < 60_100, "shrink kept the tail");
     // A blocked neighbour forces a move, contents kept.
-    let blocker = m.alloc(layout(4000, 8)).unwrap();
-    stamp(c, 3000, 2);
-    let d = unsafe { m.realloc(c, layout(50_000, 8)) }.unwrap();
+    let blocker = m.alloc(layout(40_000, 8)).unwrap();
+    stamp(c, 60_000, 2);
+    let d = unsafe { m.realloc(c, layout(150_000, 8)) }.unwrap();
     assert_ne!(c, d);
-    assert!(has_stamp(d, 3000, 2));
+    assert!(has_stamp(d, 60_000, 2));
     // Small blocks resize in place within their size class, and move
     // (contents kept) across classes.
     let e = m.alloc(layout(40, 8)).unwrap();
@@ -199,9 +199,9 @@ fn grow_and_shrink_in_place_when_the_neighbour_allows() {
     assert_eq!(s.total_blocks, 8);
     assert_eq!(
         s.total_bytes,
-        2000 + 50_000 + 3000 + 4000 + 50_000 + 40 + 48 + 500
+        40_000 + 150_000 + 60_000 + 40_000 + 150_000 + 40 + 48 + 500
     );
-    assert_eq!(s.max_bytes, 50_000 + 4000 + 500);
+    assert_eq!(s.max_bytes, 150_000 + 40_000 + 500);
     assert_eq!(s.max_blocks, 3);
     assert_pristine(&m);
 }
@@ -353,10 +353,10 @@ fn matrix_is_send_and_sync() {
 #[test]
 fn vec_growth_through_the_allocator_trait_happens_in_place() {
     let m = Matrix::anonymous(4 << 20).unwrap();
-    // 4096 bytes: above the small-object limit, so an engine block.
+    // 40,000 bytes: above the medium-page limit, so an engine block.
     let mut v: allocator_api2::vec::Vec<u8, &Matrix> =
-        allocator_api2::vec::Vec::with_capacity_in(4096, &m);
-    v.extend(std::iter::repeat_n(7u8, 4096));
+        allocator_api2::vec::Vec::with_capacity_in(40_000, &m);
+    v.extend(std::iter::repeat_n(7u8, 40_000));
     let before = v.as_ptr();
     v.reserve_exact(100_000); // the rest of the heap is free to the right
     assert_eq!(
@@ -365,7 +365,7 @@ fn vec_growth_through_the_allocator_trait_happens_in_place() {
         "grow moved the vector although its neighbour was free"
     );
     assert!(v.iter().all(|b| *b == 7));
-    v.shrink_to(5000);
+    v.shrink_to(50_000);
     assert_eq!(v.as_ptr(), before, "shrink moved the vector");
     drop(v);
     assert_pristine(&m);

@@ -137,7 +137,10 @@ fn engine_op(m: &Matrix, slots: &[AtomicU64], rng: &mut SmallRng) {
     let off = slot.load(Acquire);
     if off == 0 {
         let align = [8, 64, 256, 4096][rng.gen_range(0..4)];
-        let p = m.alloc(layout(rng.gen_range(1100..20_000), align)).unwrap();
+        // Above the medium pages' 32 KiB: engine blocks.
+        let p = m
+            .alloc(layout(rng.gen_range(33_000..50_000), align))
+            .unwrap();
         slot.store(m.offset_of(p.as_ptr()).unwrap().get(), Release);
     } else if rng.gen_bool(0.5) {
         let p = m.resolve::<u8>(Offset(off)).unwrap();
@@ -145,7 +148,7 @@ fn engine_op(m: &Matrix, slots: &[AtomicU64], rng: &mut SmallRng) {
         unsafe { m.free(p).unwrap() };
     } else {
         let p = m.resolve::<u8>(Offset(off)).unwrap();
-        let q = unsafe { m.realloc(p, layout(rng.gen_range(1100..30_000), 8)) }.unwrap();
+        let q = unsafe { m.realloc(p, layout(rng.gen_range(33_000..60_000), 8)) }.unwrap();
         slot.store(m.offset_of(q.as_ptr()).unwrap().get(), Release);
     }
 }
@@ -153,7 +156,7 @@ fn engine_op(m: &Matrix, slots: &[AtomicU64], rng: &mut SmallRng) {
 /// Bytes a process may lose per thread that was inside an engine
 /// operation when it died: the block it was allocating or freeing, and for
 /// a moving realloc, both blocks (see `engine_op`).
-const IN_FLIGHT_BYTES: u64 = 2 * (30_000 + 2 * 4096 + 64);
+const IN_FLIGHT_BYTES: u64 = 2 * (60_000 + 2 * 4096 + 64);
 
 /// Frees every block recorded in `slots` (tolerating `in_flight` failures:
 /// blocks a dead process was freeing or moving when it died).
@@ -236,13 +239,14 @@ fn child_die_at_step(id: Uuid, table_at: u64, die_at: u64) {
 fn child_sweep_die_at(id: Uuid, table_at: u64, die_at: u64) {
     let m = Matrix::open(id).unwrap();
     let t = table(&m, Offset(table_at));
-    // Engine blocks of one size, carved one after the other: in group `i`,
+    // Engine blocks of one size (above the medium pages' 32 KiB), carved
+    // one after the other: in group `i`,
     // blocks 0 and 3 stay in use; 1 is freed alone and listed, 4 is freed
     // alone on top of it in the same list, and 2 is freed last, so that it
     // merges with 1 and 1's node dies where it lies, under 4's.
     const GROUPS: usize = 24;
     let blocks: Vec<NonNull<u8>> = (0..5 * GROUPS + 1)
-        .map(|_| m.alloc(layout(2000, 8)).unwrap())
+        .map(|_| m.alloc(layout(40_000, 8)).unwrap())
         .collect();
     let mut kept = 0;
     for (k, p) in blocks.iter().enumerate() {
@@ -265,8 +269,9 @@ fn child_sweep_die_at(id: Uuid, table_at: u64, die_at: u64) {
 }
 
 /// Free blocks of one size per list, `STOPPED_SWEEP_LISTS[i].1` blocks of
-/// `.0` bytes each: the same bytes on each of the three lists.
-const STOPPED_SWEEP_LISTS: [(usize, usize); 3] = [(2000, 16), (8000, 4), (32_000, 1)];
+/// `.0` bytes each: the same bytes on each of the three lists (engine
+/// blocks, of block-cache classes: 40, 160 and 640 KiB).
+const STOPPED_SWEEP_LISTS: [(usize, usize); 3] = [(40_000, 16), (160_000, 4), (640_000, 1)];
 
 /// Makes free blocks on three lists (`STOPPED_SWEEP_LISTS`), each between
 /// two blocks in use, and takes the rest of the heap with blocks in use,

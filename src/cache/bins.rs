@@ -1,7 +1,8 @@
-//! Block caches: per thread, engine blocks above `SMALL_MAX` that users
+//! Block caches: per thread, engine blocks above `MEDIUM_MAX` that users
 //! freed, kept whole in size classes for the thread's next allocations.
 //!
-//! Above `SMALL_MAX` blocks come from the shared engine, whose every
+//! Above `MEDIUM_MAX` (the largest block of the medium pages, see
+//! `kinds`) blocks come from the shared engine, whose every
 //! allocation and free claims and publishes nodes with read-modify-writes
 //! that all threads contend on. A freed block of up to `BIN_MAX` bytes goes
 //! instead into the freeing thread's cache (one CAS on its header, `Used ->
@@ -12,7 +13,8 @@
 //! no home), so frees from elsewhere are O(1) too.
 //!
 //! Classes are four per doubling (1.25 KiB, 1.5, 1.75, 2, 2.5, ... 4 MiB),
-//! as mimalloc's. An allocation of class `k` takes a block from list `k`,
+//! as mimalloc's; the first `MEDIUM_CLASSES` are the medium pages', and
+//! a block of theirs is not kept here. An allocation of class `k` takes a block from list `k`,
 //! or asks the engine for exactly `class_size(k)` bytes; a freed block goes
 //! on the list of the largest class it can serve (`floor_class` of its
 //! payload). So every block on list `k` holds at least `class_size(k)`
@@ -53,35 +55,9 @@
 use super::SWEEPER;
 use crate::engine::words::NIL;
 use crate::engine::{payload_bytes, Engine};
-use crate::geometry::SMALL_MAX;
+use crate::geometry::{class_size, BIN_CLASSES, MEDIUM_CLASSES, SMALL_MAX};
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use crate::Error;
-
-/// The largest request the caches serve.
-pub(crate) const BIN_MAX: usize = 4 << 20;
-/// Classes: four per doubling from `SMALL_MAX` (exclusive) to `BIN_MAX`.
-pub(crate) const BIN_CLASSES: usize = 4 * (BIN_MAX / SMALL_MAX).ilog2() as usize;
-
-/// The payload of class `k`'s blocks.
-pub(crate) fn class_size(k: usize) -> usize {
-    let (d, s) = ((k + 1) / 4, (k + 1) % 4);
-    (SMALL_MAX << d) + s * ((SMALL_MAX / 4) << d)
-}
-
-/// The class of a request of `size` bytes aligned to `align`, if the
-/// caches serve it: above `SMALL_MAX`, up to `BIN_MAX`, alignment up to 16.
-#[inline]
-pub(crate) fn bin_class(size: usize, align: usize) -> Option<usize> {
-    if size <= SMALL_MAX || size > BIN_MAX || align > 16 {
-        return None;
-    }
-    // The smallest class at least `size`: the doubling `d` of `size - 1`
-    // above `SMALL_MAX`, and the quarter of it past which `size` falls.
-    let x = size - 1;
-    let d = x.ilog2() as usize - SMALL_MAX.ilog2() as usize;
-    let s = ((x - (SMALL_MAX << d)) >> (SMALL_MAX.ilog2() as usize - 2 + d)) + 1;
-    Some(4 * d + s - 1)
-}
 
 /// The largest class a block with `payload` bytes serves, if any.
 fn floor_class(payload: usize) -> Option<usize> {
@@ -183,7 +159,9 @@ impl Bins {
             Err(e) => return Some(Err(e)),
         };
         let payload = payload_bytes(h.size);
-        let k = floor_class(payload)?;
+        // Medium pages serve the medium classes: a block of theirs here
+        // (an engine block, allocated when no page could be had) goes back.
+        let k = floor_class(payload).filter(|k| *k >= MEDIUM_CLASSES)?;
         self.live -= payload as i64;
         if self.record.is_null() && !self.register(engine) {
             return None;
@@ -520,6 +498,7 @@ pub(crate) fn cached_bytes(engine: &Engine) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::geometry::{bin_class, BIN_MAX};
 
     #[test]
     fn classes_are_four_per_doubling_and_cover_the_range() {

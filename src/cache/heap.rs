@@ -1,5 +1,5 @@
-//! The thread heap: one thread's cache of small-object pages for one
-//! segment, and its allocation and free paths.
+//! The thread heap: one thread's cache of pages (small and medium) for
+//! one segment, and its allocation and free paths.
 
 use super::*;
 
@@ -14,18 +14,19 @@ pub(crate) struct Heap {
     pub(crate) delta: Delta,
     pub(super) shared: SharedRef,
     /// The page each class allocates from (its address, or `no_page()`).
-    current: [*mut u8; SMALL_CLASSES],
+    current: [*mut u8; PAGE_CLASSES],
     /// Per class, the owned pages that may have free blocks, and those that
     /// were full when last looked at (see `ring`).
-    available: [Ring; SMALL_CLASSES],
-    full: [Ring; SMALL_CLASSES],
-    /// Empty pages kept for reuse by any class, so that a thread that frees
-    /// everything and allocates again does not go back to the pool or the
-    /// engine; per class, most recently emptied first (a page taken again
-    /// for its own class keeps its free list and needs no formatting). At
-    /// most `stash_limit` in all; `stash_classes` has bit `c` set when
-    /// `stash[c]` is not empty.
-    stash: [Ring; SMALL_CLASSES],
+    available: [Ring; PAGE_CLASSES],
+    full: [Ring; PAGE_CLASSES],
+    /// Empty pages kept for reuse by any class (a medium page by its own
+    /// class only), so that a thread that frees everything and allocates
+    /// again does not go back to the pool or the engine; per class, most
+    /// recently emptied first (a page taken again for its own class keeps
+    /// its free list and needs no formatting). At most `stash_limit` units
+    /// in all (`stashed`); `stash_classes` has bit `c` set when the small
+    /// class `c`'s stash is not empty.
+    stash: [Ring; PAGE_CLASSES],
     stash_classes: u64,
     stashed: usize,
     stash_limit: usize,
@@ -48,10 +49,10 @@ impl Heap {
             token,
             bins,
             shared,
-            current: [no_page(); SMALL_CLASSES],
-            available: [Ring::EMPTY; SMALL_CLASSES],
-            full: [Ring::EMPTY; SMALL_CLASSES],
-            stash: [Ring::EMPTY; SMALL_CLASSES],
+            current: [no_page(); PAGE_CLASSES],
+            available: [Ring::EMPTY; PAGE_CLASSES],
+            full: [Ring::EMPTY; PAGE_CLASSES],
+            stash: [Ring::EMPTY; PAGE_CLASSES],
             stash_classes: 0,
             stashed: 0,
             stash_limit,
@@ -86,6 +87,17 @@ impl Heap {
     pub(crate) fn alloc(&mut self, size: usize) -> Option<NonNull<u8>> {
         let class = class_of(size) % SMALL_CLASSES;
         if let Some(p) = Page(self.current[class]).pop(size) {
+            return Some(p);
+        }
+        self.alloc_slow(class, size)
+    }
+
+    /// Allocates a block of the medium page class `class` for `size`
+    /// bytes; the request is not counted here.
+    #[inline]
+    pub(crate) fn alloc_medium(&mut self, class: usize, size: usize) -> Option<NonNull<u8>> {
+        let class = class % PAGE_CLASSES;
+        if let Some(p) = Page(self.current[class]).pop_medium(size) {
             return Some(p);
         }
         self.alloc_slow(class, size)
@@ -148,6 +160,13 @@ impl Heap {
         }
         if let Some(page) = self.new_page(class) {
             return Some(page);
+        }
+        // Out of memory: what this thread holds idle may be it; then what
+        // dead processes held.
+        if self.release_idle() {
+            if let Some(page) = self.new_page(class) {
+                return Some(page);
+            }
         }
         reclaim_dead(self.engine());
         self.adopt(class).or_else(|| self.new_page(class))
@@ -221,37 +240,36 @@ impl Heap {
         // A page stashed by this class is ready as it is: empty, with every
         // block on its free list or never used.
         let ready = stashed.is_some_and(|page| page.header().class as usize == class);
-        if let Some(page) = stashed.or_else(|| pop_pooled(self.engine())) {
+        let pooled = || match kinds::is_medium(class) {
+            true => None,
+            false => pop_pooled(self.engine()),
+        };
+        if let Some(page) = stashed.or_else(pooled) {
             if !ready {
                 let offset = colour_offset(page_number(self.engine(), page) as usize);
                 // SAFETY: a stashed or pooled page is empty and ours: no live
                 // block points into it, so nothing but a double free can
-                // touch it.
-                unsafe { page.init(class as u16, block_size(class), self.token, offset) };
+                // touch it; one of another class is a one-unit page of a
+                // small class, for a small class (`unstash`, `pooled`).
+                unsafe { page.init(class, self.token, offset) };
             }
             self.link(class, page);
             return Some(page);
         }
         let engine = self.engine();
-        let a = engine.alloc_page().ok()?;
+        let span = kinds::span(class);
+        let a = engine.alloc_pages(span).ok()?;
         let start = engine.payload(a.pos);
         // The block starts at the page: its payload, one header later.
         let n = (start as usize - engine.base_ptr() as usize) / PAGE_SIZE;
         let page = page_in(engine.page_table().headers(), n);
         engine.counters().add_block_bytes(a.block_bytes);
         engine.counters().add_page_bytes(a.block_bytes as i64);
-        // SAFETY: the engine just gave us page `n` but for its first
-        // `HEADER` bytes (the block's header, before `colour_offset`); the
-        // page is unreachable until marked below.
-        unsafe {
-            page.init(
-                class as u16,
-                block_size(class),
-                self.token,
-                colour_offset(n),
-            )
-        };
-        engine.set_page(n, true);
+        // SAFETY: the engine just gave us the `span` units from `n` but for
+        // their first `HEADER` bytes (the block's header, before
+        // `colour_offset`); the page is unreachable until marked below.
+        unsafe { page.init(class, self.token, colour_offset(n)) };
+        engine.set_pages(n, span, true);
         self.link(class, page);
         Some(page)
     }
@@ -263,19 +281,22 @@ impl Heap {
         if self.current[class] == page.0 {
             self.set_current(class, no_page());
         }
-        if self.stashed < self.stash_limit {
+        let span = kinds::span(class);
+        if !kinds::is_medium(class) && self.stashed + span <= self.stash_limit {
             self.stash[class].push_front(&self.shared.engine, n);
-            self.stash_classes |= 1 << class;
-            self.stashed += 1;
+            if !kinds::is_medium(class) {
+                self.stash_classes |= 1 << class;
+            }
+            self.stashed += span;
         } else {
             pool_or_release(self.engine(), page);
         }
     }
 
-    /// Takes the most recently stashed empty page of `class`, or else of
-    /// the lowest class that has one.
+    /// Takes the most recently stashed empty page of `class`, or else (for
+    /// a small class) of the lowest small class that has one.
     fn unstash(&mut self, class: usize) -> Option<Page> {
-        let from = if self.stash_classes & 1 << class != 0 {
+        let from = if kinds::is_medium(class) || self.stash_classes & 1 << class != 0 {
             class
         } else if self.stash_classes != 0 {
             self.stash_classes.trailing_zeros() as usize
@@ -285,18 +306,24 @@ impl Heap {
         let ring = &mut self.stash[from];
         let n = ring.head()?;
         ring.remove(&self.shared.engine, n);
-        if ring.head().is_none() {
+        if ring.head().is_none() && !kinds::is_medium(from) {
             self.stash_classes &= !(1 << from);
         }
-        self.stashed -= 1;
+        self.stashed -= kinds::span(from);
         Some(self.page(n))
     }
 
     /// Moves the stashed empty pages to the shared pool (or the engine).
     pub(super) fn drain_stash(&mut self) {
-        // (Class 0 first, then any: the order does not matter here.)
+        // (Class 0 first, then any small one: the order does not matter
+        // here.)
         while let Some(page) = self.unstash(0) {
             pool_or_release(self.engine(), page);
+        }
+        for class in SMALL_CLASSES..PAGE_CLASSES {
+            while let Some(page) = self.unstash(class) {
+                pool_or_release(self.engine(), page);
+            }
         }
     }
 
@@ -318,6 +345,31 @@ impl Heap {
                 return Some(page);
             }
         }
+    }
+
+    /// Gives back to the engine what this thread holds without use, for an
+    /// allocation the heap is out of memory for: its empty current pages,
+    /// its stash, its cached blocks, and the shared pool's empty pages.
+    /// Returns whether it gave anything back.
+    pub(crate) fn release_idle(&mut self) -> bool {
+        let mut given = self.stashed != 0;
+        for class in 0..PAGE_CLASSES {
+            let page = Page(self.current[class]);
+            if page.0 == no_page() {
+                continue;
+            }
+            page.collect();
+            if page.used() == 0 {
+                self.release(class, page);
+                given = true;
+            }
+        }
+        self.drain_stash();
+        while let Some(page) = pop_pooled(self.engine()) {
+            release_page(self.engine(), page);
+            given = true;
+        }
+        self.bins.release(&self.shared.engine) || given
     }
 
     /// Frees block `i` of `page`, which `ptr` pointed to. Returns the
@@ -346,12 +398,14 @@ impl Heap {
     /// As for `free_owned`.
     #[inline(always)]
     pub(crate) unsafe fn free_fast(&mut self, page: Page, i: u32, block: *mut u8) -> Option<bool> {
-        if !self.delta.free_in_batch() {
+        // (A medium block is counted on the slow path, which flushes by
+        // bytes too: see `stats::PENDING_BYTES`.)
+        if !self.delta.free_in_batch() || page.is_medium() {
             return None;
         }
         // SAFETY: forwarded contract.
         let (s, used) = unsafe { self.take_owned(page, i, block) }?;
-        self.delta.count_free(page.requested_of(s));
+        self.delta.count_free(page.small_requested(s));
         Some(self.needs_tidy(page, used))
     }
 
@@ -374,12 +428,12 @@ impl Heap {
         block: *mut u8,
         new_size: usize,
     ) -> Option<(NonNull<u8>, bool)> {
-        if !(self.delta.alloc_in_batch() && self.delta.free_in_batch()) {
+        if !(self.delta.alloc_in_batch() && self.delta.free_in_batch()) || page.is_medium() {
             return None;
         }
         // SAFETY: forwarded contract.
         let (entry, s) = unsafe { self.owned_entry(page, i) }?;
-        let old = page.requested_of(s);
+        let old = page.small_requested(s);
         let class = class_of(new_size) % SMALL_CLASSES;
         if class == page.header().class as usize {
             entry.store(page.entry_for(new_size), Relaxed);
@@ -441,10 +495,12 @@ impl Heap {
     unsafe fn free_owned(&mut self, page: Page, i: u32, block: *mut u8) -> Option<u64> {
         // SAFETY: forwarded contract.
         let (s, used) = unsafe { self.take_owned(page, i, block) }?;
+        // (Read before `tidy`, which may give the page back.)
+        let requested = page.requested_of(i, s);
         if self.needs_tidy(page, used) {
             self.tidy(page);
         }
-        Some(page.requested_of(s))
+        Some(requested)
     }
 
     /// After an owner free that emptied `page` (not the page in use: it
@@ -453,7 +509,7 @@ impl Heap {
     #[cold]
     #[inline(never)]
     pub(crate) fn tidy(&mut self, page: Page) {
-        let class = page.header().class as usize % SMALL_CLASSES;
+        let class = page.header().class as usize % PAGE_CLASSES;
         if page.used() == 0 && self.current[class] != page.0 {
             self.release(class, page);
         } else if on_full_ring(page) {
@@ -464,7 +520,7 @@ impl Heap {
     /// The thread is done with this segment: empty pages go back to the
     /// engine, the others are abandoned for adoption; counters are flushed.
     pub(super) fn retire(&mut self) {
-        for class in 0..SMALL_CLASSES {
+        for class in 0..PAGE_CLASSES {
             self.set_current(class, no_page());
             while let Some(n) = self.available[class].head().or(self.full[class].head()) {
                 let page = self.page(n);

@@ -36,12 +36,14 @@
 
 mod bins;
 mod heap;
+mod kinds;
 mod page;
 mod registry;
 mod ring;
 
+pub(crate) use crate::geometry::{bin_class, class_size};
 use bins::Bins;
-pub(crate) use bins::{bin_class, class_size, Census as BinCensus};
+pub(crate) use bins::Census as BinCensus;
 pub(crate) use heap::Heap;
 use page::{allocated, AVAILABLE, CURRENT, FREE, ON_FULL_RING, REMOTE};
 use page::{colour, colour_offset, no_page};
@@ -51,6 +53,7 @@ use ring::Ring;
 
 use crate::engine::words::{ListHead, HEADER, NIL};
 use crate::engine::{Engine, PageTable, PAGE_MARK, SLOTS};
+use crate::geometry::{LINK_MASK, LINK_NIL, MEDIUM_CLASSES, PAGE_CLASSES};
 use crate::shared::SharedRef;
 use crate::stats::Delta;
 use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
@@ -59,7 +62,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::ptr::NonNull;
 
 pub(crate) use crate::geometry::{SMALL_CLASSES, SMALL_MAX};
-// `Heap::stash_classes` has a bit per class.
+// `Heap::stash_classes` has a bit per small class.
 const _: () = assert!(SMALL_CLASSES <= 64);
 /// Full pages a slow allocation looks at for remote frees (`revisit_full`).
 const REVISIT_FULL: usize = 8;
@@ -70,15 +73,20 @@ fn class_of(size: usize) -> usize {
     size.saturating_sub(1) >> 4
 }
 
-fn block_size(class: usize) -> u32 {
-    (class as u32 + 1) * 16
-}
-
 /// Whether a request goes to the caches: 1 to `SMALL_MAX` bytes, aligned
 /// to at most 16. (A zero-size request gets an engine block of its own.)
 #[inline]
 pub(crate) fn is_small(size: usize, align: usize) -> bool {
     size.wrapping_sub(1) < SMALL_MAX && align <= 16
+}
+
+/// The page class of a request of `size` bytes aligned to `align` that
+/// medium pages serve (see `kinds`), if it is one.
+#[inline]
+pub(crate) fn medium_class(size: usize, align: usize) -> Option<usize> {
+    bin_class(size, align)
+        .filter(|k| *k < MEDIUM_CLASSES)
+        .map(kinds::medium_class)
 }
 
 // ---- owner tokens --------------------------------------------------------------
@@ -151,12 +159,30 @@ pub(crate) fn locate(table: &PageTable, ptr: *const u8) -> Option<(Page, u32)> {
     // Wrapping: a pointer below the mapping gives a page number past the
     // table, which `is_page` rejects.
     let off = (ptr as usize).wrapping_sub(table.base() as usize);
-    let n = off / PAGE_SIZE;
-    if !table.is_page(n) {
-        return None;
-    }
-    let page = page_in(table.headers(), n);
+    let page = page_in(table.headers(), table.page_start(off / PAGE_SIZE)?);
     Some((page, page.index_of(ptr)?))
+}
+
+/// Payload bytes of the live block that starts at `ptr`, checked without
+/// trusting `ptr`: a pointer into a page must be one of its allocated
+/// blocks (never the page's own engine block), any other one the start of
+/// a used engine block. `StaleHandle`: a block that is not live;
+/// `InvalidHandle`: no block starts there.
+pub(crate) fn live_block_len(engine: &Engine, ptr: *const u8) -> Result<usize, Error> {
+    let table = engine.page_table();
+    let off = (ptr as usize).wrapping_sub(table.base() as usize);
+    if table.page_start(off / PAGE_SIZE).is_some() {
+        let (page, i) = locate(&table, ptr).ok_or(Error::StaleHandle)?;
+        return match requested(page, i) {
+            Ok(_) => Ok(usable(page)),
+            Err(_) => Err(Error::StaleHandle),
+        };
+    }
+    let pos = engine.block_of(ptr).ok_or(Error::InvalidHandle)?;
+    match engine.used_block(pos) {
+        Ok(_) => Ok(engine.usable(pos)),
+        Err(_) => Err(Error::StaleHandle),
+    }
 }
 
 /// Frees block `i` of a page this thread does not own: marks it `REMOTE`
@@ -175,14 +201,19 @@ pub(crate) fn requested(page: Page, i: u32) -> Result<u64, Error> {
     if !allocated(s) {
         return Err(Error::DoubleFree);
     }
-    Ok(page.requested_of(s))
+    Ok(page.requested_of(i, s))
 }
 
 /// Resizes the live block `i` in place if `new_size` is of the same class.
 pub(crate) fn resize_in_place(page: Page, i: u32, new_size: usize) -> bool {
-    let same = is_small(new_size, 1) && class_of(new_size) == page.header().class as usize;
+    let class = if is_small(new_size, 1) {
+        Some(class_of(new_size))
+    } else {
+        medium_class(new_size, 1)
+    };
+    let same = class == Some(page.header().class as usize);
     if same {
-        page.size_entry(i).store(page.entry_for(new_size), Relaxed);
+        page.set_requested(i, new_size);
     }
     same
 }
@@ -192,18 +223,35 @@ pub(crate) fn usable(page: Page) -> usize {
     page.header().block_size as usize
 }
 
-/// Pages, live small blocks and their requested bytes, over all pages
-/// (`check()`); `Err`: the number of a page whose header is damaged.
-pub(crate) fn census(engine: &Engine) -> Result<(u64, u64, u64), usize> {
+/// What the pages hold (`check()`).
+#[derive(Default)]
+pub(crate) struct PageCensus {
+    pub(crate) pages: u64,
+    /// The payload bytes of the pages' engine blocks.
+    pub(crate) page_payloads: u64,
+    /// Live blocks in pages, and their requested bytes.
+    pub(crate) blocks: u64,
+    pub(crate) bytes: u64,
+}
+
+/// What the pages hold; `Err`: the number of a page whose header is
+/// damaged.
+pub(crate) fn census(engine: &Engine) -> Result<PageCensus, usize> {
     engine
         .marked_pages()
-        .try_fold((0, 0, 0), |(pages, n, b), p| {
+        .try_fold(PageCensus::default(), |c, p| {
             let page = page_at(engine, p as u32);
             if !page.is_sound(colour_offset(p)) {
                 return Err(p);
             }
-            let (pn, pb) = page.census();
-            Ok((pages + 1, n + pn, b + pb))
+            let (blocks, bytes) = page.census();
+            let span = page.header().span as usize;
+            Ok(PageCensus {
+                pages: c.pages + 1,
+                page_payloads: c.page_payloads + crate::engine::page_payload(span) as u64,
+                blocks: c.blocks + blocks,
+                bytes: c.bytes + bytes,
+            })
         })
 }
 
@@ -212,6 +260,9 @@ pub(crate) fn census(engine: &Engine) -> Result<(u64, u64, u64), usize> {
 pub struct PageInfo {
     /// Page number (byte offset in the segment / the page size).
     pub number: usize,
+    /// Bytes of the page (a multiple of the page size: medium pages span
+    /// several).
+    pub bytes: usize,
     /// Bytes of each of its blocks.
     pub block_size: u32,
     /// Blocks it has room for.
@@ -238,6 +289,7 @@ pub(crate) fn pages(engine: &Engine) -> Result<Vec<PageInfo>, usize> {
             let slot = (token >> 48) as usize;
             Ok(PageInfo {
                 number: n,
+                bytes: h.span as usize * PAGE_SIZE,
                 block_size: h.block_size,
                 capacity: h.capacity,
                 allocated: page.census().0 as u32,
@@ -252,7 +304,7 @@ pub(crate) fn pages(engine: &Engine) -> Result<Vec<PageInfo>, usize> {
 pub(crate) fn trim(shared: &SharedRef) {
     let engine = &shared.engine;
     with_heap(shared, |heap| {
-        for class in 0..SMALL_CLASSES {
+        for class in 0..PAGE_CLASSES {
             heap.set_current(class, no_page());
             for full in [false, true] {
                 // Visits each page once: released pages leave the ring,
@@ -283,7 +335,7 @@ pub(crate) fn trim(shared: &SharedRef) {
         release_page(engine, page);
     }
 
-    for class in 0..SMALL_CLASSES {
+    for class in 0..PAGE_CLASSES {
         let mut keep = Vec::new();
         while let Some(page) = pop_abandoned(engine, class) {
             if page
@@ -313,7 +365,7 @@ pub(crate) fn trim(shared: &SharedRef) {
 
 fn release_page(engine: &Engine, page: Page) {
     let n = page_number(engine, page);
-    engine.set_page(n as usize, false);
+    engine.set_pages(n as usize, page.header().span as usize, false);
     if let Some(pos) = engine.block_of(page_payload(engine, page)) {
         if let Ok((_, bytes)) = engine.free(pos) {
             engine.counters().sub_block_bytes(bytes);
@@ -334,7 +386,7 @@ fn push_page(engine: &Engine, head: &AtomicU64, page: Page) {
     let mut cur = head.load(Relaxed);
     loop {
         let h = ListHead::from(cur);
-        entry.store(PAGE_MARK | (h.top & !PAGE_MARK), Relaxed);
+        entry.store(PAGE_MARK | (h.top & LINK_MASK), Relaxed);
         match head.compare_exchange_weak(cur, h.replaced(n).value(), Release, Relaxed) {
             Ok(_) => return,
             Err(v) => cur = v,
@@ -347,8 +399,8 @@ fn pop_page(engine: &Engine, head: &AtomicU64) -> Option<Page> {
     loop {
         let h = ListHead::from(cur);
         let entry: &AtomicU32 = engine.page_entry(h.top as usize)?;
-        let next = entry.load(Relaxed) & !PAGE_MARK;
-        let next = if next == NIL & !PAGE_MARK { NIL } else { next };
+        let next = entry.load(Relaxed) & LINK_MASK;
+        let next = if next == LINK_NIL { NIL } else { next };
         match head.compare_exchange_weak(cur, h.replaced(next).value(), Acquire, Acquire) {
             Ok(_) => return Some(page_at(engine, h.top)),
             Err(v) => cur = v,
@@ -384,10 +436,13 @@ fn stash_limit(engine: &Engine) -> usize {
 }
 
 /// Puts an empty page in the shared pool, or gives it back to the engine
-/// when the pool is full.
+/// when the pool is full or the page is a medium one (the pool holds
+/// one-unit pages, which any small class can use).
 fn pool_or_release(engine: &Engine, page: Page) {
     let ctrl = engine.control();
-    if ctrl.pooled.fetch_add(1, Relaxed) < pool_pages(engine) {
+    if page.is_medium() {
+        release_page(engine, page);
+    } else if ctrl.pooled.fetch_add(1, Relaxed) < pool_pages(engine) {
         page.header().owner.store(0, Relaxed);
         push_page(engine, &ctrl.page_pool, page);
     } else {

@@ -28,8 +28,11 @@ enum Aligned {
     Payload = 1,
 }
 
-/// The payload of a small-object page's block: the page less the header.
-pub(crate) const PAGE_PAYLOAD: usize = PAGE_SIZE - HEADER;
+/// The payload of the block of a page of `span` units: the page less the
+/// block's header.
+pub(crate) const fn page_payload(span: usize) -> usize {
+    span * PAGE_SIZE - HEADER
+}
 
 impl Engine {
     /// Allocates a block with at least `size` payload bytes whose payload is
@@ -39,13 +42,14 @@ impl Engine {
         self.alloc_placed(size, align, Aligned::Payload)
     }
 
-    /// Allocates a small-object page: a block of exactly `PAGE_SIZE` bytes,
-    /// its header included, starting at a multiple of `PAGE_SIZE`, so that
-    /// pages lie side by side. (Aligning the payload instead left a free
-    /// gap of a page less one header between every two pages: half the
-    /// address space, and a third more resident memory, of small blocks.)
-    pub(crate) fn alloc_page(&self) -> Result<Allocated, Error> {
-        self.alloc_placed(PAGE_PAYLOAD, PAGE_SIZE, Aligned::Block)
+    /// Allocates a page of `span` units: a block of exactly `span *
+    /// PAGE_SIZE` bytes, its header included, starting at a multiple of
+    /// `PAGE_SIZE`, so that pages lie side by side. (Aligning the payload
+    /// instead left a free gap of a page less one header between every two
+    /// pages: half the address space, and a third more resident memory, of
+    /// small blocks.)
+    pub(crate) fn alloc_pages(&self, span: usize) -> Result<Allocated, Error> {
+        self.alloc_placed(page_payload(span), PAGE_SIZE, Aligned::Block)
     }
 
     fn alloc_placed(

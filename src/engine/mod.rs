@@ -36,12 +36,12 @@ mod recover;
 mod resize;
 pub(crate) mod words;
 
-pub(crate) use alloc::{Allocated, PAGE_PAYLOAD};
+pub(crate) use alloc::{page_payload, Allocated};
 pub(crate) use cached::payload_bytes;
 pub use check::HeapReport;
 pub use map::{Region, RegionKind};
 
-use crate::geometry::{PAGE_HEAD, PAGE_SIZE, SMALL_CLASSES};
+use crate::geometry::{PAGE_CLASSES, PAGE_HEAD, PAGE_SIZE};
 use crate::stats::Counters;
 use crate::sync::{AtomicU32, AtomicU64, Ordering::*};
 use mapping::{FL_COUNT, SL_COUNT};
@@ -72,9 +72,9 @@ pub(crate) struct Control {
     _pad: u32,
     pub(crate) epoch: AtomicU64,
     pub(crate) slots: [Slot; SLOTS],
-    /// Per small size class: a tagged list (page numbers) of pages whose
-    /// owner thread exited; any thread may adopt them.
-    pub(crate) abandoned: [AtomicU64; SMALL_CLASSES],
+    /// Per page class: a tagged list (page numbers) of pages whose owner
+    /// thread exited; any thread may adopt them.
+    pub(crate) abandoned: [AtomicU64; PAGE_CLASSES],
     /// Empty pages kept for any thread of any process (a tagged list of page
     /// numbers through the page table), and how many there are.
     pub(crate) page_pool: AtomicU64,
@@ -98,8 +98,8 @@ const NO_PURGE: u8 = 0;
 /// once; more allocate without one.
 pub(crate) const BIN_RECORDS: usize = 256;
 
-/// Bit 31 of a page-table entry: the page is a small-object page.
-pub(crate) const PAGE_MARK: u32 = 1 << 31;
+pub(crate) use crate::geometry::PAGE_MARK;
+use crate::geometry::{BACK_MASK, BACK_SHIFT};
 
 /// How many processes (handles) can be attached with their own slot. More
 /// share the last slot, which is never considered dead.
@@ -136,9 +136,11 @@ pub(crate) struct Node {
 pub(crate) struct Layout {
     pub control_offset: u64,
     /// The page table: one `u32` per `PAGE_SIZE` of the segment. Bit 31 is
-    /// set while that page is a small-object page (see `crate::cache`); the
-    /// low bits link the page into an abandoned list. It lives outside the
-    /// heap so that a stale reader never reads user memory.
+    /// set while that unit belongs to a page (see `crate::cache`); on a
+    /// page's first unit the low bits link the page into a page list, on
+    /// the others they say where it starts (see `crate::geometry`). It
+    /// lives outside the heap so that a stale reader never reads user
+    /// memory.
     pub pagemap_offset: u64,
     pub nodes_offset: u64,
     pub node_capacity: u64,
@@ -241,12 +243,23 @@ impl PageTable {
         (n < self.len).then(|| unsafe { &*self.entries.add(n) })
     }
 
-    /// Whether page number `n` is a small-object page. `Acquire`: pairs with
-    /// the `Release` marking, after which the page header is initialised.
+    /// Whether unit `n` is the first of a page. `Acquire`: pairs with the
+    /// `Release` marking, after which the page header is initialised.
     #[inline]
     pub(crate) fn is_page(&self, n: usize) -> bool {
-        self.entry(n)
-            .is_some_and(|e| e.load(Acquire) & PAGE_MARK != 0)
+        self.page_start(n) == Some(n)
+    }
+
+    /// The first unit of the page that unit `n` belongs to, if it belongs
+    /// to one (`Acquire`, as `is_page`). A damaged entry pointing before
+    /// the table gives `None`.
+    #[inline]
+    pub(crate) fn page_start(&self, n: usize) -> Option<usize> {
+        let e = self.entry(n)?.load(Acquire);
+        if e & PAGE_MARK == 0 {
+            return None;
+        }
+        n.checked_sub(((e >> BACK_SHIFT) & BACK_MASK) as usize)
     }
 }
 
@@ -536,7 +549,7 @@ impl Engine {
         self.pages.entry(n)
     }
 
-    /// Whether page number `n` is a small-object page.
+    /// Whether unit `n` is the first of a page.
     #[inline]
     pub(crate) fn is_page(&self, n: usize) -> bool {
         self.pages.is_page(n)
@@ -547,18 +560,32 @@ impl Engine {
         self.pages
     }
 
-    /// Marks (or unmarks) page number `n` as a small-object page.
-    pub(crate) fn set_page(&self, n: usize, on: bool) {
-        if let Some(e) = self.page_entry(n) {
-            if on {
+    /// Marks (or unmarks) the `span` units from `n` as one page. Marking
+    /// is `Release`, after the header is written (see `is_page`); the
+    /// first unit's link bits are left as they are. Unmarking clears the
+    /// first unit first, so that no lookup finds the page by a later unit
+    /// and a first unit that is no longer marked.
+    pub(crate) fn set_pages(&self, n: usize, span: usize, on: bool) {
+        let tails = (1..span).filter_map(|i| Some((i, self.page_entry(n + i)?)));
+        if on {
+            for (i, e) in tails {
+                e.store(PAGE_MARK | (i as u32) << BACK_SHIFT, Release);
+            }
+            if let Some(e) = self.page_entry(n) {
                 e.fetch_or(PAGE_MARK, Release);
-            } else {
+            }
+        } else {
+            if let Some(e) = self.page_entry(n) {
                 e.fetch_and(!PAGE_MARK, SeqCst);
+            }
+            for (_, e) in tails {
+                e.store(0, SeqCst);
             }
         }
     }
 
-    /// Numbers of all pages marked in the page table (slow path: recovery).
+    /// The first units of all pages marked in the page table (slow paths:
+    /// recovery, `check()`, tools).
     pub(crate) fn marked_pages(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.pages.len).filter(move |n| self.is_page(*n))
     }

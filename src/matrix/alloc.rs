@@ -59,6 +59,10 @@ impl Matrix {
             if let Some(p) = self.alloc_cached(layout.size()) {
                 return Ok(p);
             }
+        } else if let Some(class) = cache::medium_class(layout.size(), layout.align()) {
+            if let Some(p) = self.alloc_medium(class, layout.size()) {
+                return Ok(p);
+            }
         } else if let Some(k) = cache::bin_class(layout.size(), layout.align()) {
             if let Some(p) = self.alloc_binned(k, layout.size()) {
                 return Ok(p);
@@ -73,6 +77,19 @@ impl Matrix {
     fn alloc_cached(&self, size: usize) -> Option<NonNull<u8>> {
         cache::with_heap(&self.shared, |h| {
             let p = h.alloc(size)?;
+            if h.delta.on_alloc(size as u64) {
+                self.engine().counters().flush(&mut h.delta);
+            }
+            Some(p)
+        })
+        .flatten()
+    }
+
+    /// A block of the medium page class `class` from this thread's pages,
+    /// counted in its batch.
+    fn alloc_medium(&self, class: usize, size: usize) -> Option<NonNull<u8>> {
+        cache::with_heap(&self.shared, |h| {
+            let p = h.alloc_medium(class, size)?;
             if h.delta.on_alloc(size as u64) {
                 self.engine().counters().flush(&mut h.delta);
             }
@@ -106,6 +123,8 @@ impl Matrix {
             let engine = self.engine();
             let cached = if cache::is_small(size, layout.align()) {
                 cache::with_heap(&self.shared, |h| h.alloc(size)).flatten()
+            } else if let Some(class) = cache::medium_class(size, layout.align()) {
+                cache::with_heap(&self.shared, |h| h.alloc_medium(class, size)).flatten()
             } else if let Some(k) = class {
                 cache::with_heap(&self.shared, |h| h.bins.pop(engine, k, size as u64))
                     .flatten()
@@ -135,11 +154,12 @@ impl Matrix {
 
     /// An engine block of `rounded` bytes (`size` rounded up to its block
     /// cache class), or else of `size`, aligned to `align`; when the heap
-    /// is out of memory, after giving this thread's cached blocks back
-    /// (they may be what is missing, and merged with their neighbours,
-    /// more), and after taking back what dead processes held (only when a
-    /// process died: this path runs on every failed engine allocation, and
-    /// taking back pages walks the page table; then once more, even if
+    /// is out of memory, after giving what this thread holds idle back
+    /// (its cached blocks and empty pages may be what is missing, and
+    /// merged with their neighbours, more), and after taking back what
+    /// dead processes held (only when a process died: this path runs on
+    /// every failed engine allocation, and taking back pages walks the page
+    /// table; then once more, even if
     /// another thread took the memory back first: it is counted as hidden
     /// while that thread republishes it, so the next attempt waits for it).
     fn alloc_engine(
@@ -154,7 +174,7 @@ impl Matrix {
             other => other,
         };
         let a = match attempt() {
-            Err(Error::OutOfMemory { .. }) if self.release_bins() => attempt(),
+            Err(Error::OutOfMemory { .. }) if self.release_idle() => attempt(),
             other => other,
         };
         match a {
@@ -170,11 +190,11 @@ impl Matrix {
         }
     }
 
-    /// Gives this thread's cached blocks back to the engine; whether it had any.
+    /// Gives what this thread holds idle (cached blocks, empty pages) back
+    /// to the engine; whether it had any.
     #[cold]
-    fn release_bins(&self) -> bool {
-        let engine = self.engine();
-        cache::with_heap(&self.shared, |h| h.bins.release(engine)).unwrap_or(false)
+    fn release_idle(&self) -> bool {
+        cache::with_heap(&self.shared, |h| h.release_idle()).unwrap_or(false)
     }
 
     /// Frees a block allocated from this segment, by any thread of any
@@ -444,23 +464,9 @@ impl Matrix {
     }
 
     /// Payload bytes of the live block that starts at `ptr`, checked without
-    /// trusting `ptr`: a pointer into a small-object page must be one of its
-    /// blocks (never the page's own engine block), any other one the start
-    /// of a used engine block.
+    /// trusting `ptr` (see `cache::live_block_len`).
     pub(crate) fn live_block_len(&self, ptr: *const u8) -> Result<usize, Error> {
-        let off = (ptr as usize).wrapping_sub(self.pages.base() as usize);
-        if self.pages.is_page(off / cache::PAGE_SIZE) {
-            let (page, i) = cache::locate(&self.pages, ptr).ok_or(Error::StaleHandle)?;
-            return match cache::requested(page, i) {
-                Ok(_) => Ok(cache::usable(page)),
-                Err(_) => Err(Error::StaleHandle),
-            };
-        }
-        let pos = self.engine().block_of(ptr).ok_or(Error::InvalidHandle)?;
-        match self.engine().used_block(pos) {
-            Ok(_) => Ok(self.engine().usable(pos)),
-            Err(_) => Err(Error::StaleHandle),
-        }
+        cache::live_block_len(self.engine(), ptr)
     }
 
     /// Payload bytes usable in the block at `ptr` (at least what was asked).

@@ -438,20 +438,20 @@ impl Drop for Matrix {
 /// so it also runs over a read-only mapping (`Inspector::check`).
 pub(crate) fn check_segment(engine: &Engine) -> Result<HeapReport, Error> {
     let mut report = engine.check()?;
-    let (pages, small_blocks, small_bytes) = cache::census(engine)
-        .map_err(|p| Error::HeapCorrupt(format!("small-object page {p} has a damaged header")))?;
-    report.pages = pages;
-    // The engine counted each page as one used block of PAGE_PAYLOAD
-    // requested bytes, and each cache record as a used block. (Checked:
+    let pages = cache::census(engine)
+        .map_err(|p| Error::HeapCorrupt(format!("page {p} has a damaged header")))?;
+    report.pages = pages.pages;
+    // The engine counted each page as one used block whose requested bytes
+    // are its payload, and each cache record as a used block. (Checked:
     // in a damaged segment the page table may mark more pages than the
     // engine found blocks.)
     let bins = cache::bin_census(engine);
     let unaccounted = || Error::HeapCorrupt("more pages and cache records than used blocks".into());
-    report.used_blocks = (report.used_blocks + small_blocks)
-        .checked_sub(pages + bins.records)
+    report.used_blocks = (report.used_blocks + pages.blocks)
+        .checked_sub(pages.pages + bins.records)
         .ok_or_else(unaccounted)?;
-    report.requested_bytes = (report.requested_bytes + small_bytes)
-        .checked_sub(pages * crate::engine::PAGE_PAYLOAD as u64 + bins.record_bytes)
+    report.requested_bytes = (report.requested_bytes + pages.bytes)
+        .checked_sub(pages.page_payloads + bins.record_bytes)
         .ok_or_else(unaccounted)?;
     if bins.inconsistent != 0 {
         return Err(Error::HeapCorrupt(format!(

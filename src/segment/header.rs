@@ -7,7 +7,7 @@ use crate::Error;
 /// "MATRIXAL" in little-endian.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"MATRIXAL");
 /// Bumped on every change of anything another process reads in the segment.
-pub(crate) const LAYOUT_VERSION: u32 = 14;
+pub(crate) const LAYOUT_VERSION: u32 = 15;
 /// Bytes reserved for the header (the engine's control block follows).
 pub(crate) const HEADER_SPACE: u64 = 256;
 

@@ -1,13 +1,15 @@
-//! A small-object page: `PAGE_SIZE` bytes of the segment (one engine block
-//! of exactly that size, starting at a multiple of it) holding blocks of
-//! one size class.
+//! A page: `span` units of `PAGE_SIZE` bytes of the segment (one engine
+//! block of exactly that size, starting at a multiple of `PAGE_SIZE`)
+//! holding blocks of one size class (see `kinds`).
 //!
 //! ```text
-//! [engine header | colour | PageHeader | sizes: [AtomicU8; capacity] | pad | block 0 | block 1 | ...]
+//! [engine header | colour | PageHeader | sizes: [AtomicU8; capacity] | requested | pad | block 0 | block 1 | ...]
 //! ```
 //!
 //! `sizes[i]` says what block `i` is: allocated, with its slack (block size
-//! minus requested size, below 16 since a class spans 16 bytes); `FREE`
+//! minus requested size, below 16 since a small class spans 16 bytes; 0 on
+//! a medium page, whose `requested: [AtomicU32; capacity]` array holds the
+//! requested sizes, as a medium class spans more than a byte); `FREE`
 //! while it is free in the owner's hands; or `REMOTE` while it is freed by
 //! another thread and on its way through the remote list. One byte per
 //! block keeps the entries a page's blocks touch in few cache lines. A free
@@ -32,6 +34,7 @@
 //! with an `Acquire` swap, so it sees both. Everything else is owner-only
 //! (`Relaxed` atomics, so that a concurrent `check()` reads without UB).
 
+use super::kinds;
 use crate::engine::words::{ListHead, NIL};
 use crate::sync::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::ptr::NonNull;
@@ -52,9 +55,11 @@ pub(crate) fn allocated(entry: u8) -> bool {
 #[repr(C)]
 pub(crate) struct PageHeader {
     magic: u32,
-    pub(crate) class: u16,
+    pub(crate) class: u8,
     /// `block_size.trailing_zeros()`, for `index_of`.
-    shift: u16,
+    shift: u8,
+    /// `PAGE_SIZE` units the page spans (`kinds::span`).
+    pub(crate) span: u16,
     pub(crate) block_size: u32,
     pub(crate) capacity: u32,
     /// Offset of block 0 from the page start.
@@ -93,14 +98,14 @@ const HEADER_BYTES: usize = size_of::<PageHeader>();
 /// A page with no blocks, outside any segment: a heap's current page for a
 /// class that has none, so that the allocation fast path needs no test for
 /// "no page" (`pop` finds nothing here, and writes nothing).
-static NO_PAGE: PageHeader = PageHeader::new(0, 0, 16, (0, 0), 0, CURRENT);
+static NO_PAGE: PageHeader = PageHeader::new(0, (0, 1), 16, (0, 0), 0, CURRENT);
 
 impl PageHeader {
-    /// The header of a page with no block in use yet: `geometry` is
-    /// (capacity, data), see `geometry`.
+    /// The header of a page with no block in use yet: `kind` is (class,
+    /// span), `geometry` (capacity, data), see `geometry`.
     const fn new(
         magic: u32,
-        class: u16,
+        kind: (u8, u16),
         block_size: u32,
         geometry: (u32, u32),
         owner: u64,
@@ -109,8 +114,9 @@ impl PageHeader {
         let shift = block_size.trailing_zeros();
         PageHeader {
             magic,
-            class,
-            shift: shift as u16,
+            class: kind.0,
+            shift: shift as u8,
+            span: kind.1,
             block_size,
             capacity: geometry.0,
             data: geometry.1,
@@ -148,28 +154,41 @@ pub(crate) const COLOURS: usize = 16;
 
 /// Bytes between the page start and the header of page number `n`.
 #[inline]
-pub(crate) fn colour_offset(n: usize) -> usize {
+pub(crate) const fn colour_offset(n: usize) -> usize {
     PAGE_HEAD + colour(n)
 }
 
 /// Page `n`'s colour: bytes past `PAGE_HEAD` to its header.
 #[inline]
-pub(crate) fn colour(n: usize) -> usize {
+pub(crate) const fn colour(n: usize) -> usize {
     (n % COLOURS) * 64
 }
 
 /// Blocks per page and offset of block 0 from the header, for blocks of
-/// `block_size` bytes with the header `offset` bytes into the page.
-pub(crate) fn geometry(block_size: usize, offset: usize) -> (u32, u32) {
-    let room = PAGE_SIZE - offset;
-    let mut capacity = (room - HEADER_BYTES) / (block_size + 1);
+/// `block_size` bytes in a page of `span` units with the header `offset`
+/// bytes into it; `medium`: with a requested size per block.
+pub(crate) const fn geometry(
+    block_size: usize,
+    offset: usize,
+    span: usize,
+    medium: bool,
+) -> (u32, u32) {
+    let room = span * PAGE_SIZE - offset;
+    let per_block = if medium { 4 } else { 0 };
+    let mut capacity = (room - HEADER_BYTES) / (block_size + 1 + per_block);
     loop {
-        let data = (HEADER_BYTES + capacity).next_multiple_of(16);
+        let data = (requested_at(capacity) + per_block * capacity).next_multiple_of(16);
         if data + capacity * block_size <= room {
             return (capacity as u32, data as u32);
         }
         capacity -= 1;
     }
+}
+
+/// Offset from the header of a medium page's `requested` array, past
+/// its `capacity` size entries.
+const fn requested_at(capacity: usize) -> usize {
+    (HEADER_BYTES + capacity).next_multiple_of(4)
 }
 
 /// The inverse of odd `m` modulo 2^32 (Newton's iteration: each step
@@ -257,11 +276,51 @@ impl Page {
         slack
     }
 
-    /// The requested size of an allocated block whose size entry is `entry`
-    /// (`allocated(entry)`).
+    /// The requested size of block `i` (`i < capacity`), allocated with
+    /// size entry `entry`, of a small page.
     #[inline]
-    pub(crate) fn requested_of(self, entry: u8) -> u64 {
+    pub(crate) fn small_requested(self, entry: u8) -> u64 {
         (self.header().block_size - entry as u32) as u64
+    }
+
+    /// The requested size of the allocated block `i` (`i < capacity`),
+    /// whose size entry is `entry`, of any page.
+    #[inline]
+    pub(crate) fn requested_of(self, i: u32, entry: u8) -> u64 {
+        if self.is_medium() {
+            self.requested_slot(i).load(Relaxed) as u64
+        } else {
+            self.small_requested(entry)
+        }
+    }
+
+    /// Whether this is a medium page (requested sizes in an array).
+    #[inline]
+    pub(crate) fn is_medium(self) -> bool {
+        kinds::is_medium(self.header().class as usize)
+    }
+
+    /// A medium page's requested size entry of block `i` (`i < capacity`).
+    fn requested_slot(self, i: u32) -> &'static AtomicU32 {
+        let cap = self.header().capacity as usize;
+        // SAFETY: a medium page has `capacity` 4-aligned entries at
+        // `requested_at(capacity)` (see `geometry`), inside the page; the
+        // header is 64-aligned.
+        let slots = unsafe {
+            std::slice::from_raw_parts(self.0.add(requested_at(cap)) as *const AtomicU32, cap)
+        };
+        &slots[i as usize]
+    }
+
+    /// Records `requested` bytes for the allocated block `i`, of this
+    /// page's class (the caller checked), in its size entry `entry`.
+    pub(crate) fn set_requested(self, i: u32, requested: usize) {
+        if self.is_medium() {
+            self.size_entry(i).store(0, Relaxed);
+            self.requested_slot(i).store(requested as u32, Relaxed);
+        } else {
+            self.size_entry(i).store(self.entry_for(requested), Relaxed);
+        }
     }
 
     pub(crate) fn block(self, i: u32) -> *mut u8 {
@@ -296,12 +355,14 @@ impl Page {
     /// wrapped below zero, or be `NIL`).
     ///
     /// Past block 0 and inside the page, the offset from block 0 is below
-    /// `PAGE_SIZE`; before block 0 it wraps to at least `2^32 - PAGE_SIZE`.
-    /// `exact_quotient` is above `u32::MAX / block_size` (more than any
-    /// capacity) unless that offset is a multiple of the block size, and
-    /// then it is the index: beyond the last block, or (wrapped) at least
-    /// `(2^32 - PAGE_SIZE) / SMALL_MAX`, it is past the capacity too. So one
-    /// comparison with the capacity says "a block start of this page".
+    /// the page's bytes (at most `MAX_SPAN * PAGE_SIZE`, 2 MiB); before
+    /// block 0 it wraps to at least `2^32` less that. `exact_quotient` is
+    /// above `u32::MAX / block_size` (more than any capacity) unless that
+    /// offset is a multiple of the block size, and then it is the index:
+    /// beyond the last block, or (wrapped) at least `(2^32 - 2 MiB) /
+    /// MEDIUM_MAX`, it is past the capacity too (a page holds fewer than
+    /// 2 MiB / 16 blocks). So one comparison with the capacity says "a block
+    /// start of this page".
     #[inline]
     fn index_at(self, off: u32) -> u32 {
         let h = self.header();
@@ -311,17 +372,20 @@ impl Page {
     /// Formats a fresh page for `class` owned by `owner`.
     ///
     /// # Safety
-    /// The caller owns the `PAGE_SIZE` bytes of the page, whose start is
-    /// `offset` bytes before `self` (just allocated from the engine), and no
-    /// one else can reach the page before it is marked in the page map.
-    pub(crate) unsafe fn init(self, class: u16, block_size: u32, owner: u64, offset: usize) {
-        let (capacity, data) = geometry(block_size as usize, offset);
+    /// The caller owns the `kinds::span(class)` units of the page, whose
+    /// start is `offset` bytes before `self` (just allocated from the
+    /// engine, or an empty page of the same span), and no one else can
+    /// reach the page before it is marked in the page map.
+    pub(crate) unsafe fn init(self, class: usize, owner: u64, offset: usize) {
+        let block_size = kinds::block_size(class);
+        let span = kinds::span(class);
+        let (capacity, data) = kinds::geometry_of(class, offset);
         let h = self.0 as *mut PageHeader;
         // SAFETY: the caller owns the memory; plain writes before publication.
         unsafe {
             h.write(PageHeader::new(
                 PAGE_MAGIC,
-                class,
+                (class as u8, span as u16),
                 block_size,
                 (capacity, data),
                 owner,
@@ -341,6 +405,24 @@ impl Page {
     /// mispredicted on a third of the mixed workload's allocations).
     #[inline]
     pub(crate) fn pop(self, requested: usize) -> Option<NonNull<u8>> {
+        let (block, i) = self.pop_block()?;
+        // SAFETY: `i < capacity`, checked by `pop_block`.
+        unsafe { self.size_entry_unchecked(i) }.store(self.entry_for(requested), Relaxed);
+        NonNull::new(block)
+    }
+
+    /// `pop` on a medium page.
+    #[inline]
+    pub(crate) fn pop_medium(self, requested: usize) -> Option<NonNull<u8>> {
+        let (block, i) = self.pop_block()?;
+        self.set_requested(i, requested);
+        NonNull::new(block)
+    }
+
+    /// Takes the first block of the owner's list and counts it used; its
+    /// size entry is the caller's to write. Returns its address and index.
+    #[inline(always)]
+    fn pop_block(self) -> Option<(*mut u8, u32)> {
         let h = self.header();
         let off = h.local.load(Relaxed);
         let i = self.index_at(off);
@@ -358,19 +440,24 @@ impl Page {
         // SAFETY: `off` is the offset of block `i`, inside the page.
         let block = unsafe { self.0.add(off as usize) };
         h.local.store(link_at(block).load(Relaxed), Relaxed);
-        // SAFETY: `i < capacity`, checked above.
-        unsafe { self.size_entry_unchecked(i) }.store(self.entry_for(requested), Relaxed);
         h.used.store(h.used.load(Relaxed) + 1, Relaxed);
-        NonNull::new(block)
+        Some((block, i))
     }
 
     /// `pop`, after listing a batch of never-used blocks when the owner's
     /// list is empty (owner only; for the slow paths). `None` when the page
     /// has no free block at hand.
     pub(crate) fn take(self, requested: usize) -> Option<NonNull<u8>> {
-        self.pop(requested).or_else(|| {
+        let pop = |page: Page| {
+            if page.is_medium() {
+                page.pop_medium(requested)
+            } else {
+                page.pop(requested)
+            }
+        };
+        pop(self).or_else(|| {
             self.extend();
-            self.pop(requested)
+            pop(self)
         })
     }
 
@@ -501,25 +588,27 @@ impl Page {
     pub(crate) fn is_sound(self, offset: usize) -> bool {
         let h = self.header();
         let class = h.class as usize;
-        if h.magic != PAGE_MAGIC || class >= crate::geometry::SMALL_CLASSES {
+        if h.magic != PAGE_MAGIC || class >= crate::geometry::PAGE_CLASSES {
             return false;
         }
-        let size = super::block_size(class);
+        let size = kinds::block_size(class);
         let shift = size.trailing_zeros();
         h.block_size == size
             && h.shift as u32 == shift
+            && h.span as usize == kinds::span(class)
             && h.inverse == odd_inverse(size >> shift)
-            && (h.capacity, h.data) == geometry(size as usize, offset)
+            && (h.capacity, h.data) == kinds::geometry_of(class, offset)
     }
 
     /// (allocated blocks, their requested bytes), from the size entries
     /// (for `check()`, once `is_sound` said so).
     pub(crate) fn census(self) -> (u64, u64) {
-        self.sizes()
-            .iter()
-            .map(|s| s.load(Relaxed))
-            .filter(|s| allocated(*s))
-            .fold((0, 0), |(n, b), s| (n + 1, b + self.requested_of(s)))
+        (0..self.header().capacity)
+            .map(|i| (i, self.size_entry(i).load(Relaxed)))
+            .filter(|(_, s)| allocated(*s))
+            .fold((0, 0), |(n, b), (i, s)| {
+                (n + 1, b + self.requested_of(i, s))
+            })
     }
 }
 

@@ -28,28 +28,33 @@ fn exact_quotient_finds_exactly_the_multiples() {
 }
 
 /// `index_of` finds exactly the block starts: no other address of the
-/// page (colour, header, size entries, the inside of a block, the tail)
-/// passes for one.
+/// page (colour, header, size entries, requested sizes, the inside of a
+/// block, the tail) passes for one, on pages of every class and span.
 #[test]
 fn index_of_accepts_exactly_the_block_starts() {
-    let layout = std::alloc::Layout::from_size_align(PAGE_SIZE, PAGE_SIZE).unwrap();
-    // SAFETY: non-zero size.
-    let mem = unsafe { std::alloc::alloc_zeroed(layout) };
-    assert!(!mem.is_null());
-    for class in 0..crate::geometry::SMALL_CLASSES as u32 {
-        let bs = (class + 1) * 16;
-        for n in [0, 7, COLOURS - 1] {
+    for class in 0..crate::geometry::PAGE_CLASSES {
+        let bytes = kinds::span(class) * PAGE_SIZE;
+        let layout = std::alloc::Layout::from_size_align(bytes, PAGE_SIZE).unwrap();
+        // SAFETY: non-zero size.
+        let mem = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!mem.is_null());
+        let bs = kinds::block_size(class) as usize;
+        let colours: &[usize] = match kinds::is_medium(class) {
+            true => &[COLOURS - 1],
+            false => &[0, 7, COLOURS - 1],
+        };
+        for &n in colours {
             let offset = colour_offset(n);
-            // SAFETY: the buffer is ours, PAGE_SIZE bytes, page-aligned.
+            // SAFETY: the buffer is ours, `bytes` long, page-aligned.
             let page = Page(unsafe { mem.add(offset) });
             // SAFETY: as above.
-            unsafe { page.init(class as u16, bs, 1, offset) };
+            unsafe { page.init(class, 1, offset) };
             let h = page.header();
             let first = mem as usize + offset + h.data as usize;
-            for at in 0..PAGE_SIZE {
+            for at in 0..bytes {
                 let a = mem as usize + at;
-                let expected = (a >= first && (a - first) % bs as usize == 0)
-                    .then(|| ((a - first) / bs as usize) as u32)
+                let expected = (a >= first && (a - first) % bs == 0)
+                    .then(|| ((a - first) / bs) as u32)
                     .filter(|&i| i < h.capacity);
                 assert_eq!(
                     page.index_of(a as *const u8),
@@ -58,9 +63,9 @@ fn index_of_accepts_exactly_the_block_starts() {
                 );
             }
         }
+        // SAFETY: allocated above with `layout`.
+        unsafe { std::alloc::dealloc(mem, layout) };
     }
-    // SAFETY: allocated above with `layout`.
-    unsafe { std::alloc::dealloc(mem, layout) };
 }
 
 /// A freed block's link overwritten with an offset past the page (a
@@ -75,7 +80,7 @@ fn a_corrupted_link_stays_inside_the_page() {
     assert!(!mem.is_null());
     let page = Page(mem);
     // SAFETY: the buffer is ours, PAGE_SIZE bytes, page-aligned.
-    unsafe { page.init(3, 64, 1, 0) };
+    unsafe { page.init(3, 1, 0) };
     let a = page.take(64).unwrap();
     let b = page.take(64).unwrap();
     let index = |p: NonNull<u8>| page.index_of(p.as_ptr()).unwrap();
@@ -98,17 +103,63 @@ fn a_corrupted_link_stays_inside_the_page() {
 
 #[test]
 fn geometry_fits_the_page() {
-    for class in 0..crate::geometry::SMALL_CLASSES {
-        let bs = (class + 1) * 16;
+    for class in 0..crate::geometry::PAGE_CLASSES {
+        let bs = kinds::block_size(class) as usize;
+        let (bytes, medium) = (kinds::span(class) * PAGE_SIZE, kinds::is_medium(class));
         for n in 0..COLOURS {
             let offset = colour_offset(n);
-            let (cap, data) = geometry(bs, offset);
+            let (cap, data) = kinds::geometry_of(class, offset);
+            let cap = cap as usize;
             assert!(cap > 0 && data as usize % 16 == 0);
-            assert!(data as usize >= HEADER_BYTES + cap as usize);
-            let end = offset + data as usize + cap as usize * bs;
-            assert!(end <= PAGE_SIZE);
+            let entries = if medium {
+                requested_at(cap) + 4 * cap
+            } else {
+                HEADER_BYTES + cap
+            };
+            assert!(data as usize >= entries, "class {class}");
+            let end = offset + data as usize + cap * bs;
+            assert!(end <= bytes);
             // Nearly all of the page past the colour is used.
-            assert!(PAGE_SIZE - end < bs + 16);
+            assert!(
+                bytes - end < bs + 16,
+                "class {class} leaves {}",
+                bytes - end
+            );
         }
     }
+}
+
+/// A medium page keeps each block's requested size exactly, through
+/// allocation, resizing and the census.
+#[test]
+fn a_medium_page_keeps_requested_sizes() {
+    let class = kinds::medium_class(5);
+    let bytes = kinds::span(class) * PAGE_SIZE;
+    let layout = std::alloc::Layout::from_size_align(bytes, PAGE_SIZE).unwrap();
+    // SAFETY: non-zero size.
+    let mem = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!mem.is_null());
+    // SAFETY: inside the buffer.
+    let page = Page(unsafe { mem.add(colour_offset(0)) });
+    // SAFETY: the buffer is ours, `bytes` long, page-aligned.
+    unsafe { page.init(class, 1, colour_offset(0)) };
+    let bs = kinds::block_size(class) as usize;
+    let sizes = [bs, bs - 1, bs - 300, bs - 511];
+    let blocks: Vec<_> = sizes.iter().map(|&s| page.take(s).unwrap()).collect();
+    let index = |p: NonNull<u8>| page.index_of(p.as_ptr()).unwrap();
+    for (p, &s) in blocks.iter().zip(&sizes) {
+        let i = index(*p);
+        assert_eq!(
+            page.requested_of(i, page.size_entry(i).load(Relaxed)),
+            s as u64
+        );
+    }
+    assert_eq!(page.census(), (4, sizes.iter().sum::<usize>() as u64));
+    page.set_requested(index(blocks[0]), 17);
+    assert_eq!(
+        page.census().1,
+        (17 + sizes[1..].iter().sum::<usize>()) as u64
+    );
+    // SAFETY: allocated above with `layout`.
+    unsafe { std::alloc::dealloc(mem, layout) };
 }
