@@ -398,13 +398,11 @@ impl Heap {
     /// As for `free_owned`.
     #[inline(always)]
     pub(crate) unsafe fn free_fast(&mut self, page: Page, i: u32, block: *mut u8) -> Option<bool> {
-        // (A medium block is counted on the slow path, which flushes by
-        // bytes too: see `stats::PENDING_BYTES`.)
-        if !self.delta.free_in_batch() || page.is_medium() {
+        if !self.delta.free_in_batch() {
             return None;
         }
         // SAFETY: forwarded contract.
-        let (s, used) = unsafe { self.take_owned(page, i, block) }?;
+        let (s, used) = unsafe { self.take_owned::<true>(page, i, block) }?;
         self.delta.count_free(page.small_requested(s));
         Some(self.needs_tidy(page, used))
     }
@@ -428,11 +426,11 @@ impl Heap {
         block: *mut u8,
         new_size: usize,
     ) -> Option<(NonNull<u8>, bool)> {
-        if !(self.delta.alloc_in_batch() && self.delta.free_in_batch()) || page.is_medium() {
+        if !(self.delta.alloc_in_batch() && self.delta.free_in_batch()) {
             return None;
         }
         // SAFETY: forwarded contract.
-        let (entry, s) = unsafe { self.owned_entry(page, i) }?;
+        let (entry, s) = unsafe { self.owned_entry::<true>(page, i) }?;
         let old = page.small_requested(s);
         let class = class_of(new_size) % SMALL_CLASSES;
         if class == page.header().class as usize {
@@ -460,17 +458,28 @@ impl Heap {
     }
 
     /// The size entry of block `i` and its value, if the block is allocated
-    /// and `page` is this thread's.
+    /// (`SMALL`: and of a small page, as the fast paths need: a medium
+    /// block is counted on the slow path, which flushes by bytes too, see
+    /// `stats::PENDING_BYTES`) and `page` is this thread's.
     ///
     /// # Safety
     /// As for `free_owned`.
     #[inline(always)]
-    unsafe fn owned_entry(&self, page: Page, i: u32) -> Option<(&'static AtomicU8, u8)> {
+    unsafe fn owned_entry<const SMALL: bool>(
+        &self,
+        page: Page,
+        i: u32,
+    ) -> Option<(&'static AtomicU8, u8)> {
         // SAFETY: `i < capacity` (the caller's contract).
         let entry = unsafe { page.size_entry_unchecked(i) };
         let s = entry.load(Relaxed);
+        let live = if SMALL {
+            small_allocated(s)
+        } else {
+            allocated(s)
+        };
         // Only this thread can make, or unmake, its own token the owner.
-        (allocated(s) && page.header().owner.load(Relaxed) == self.token).then_some((entry, s))
+        (live && page.header().owner.load(Relaxed) == self.token).then_some((entry, s))
     }
 
     /// The owner's free of block `i`, if it is allocated and `page` is this
@@ -480,9 +489,14 @@ impl Heap {
     /// # Safety
     /// As for `free_owned`.
     #[inline(always)]
-    unsafe fn take_owned(&self, page: Page, i: u32, block: *mut u8) -> Option<(u8, u32)> {
+    unsafe fn take_owned<const SMALL: bool>(
+        &self,
+        page: Page,
+        i: u32,
+        block: *mut u8,
+    ) -> Option<(u8, u32)> {
         // SAFETY: forwarded contract.
-        let (entry, s) = unsafe { self.owned_entry(page, i) }?;
+        let (entry, s) = unsafe { self.owned_entry::<SMALL>(page, i) }?;
         Some((s, list_freed(page, entry, block)))
     }
 
@@ -494,7 +508,7 @@ impl Heap {
     /// `locate` finds them (so `i` is below the page's capacity).
     unsafe fn free_owned(&mut self, page: Page, i: u32, block: *mut u8) -> Option<u64> {
         // SAFETY: forwarded contract.
-        let (s, used) = unsafe { self.take_owned(page, i, block) }?;
+        let (s, used) = unsafe { self.take_owned::<false>(page, i, block) }?;
         // (Read before `tidy`, which may give the page back.)
         let requested = page.requested_of(i, s);
         if self.needs_tidy(page, used) {

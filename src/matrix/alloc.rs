@@ -269,7 +269,11 @@ impl Matrix {
             return unsafe { self.free_engine_counted(ptr) };
         }
         let page = cache::Page(declined.page);
-        let i = page.index_of(ptr.as_ptr()).ok_or(Error::InvalidPointer)?;
+        // (Not `ok_or`: an `Error` made and dropped on every free costs a
+        // call to its destructor.)
+        let Some(i) = page.index_of(ptr.as_ptr()) else {
+            return Err(Error::InvalidPointer);
+        };
         self.free_small_slow(page, i)
     }
 

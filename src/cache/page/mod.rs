@@ -7,8 +7,8 @@
 //! ```
 //!
 //! `sizes[i]` says what block `i` is: allocated, with its slack (block size
-//! minus requested size, below 16 since a small class spans 16 bytes; 0 on
-//! a medium page, whose `requested: [AtomicU32; capacity]` array holds the
+//! minus requested size, below 16 since a small class spans 16 bytes;
+//! `MEDIUM_USED` on a medium page, whose `requested: [AtomicU32; capacity]` array holds the
 //! requested sizes, as a medium class spans more than a byte); `FREE`
 //! while it is free in the owner's hands; or `REMOTE` while it is freed by
 //! another thread and on its way through the remote list. One byte per
@@ -44,11 +44,23 @@ pub(crate) use crate::geometry::{PAGE_HEAD, PAGE_SIZE};
 const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"MTXP");
 pub(crate) const FREE: u8 = 0x80;
 pub(crate) const REMOTE: u8 = 0xff;
+/// The size entry of an allocated block of a medium page (its requested
+/// size is in the page's `requested` array).
+pub(crate) const MEDIUM_USED: u8 = 0x40;
 
-/// Whether a size entry says "allocated" (a slack, below 16); anything
-/// else, `FREE`, `REMOTE` or a value no block has, is not.
+/// Whether a size entry says "allocated": a slack below 16 (a small
+/// page's block), or `MEDIUM_USED`; anything else, `FREE`, `REMOTE` or a
+/// value no block has, is not.
 #[inline]
 pub(crate) fn allocated(entry: u8) -> bool {
+    small_allocated(entry) || entry == MEDIUM_USED
+}
+
+/// Whether a size entry says "an allocated block of a small page": the
+/// fast paths' test, which thereby leave medium blocks (counted by bytes
+/// too, see `Heap::free_fast`) to the slow paths at no cost.
+#[inline(always)]
+pub(crate) fn small_allocated(entry: u8) -> bool {
     entry < 16
 }
 
@@ -276,8 +288,8 @@ impl Page {
         slack
     }
 
-    /// The requested size of block `i` (`i < capacity`), allocated with
-    /// size entry `entry`, of a small page.
+    /// The requested size of a block of a small page allocated with size
+    /// entry `entry`.
     #[inline]
     pub(crate) fn small_requested(self, entry: u8) -> u64 {
         (self.header().block_size - entry as u32) as u64
@@ -287,7 +299,7 @@ impl Page {
     /// whose size entry is `entry`, of any page.
     #[inline]
     pub(crate) fn requested_of(self, i: u32, entry: u8) -> u64 {
-        if self.is_medium() {
+        if entry == MEDIUM_USED {
             self.requested_slot(i).load(Relaxed) as u64
         } else {
             self.small_requested(entry)
@@ -316,8 +328,8 @@ impl Page {
     /// page's class (the caller checked), in its size entry `entry`.
     pub(crate) fn set_requested(self, i: u32, requested: usize) {
         if self.is_medium() {
-            self.size_entry(i).store(0, Relaxed);
             self.requested_slot(i).store(requested as u32, Relaxed);
+            self.size_entry(i).store(MEDIUM_USED, Relaxed);
         } else {
             self.size_entry(i).store(self.entry_for(requested), Relaxed);
         }
