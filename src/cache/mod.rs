@@ -45,7 +45,9 @@ pub(crate) use crate::geometry::{bin_class, class_size};
 use bins::Bins;
 pub(crate) use bins::Census as BinCensus;
 pub(crate) use heap::Heap;
-use page::{allocated, small_allocated, AVAILABLE, CURRENT, FREE, ON_FULL_RING, REMOTE};
+use page::{
+    allocated, small_allocated, AVAILABLE, CURRENT, FREE, MEDIUM_USED, ON_FULL_RING, REMOTE,
+};
 use page::{colour, colour_offset, no_page};
 pub(crate) use page::{Page, PAGE_SIZE};
 pub(crate) use registry::{flush_thread, retire_if_last, with_heap, with_heap_fast};

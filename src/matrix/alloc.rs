@@ -60,7 +60,12 @@ impl Matrix {
                 return Ok(p);
             }
         } else if let Some(class) = cache::medium_class(layout.size(), layout.align()) {
-            if let Some(p) = self.alloc_medium(class, layout.size()) {
+            let size = layout.size();
+            // SAFETY: `alloc_medium_fast` makes no calls.
+            let fast = unsafe {
+                cache::with_heap_fast(&self.shared, |h| h.alloc_medium_fast(class, size))
+            };
+            if let Some(p) = fast.or_else(|| self.alloc_medium(class, size)) {
                 return Ok(p);
             }
         } else if let Some(k) = cache::bin_class(layout.size(), layout.align()) {
@@ -274,7 +279,19 @@ impl Matrix {
         let Some(i) = page.index_of(ptr.as_ptr()) else {
             return Err(Error::InvalidPointer);
         };
-        self.free_small_slow(page, i)
+        let block = ptr.as_ptr();
+        // SAFETY: `free_medium_fast` makes no calls; `index_of` found block
+        // `i` of `page` at `block`.
+        let medium =
+            unsafe { cache::with_heap_fast(&self.shared, |h| h.free_medium_fast(page, i, block)) };
+        match medium {
+            Some(false) => Ok(()),
+            Some(true) => {
+                self.tidy(page);
+                Ok(())
+            }
+            None => self.free_small_slow(page, i),
+        }
     }
 
     /// Moves a page the fast path freed into to where it belongs now (see

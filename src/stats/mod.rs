@@ -272,6 +272,21 @@ impl Delta {
         self.frees < FLUSH_EVERY - 1
     }
 
+    /// `alloc_in_batch` for a medium block of `bytes` requested bytes:
+    /// also within the bytes a batch may hold (`BATCH_BYTES`, which the
+    /// slow paths' `due` applies), so that medium blocks counted on the
+    /// fast paths add nothing to `PENDING_BYTES`.
+    #[inline(always)]
+    pub(crate) fn alloc_in_batch_bytes(&self, bytes: u64) -> bool {
+        self.alloc_in_batch() && self.alloc_bytes + bytes < BATCH_BYTES
+    }
+
+    /// The same for a free.
+    #[inline(always)]
+    pub(crate) fn free_in_batch_bytes(&self, bytes: u64) -> bool {
+        self.free_in_batch() && self.freed_bytes + bytes < BATCH_BYTES
+    }
+
     /// Whether the batch is full: after any count that is not in a batch.
     #[inline]
     fn due(&self) -> bool {

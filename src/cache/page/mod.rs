@@ -427,7 +427,9 @@ impl Page {
     #[inline]
     pub(crate) fn pop_medium(self, requested: usize) -> Option<NonNull<u8>> {
         let (block, i) = self.pop_block()?;
-        self.set_requested(i, requested);
+        self.requested_slot(i).store(requested as u32, Relaxed);
+        // SAFETY: `i < capacity`, checked by `pop_block`.
+        unsafe { self.size_entry_unchecked(i) }.store(MEDIUM_USED, Relaxed);
         NonNull::new(block)
     }
 
