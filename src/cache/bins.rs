@@ -141,8 +141,12 @@ impl Bins {
         let k = k % BIN_CLASSES;
         // A block of the next class (at most a fifth larger) rather than
         // none: the caches serve more of a mix of sizes for the same room.
-        let (pos, size) = take(engine, rec, self.tag, k)
-            .or_else(|| take(engine, rec, self.tag, (k + 1).min(BIN_CLASSES - 1)))?;
+        // (A `match`, not `or_else`: that one was a call, with its closure
+        // set up on every allocation.)
+        let (pos, size) = match take(engine, rec, self.tag, k) {
+            Some(taken) => taken,
+            None => take(engine, rec, self.tag, (k + 1).min(BIN_CLASSES - 1))?,
+        };
         engine.uncache_block(pos, size, requested);
         self.live += payload_bytes(size) as i64;
         Some(engine.payload(pos))
