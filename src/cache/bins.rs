@@ -14,7 +14,8 @@
 //!
 //! Classes are four per doubling (1.25 KiB, 1.5, 1.75, 2, 2.5, ... 4 MiB),
 //! as mimalloc's; the first `MEDIUM_CLASSES` are the medium pages', and
-//! a block of theirs is not kept here. An allocation of class `k` takes a block from list `k`,
+//! a block of theirs is not kept here. An allocation of class `k` takes a
+//! block from list `k`,
 //! or asks the engine for exactly `class_size(k)` bytes; a freed block goes
 //! on the list of the largest class it can serve (`floor_class` of its
 //! payload). So every block on list `k` holds at least `class_size(k)`

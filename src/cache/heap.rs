@@ -19,14 +19,15 @@ pub(crate) struct Heap {
     /// were full when last looked at (see `ring`).
     available: [Ring; PAGE_CLASSES],
     full: [Ring; PAGE_CLASSES],
-    /// Empty pages kept for reuse by any class (a medium page by its own
-    /// class only), so that a thread that frees everything and allocates
-    /// again does not go back to the pool or the engine; per class, most
-    /// recently emptied first (a page taken again for its own class keeps
-    /// its free list and needs no formatting). At most `stash_limit` units
-    /// in all (`stashed`); `stash_classes` has bit `c` set when the small
-    /// class `c`'s stash is not empty.
-    stash: [Ring; PAGE_CLASSES],
+    /// Empty small pages kept for reuse by any small class, so that a
+    /// thread that frees everything and allocates again does not go back
+    /// to the pool or the engine; per class, most recently emptied first (a
+    /// page taken again for its own class keeps its free list and needs no
+    /// formatting). At most `stash_limit` in all; `stash_classes` has bit
+    /// `c` set when `stash[c]` is not empty. (Empty medium pages go back to
+    /// the engine at once: kept, they cost a fifth more memory on the 4 -
+    /// 64 KiB workload of `tests/efficiency.rs`.)
+    stash: [Ring; SMALL_CLASSES],
     stash_classes: u64,
     stashed: usize,
     stash_limit: usize,
@@ -52,7 +53,7 @@ impl Heap {
             current: [no_page(); PAGE_CLASSES],
             available: [Ring::EMPTY; PAGE_CLASSES],
             full: [Ring::EMPTY; PAGE_CLASSES],
-            stash: [Ring::EMPTY; PAGE_CLASSES],
+            stash: [Ring::EMPTY; SMALL_CLASSES],
             stash_classes: 0,
             stashed: 0,
             stash_limit,
@@ -286,10 +287,10 @@ impl Heap {
         if let Some(page) = stashed.or_else(pooled) {
             if !ready {
                 let offset = colour_offset(page_number(self.engine(), page) as usize);
+                // (One of another class is a one-unit page of a small class,
+                // for a small class: see `unstash` and `pooled`.)
                 // SAFETY: a stashed or pooled page is empty and ours: no live
-                // block points into it, so nothing but a double free can
-                // touch it; one of another class is a one-unit page of a
-                // small class, for a small class (`unstash`, `pooled`).
+                // block points into it, so only a double free could touch it.
                 unsafe { page.init(class, self.token, offset) };
             }
             self.link(class, page);
@@ -320,22 +321,22 @@ impl Heap {
         if self.current[class] == page.0 {
             self.set_current(class, no_page());
         }
-        let span = kinds::span(class);
-        if !kinds::is_medium(class) && self.stashed + span <= self.stash_limit {
+        if !kinds::is_medium(class) && self.stashed < self.stash_limit {
             self.stash[class].push_front(&self.shared.engine, n);
-            if !kinds::is_medium(class) {
-                self.stash_classes |= 1 << class;
-            }
-            self.stashed += span;
+            self.stash_classes |= 1 << class;
+            self.stashed += 1;
         } else {
             pool_or_release(self.engine(), page);
         }
     }
 
-    /// Takes the most recently stashed empty page of `class`, or else (for
-    /// a small class) of the lowest small class that has one.
+    /// Takes the most recently stashed empty page of the small `class`, or
+    /// else of the lowest small class that has one; none for a medium
+    /// class.
     fn unstash(&mut self, class: usize) -> Option<Page> {
-        let from = if kinds::is_medium(class) || self.stash_classes & 1 << class != 0 {
+        let from = if kinds::is_medium(class) {
+            return None;
+        } else if self.stash_classes & 1 << class != 0 {
             class
         } else if self.stash_classes != 0 {
             self.stash_classes.trailing_zeros() as usize
@@ -345,24 +346,18 @@ impl Heap {
         let ring = &mut self.stash[from];
         let n = ring.head()?;
         ring.remove(&self.shared.engine, n);
-        if ring.head().is_none() && !kinds::is_medium(from) {
+        if ring.head().is_none() {
             self.stash_classes &= !(1 << from);
         }
-        self.stashed -= kinds::span(from);
+        self.stashed -= 1;
         Some(self.page(n))
     }
 
     /// Moves the stashed empty pages to the shared pool (or the engine).
     pub(super) fn drain_stash(&mut self) {
-        // (Class 0 first, then any small one: the order does not matter
-        // here.)
+        // (Class 0 first, then any: the order does not matter here.)
         while let Some(page) = self.unstash(0) {
             pool_or_release(self.engine(), page);
-        }
-        for class in SMALL_CLASSES..PAGE_CLASSES {
-            while let Some(page) = self.unstash(class) {
-                pool_or_release(self.engine(), page);
-            }
         }
     }
 

@@ -155,14 +155,20 @@ fn page_number(engine: &Engine, page: Page) -> u32 {
     ((page.0 as usize - engine.base_ptr() as usize) / PAGE_SIZE) as u32
 }
 
-/// The page and block index `ptr` points to, if it is a small block.
+/// The page and block index `ptr` points to, if it is a block of a page.
 #[inline]
 pub(crate) fn locate(table: &PageTable, ptr: *const u8) -> Option<(Page, u32)> {
-    // Wrapping: a pointer below the mapping gives a page number past the
-    // table, which `is_page` rejects.
-    let off = (ptr as usize).wrapping_sub(table.base() as usize);
-    let page = page_in(table.headers(), table.page_start(off / PAGE_SIZE)?);
+    let page = page_of(table, ptr)?;
     Some((page, page.index_of(ptr)?))
+}
+
+/// The page that `ptr` points into, if it points into one.
+#[inline]
+fn page_of(table: &PageTable, ptr: *const u8) -> Option<Page> {
+    // Wrapping: a pointer below the mapping gives a page number past the
+    // table, which `page_start` rejects.
+    let off = (ptr as usize).wrapping_sub(table.base() as usize);
+    Some(page_in(table.headers(), table.page_start(off / PAGE_SIZE)?))
 }
 
 /// Payload bytes of the live block that starts at `ptr`, checked without
@@ -171,10 +177,8 @@ pub(crate) fn locate(table: &PageTable, ptr: *const u8) -> Option<(Page, u32)> {
 /// a used engine block. `StaleHandle`: a block that is not live;
 /// `InvalidHandle`: no block starts there.
 pub(crate) fn live_block_len(engine: &Engine, ptr: *const u8) -> Result<usize, Error> {
-    let table = engine.page_table();
-    let off = (ptr as usize).wrapping_sub(table.base() as usize);
-    if table.page_start(off / PAGE_SIZE).is_some() {
-        let (page, i) = locate(&table, ptr).ok_or(Error::StaleHandle)?;
+    if let Some(page) = page_of(&engine.page_table(), ptr) {
+        let i = page.index_of(ptr).ok_or(Error::StaleHandle)?;
         return match requested(page, i) {
             Ok(_) => Ok(usable(page)),
             Err(_) => Err(Error::StaleHandle),

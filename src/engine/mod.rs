@@ -566,10 +566,10 @@ impl Engine {
     }
 
     /// Marks (or unmarks) the `span` units from `n` as one page. Marking
-    /// is `Release`, after the header is written (see `is_page`); the
-    /// first unit's link bits are left as they are. Unmarking clears the
-    /// first unit first, so that no lookup finds the page by a later unit
-    /// and a first unit that is no longer marked.
+    /// is `Release`, after the header is written (see `is_page`), the
+    /// first unit last; its link bits are left as they are. A page is
+    /// unmarked once it is empty and its releaser's alone, so no live
+    /// block's lookup meets it half unmarked.
     pub(crate) fn set_pages(&self, n: usize, span: usize, on: bool) {
         let tails = (1..span).filter_map(|i| Some((i, self.page_entry(n + i)?)));
         if on {

@@ -8,8 +8,9 @@
 //!
 //! `sizes[i]` says what block `i` is: allocated, with its slack (block size
 //! minus requested size, below 16 since a small class spans 16 bytes;
-//! `MEDIUM_USED` on a medium page, whose `requested: [AtomicU32; capacity]` array holds the
-//! requested sizes, as a medium class spans more than a byte); `FREE`
+//! `MEDIUM_USED` on a medium page, whose `requested: [AtomicU32;
+//! capacity]` array holds the requested sizes, as a medium class spans
+//! more than a byte); `FREE`
 //! while it is free in the owner's hands; or `REMOTE` while it is freed by
 //! another thread and on its way through the remote list. One byte per
 //! block keeps the entries a page's blocks touch in few cache lines. A free
@@ -256,15 +257,21 @@ impl Page {
         &slots[i as usize]
     }
 
-    /// Records `requested` bytes for the allocated block `i`, of this
-    /// page's class (the caller checked), in its size entry `entry`.
+    /// Records `requested` bytes, a size of this page's class (the caller
+    /// checked), for the allocated block `i` (`i < capacity`).
     pub(crate) fn set_requested(self, i: u32, requested: usize) {
         if self.is_medium() {
-            self.requested_slot(i).store(requested as u32, Relaxed);
-            self.size_entry(i).store(MEDIUM_USED, Relaxed);
+            self.set_medium_requested(i, requested);
         } else {
             self.size_entry(i).store(self.entry_for(requested), Relaxed);
         }
+    }
+
+    /// `set_requested` on a medium page.
+    #[inline]
+    fn set_medium_requested(self, i: u32, requested: usize) {
+        self.requested_slot(i).store(requested as u32, Relaxed);
+        self.size_entry(i).store(MEDIUM_USED, Relaxed);
     }
 
     pub(crate) fn block(self, i: u32) -> *mut u8 {
@@ -359,9 +366,7 @@ impl Page {
     #[inline]
     pub(crate) fn pop_medium(self, requested: usize) -> Option<NonNull<u8>> {
         let (block, i) = self.pop_block()?;
-        self.requested_slot(i).store(requested as u32, Relaxed);
-        // SAFETY: `i < capacity`, checked by `pop_block`.
-        unsafe { self.size_entry_unchecked(i) }.store(MEDIUM_USED, Relaxed);
+        self.set_medium_requested(i, requested);
         NonNull::new(block)
     }
 
